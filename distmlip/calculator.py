@@ -1,0 +1,137 @@
+"""ASE calculator that evaluates a model across P worker processes."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from distmlip.graph import Structure
+from distmlip.launch import WorkerPool
+from distmlip.models import resolve_model
+from distmlip.partition import check_partitioner, partition
+from distmlip.validate import validate_structure
+
+__all__ = ["DistributedCalculator", "assemble"]
+
+_DTYPES = ("float32", "float64")
+
+
+def assemble(results: list, n_atoms: int, volume: float) -> dict:
+    """Combine per-worker results into ASE-style properties (eV, eV/Å, eV/Å³ Voigt)."""
+    energies = np.zeros(n_atoms)
+    forces = np.zeros((n_atoms, 3))
+    for result in results:
+        energies[result.global_index] = result.energies
+        if result.forces is not None:
+            forces[result.global_index] = result.forces
+    energy = float(sum(result.energy for result in results))
+    properties = {"energy": energy, "free_energy": energy, "energies": energies}
+    if results[0].forces is not None:
+        properties["forces"] = forces
+        virial = sum(result.virial for result in results)
+        if volume > 0:
+            stress = 0.5 * (virial + virial.T) / volume
+            properties["stress"] = full_3x3_to_voigt_6_stress(stress)
+    return properties
+
+
+class DistributedCalculator(Calculator):
+    """Evaluate ``model`` with its atom graph partitioned over ``nprocs`` workers.
+
+    Args:
+        model: a :class:`~distmlip.models.base.DistributedModel` or a model name
+            (``"reference"``).
+        nprocs: number of worker processes P (1 runs the same code without communication).
+        partitioner: ``"slab"``, ``"rcb"`` or ``"metis"``.
+        device: ``"cpu"`` or ``"cuda"`` (one GPU per worker).
+        dtype: ``"float64"`` (exact comparisons) or ``"float32"``.
+        timeout: seconds before a stuck or dead worker raises instead of hanging.
+        threads_per_worker: torch threads per worker (default: cores // nprocs).
+
+    Properties: ``energy``, ``free_energy``, ``energies`` (eV), ``forces`` (eV/Å) and ``stress``
+    (eV/Å³, Voigt xx yy zz yz xz xy; needs a cell of nonzero volume). After each call
+    ``last_timings`` and ``last_stats`` hold per-worker timings and sizes.
+
+    Use as a context manager or call :meth:`close`; workers also stop at interpreter exit.
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(
+        self,
+        model="reference",
+        nprocs: int = 2,
+        partitioner: str = "slab",
+        device: str = "cpu",
+        dtype: str = "float64",
+        timeout: float = 600.0,
+        threads_per_worker: int | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        check_partitioner(partitioner)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device='cuda' but torch sees no GPU; use device='cpu'")
+        if int(nprocs) < 1:
+            raise ValueError(f"nprocs must be at least 1, got {nprocs}")
+        self.model = resolve_model(model)
+        self.nprocs = int(nprocs)
+        self.partitioner = partitioner
+        self.pool = WorkerPool(
+            self.model,
+            self.nprocs,
+            device=device,
+            dtype=dtype,
+            timeout=timeout,
+            threads_per_worker=threads_per_worker,
+        )
+        self.last_timings: list[dict[str, float]] = []
+        self.last_stats: list[dict[str, int]] = []
+        self.pool.start()
+
+    def compute(self, structure: Structure, forces: bool = True) -> dict:
+        """Evaluate a :class:`~distmlip.graph.Structure`; returns the properties dictionary."""
+        validate_structure(structure, self.nprocs, self.model)
+        start = time.perf_counter()
+        owner = partition(structure, self.nprocs, self.partitioner, self.model.cutoff)
+        partition_time = time.perf_counter() - start
+        results = self.pool.evaluate(structure, owner, compute_forces=forces)
+        self.last_timings = [{"partition": partition_time, **r.timings} for r in results]
+        self.last_stats = [r.stats for r in results]
+        return assemble(results, structure.n_atoms, structure.volume)
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        structure = Structure.from_ase(self.atoms)
+        results = self.compute(structure, forces=True)
+        if "stress" in properties and "stress" not in results:
+            raise PropertyNotImplementedError(
+                "stress needs a cell with nonzero volume; set atoms.cell (e.g. atoms.center("
+                "vacuum=10)) or do not ask for stress"
+            )
+        self.results = results
+
+    def close(self) -> None:
+        """Stop the worker processes (the calculator restarts them if used again)."""
+        self.pool.close()
+
+    def __enter__(self) -> DistributedCalculator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        pool = self.__dict__.get("pool")
+        if pool is not None:
+            pool.close()

@@ -1,0 +1,184 @@
+"""Atom graphs from vesin neighbour lists.
+
+Convention used everywhere in distmlip: a directed edge ``j -> i`` has *receiver* ``i`` (the
+atom its message is summed onto), *sender* ``j`` and integer image ``shift`` S, and its vector is
+
+    v = x_j + S @ cell - x_i            (Å)
+
+which is vesin's ``r_ij``. Cells smaller than twice the cutoff give several edges between the same
+pair of atoms (different shifts) and self-image edges ``i -> i`` with ``S != 0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import vesin
+
+__all__ = ["Structure", "EdgeList", "neighbor_list", "neighborhood_mask", "binning_frame"]
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The replicated description of a system: cheap O(N) arrays every worker holds.
+
+    Attributes:
+        positions: (N, 3) float64 Cartesian positions, Å.
+        numbers: (N,) int64 atomic numbers.
+        cell: (3, 3) float64 lattice vectors as rows, Å (rows may be zero on non-periodic axes).
+        pbc: (3,) bool periodicity per lattice vector.
+    """
+
+    positions: np.ndarray
+    numbers: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+
+    @classmethod
+    def from_ase(cls, atoms) -> Structure:
+        return cls(
+            positions=np.ascontiguousarray(atoms.get_positions(), dtype=np.float64),
+            numbers=np.ascontiguousarray(atoms.get_atomic_numbers(), dtype=np.int64),
+            cell=np.ascontiguousarray(atoms.get_cell().array, dtype=np.float64),
+            pbc=np.asarray(atoms.get_pbc(), dtype=bool).copy(),
+        )
+
+    @property
+    def n_atoms(self) -> int:
+        return len(self.numbers)
+
+    @property
+    def volume(self) -> float:
+        return float(abs(np.linalg.det(self.cell)))
+
+
+@dataclass(frozen=True)
+class EdgeList:
+    """Directed edges ``sender -> receiver`` (indices into the array the list was built from).
+
+    Attributes:
+        receivers: (E,) int64.
+        senders: (E,) int64.
+        shifts: (E, 3) int64 image shifts, so that v = x[senders] + shifts @ cell - x[receivers].
+    """
+
+    receivers: np.ndarray
+    senders: np.ndarray
+    shifts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.receivers)
+
+
+def neighbor_list(
+    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+) -> EdgeList:
+    """All directed edges with |v| < cutoff (full list, both directions), via vesin."""
+    if len(positions) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return EdgeList(empty, empty, np.zeros((0, 3), dtype=np.int64))
+    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+    # vesin wants a zero box when nothing is periodic; its own cell check rejects degenerate
+    # periodic boxes, which callers validate earlier with a clearer message.
+    box = cell if np.any(pbc) else np.zeros((3, 3))
+    i, j, shifts = calculator.compute(
+        np.ascontiguousarray(positions, dtype=np.float64),
+        np.ascontiguousarray(box, dtype=np.float64),
+        [bool(p) for p in pbc],
+        quantities="ijS",
+    )
+    return EdgeList(
+        receivers=i.astype(np.int64, copy=False),
+        senders=j.astype(np.int64, copy=False),
+        shifts=shifts.astype(np.int64, copy=False),
+    )
+
+
+def binning_frame(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """A full-rank (3, 3) frame whose periodic rows are the cell's periodic lattice vectors.
+
+    Non-periodic rows that are zero or linearly dependent are replaced by unit vectors orthogonal
+    to the periodic ones, so fractional coordinates exist for any pbc. Fully non-periodic systems
+    get the Cartesian frame.
+    """
+    frame = np.array(cell, dtype=np.float64, copy=True)
+    periodic = np.asarray(pbc, dtype=bool)
+    if not periodic.any():
+        return np.eye(3)
+    scale = max(np.linalg.norm(frame[periodic], axis=1).max(), 1.0)
+    if abs(np.linalg.det(frame)) > 1e-8 * scale**3:
+        return frame
+    basis = list(frame[periodic])
+    for axis in np.flatnonzero(~periodic):
+        # Gram-Schmidt against the rows already in the basis, seeded by the Cartesian axes.
+        for seed in np.eye(3):
+            vector = seed - sum((seed @ b) / (b @ b) * b for b in basis)
+            if np.linalg.norm(vector) > 1e-6:
+                frame[axis] = vector / np.linalg.norm(vector)
+                basis.append(frame[axis])
+                break
+    return frame
+
+
+def neighborhood_mask(
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    selected: np.ndarray,
+    cutoff: float,
+    max_bins_per_axis: int = 256,
+    max_bins: int = 1 << 22,
+) -> np.ndarray:
+    """Atoms that may lie within ``cutoff`` of a selected atom (a superset; selected included).
+
+    A cell list in the fractional coordinates of :func:`binning_frame`: bins at least ``cutoff``
+    wide (measured perpendicular to the lattice planes), the bins holding selected atoms dilated by
+    one bin in every direction (periodic wrap-around is conservative on non-periodic axes).
+    Cost O(N) time and O(N + bins) memory; lets each worker run the neighbour search on its own
+    region plus a shell instead of on the whole system.
+
+    Args:
+        positions: (N, 3) Å.
+        cell: (3, 3) Å, rows are lattice vectors.
+        pbc: (3,) bool.
+        selected: (N,) bool, the atoms whose neighbourhood is wanted.
+        cutoff: Å.
+    Returns:
+        (N,) bool mask.
+    """
+    if selected.all() or not selected.any():
+        return selected.copy()
+    frame = binning_frame(cell, pbc)
+    reciprocal = np.linalg.inv(frame)  # columns are reciprocal vectors b*_a, |b*_a| = 1/spacing
+    fractional = positions @ reciprocal
+    spacing = 1.0 / np.linalg.norm(reciprocal, axis=0)
+    bins = np.empty(positions.shape, dtype=np.int64)
+    counts = []
+    for axis in range(3):
+        s = fractional[:, axis]
+        width = cutoff / spacing[axis]  # the largest |Δs| between two atoms within cutoff
+        if pbc[axis]:
+            s = s - np.floor(s)
+            n = int(min(max(np.floor(1.0 / width), 1), max_bins_per_axis))
+            bins[:, axis] = np.minimum((s * n).astype(np.int64), n - 1)
+        else:
+            low, span = s.min(), s.max() - s.min()
+            width = max(width, span / (max_bins_per_axis - 1))
+            n = int(np.floor(span / width)) + 1
+            bins[:, axis] = np.minimum(((s - low) / width).astype(np.int64), n - 1)
+        counts.append(n)
+    while np.prod(counts, dtype=np.float64) > max_bins:
+        # Coarser bins stay correct (still at least one cutoff wide); halve the finest axis.
+        axis = int(np.argmax(counts))
+        bins[:, axis] //= 2
+        counts[axis] = (counts[axis] + 1) // 2
+    grid = np.zeros(counts, dtype=bool)
+    grid[bins[selected, 0], bins[selected, 1], bins[selected, 2]] = True
+    dilated = grid.copy()
+    for axis in range(3):
+        if counts[axis] == 1:
+            continue
+        # Separable dilation: ±1 along each axis in turn covers all 27 neighbouring bins.
+        dilated = dilated | np.roll(dilated, 1, axis=axis) | np.roll(dilated, -1, axis=axis)
+    return dilated[bins[:, 0], bins[:, 1], bins[:, 2]] | selected

@@ -1,0 +1,149 @@
+"""Local graphs and halo plans: what each worker computes and what it exchanges.
+
+Worker p holds
+
+* its *owned* atoms V_p (``owner == p``), first, in increasing global index;
+* its *halo* H_p: atoms owned elsewhere that send an edge into V_p, after the owned rows,
+  grouped by owner rank (ascending) and by global index within a group, so the rows arriving
+  from each peer are one contiguous slice;
+* exactly the edges whose receiver is owned. Every edge of the global graph is therefore
+  computed by exactly one worker, and every node update too (zero redundancy).
+
+After each message-passing layer, worker q sends the rows of its owned atoms that p requested
+(``send_index[p]``) and p overwrites its halo slice from q. The plan is resolved once per graph:
+p tells q which global atoms it needs (``requests``), q turns them into local rows.
+Everything here is numpy; :mod:`distmlip.comm` moves the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from distmlip.graph import EdgeList, Structure, neighbor_list, neighborhood_mask
+
+__all__ = ["LocalGraph", "build_local_graph", "resolve_send_index", "build_all_local_graphs"]
+
+
+@dataclass
+class LocalGraph:
+    """The part of the atom graph one worker computes.
+
+    Attributes:
+        rank: this worker's rank p.
+        world_size: number of workers P.
+        global_index: (n_owned + n_halo,) int64 global atom index of each local row.
+        n_owned: number of owned atoms (rows ``[0, n_owned)``).
+        edges: edges in local row indices; every receiver is owned (< n_owned).
+        recv_counts: (P,) int64, halo rows received from each rank; rows from rank q are
+            ``[n_owned + offset_q, n_owned + offset_q + recv_counts[q])``, offsets ascending in q.
+        send_index: per rank q, (k_q,) int64 owned local rows to send to q (empty for p itself);
+            ``None`` until resolved with the peers' requests.
+    """
+
+    rank: int
+    world_size: int
+    global_index: np.ndarray
+    n_owned: int
+    edges: EdgeList
+    recv_counts: np.ndarray
+    send_index: list[np.ndarray] | None = field(default=None)
+
+    @property
+    def n_local(self) -> int:
+        return len(self.global_index)
+
+    @property
+    def n_halo(self) -> int:
+        return self.n_local - self.n_owned
+
+    @property
+    def halo_owner(self) -> np.ndarray:
+        """(n_halo,) owner rank of each halo row."""
+        return np.repeat(np.arange(self.world_size), self.recv_counts)
+
+    def requests(self) -> list[np.ndarray]:
+        """Per rank q, the global indices of the halo rows this worker needs from q, in order."""
+        halo = self.global_index[self.n_owned :]
+        return np.split(halo, np.cumsum(self.recv_counts)[:-1])
+
+    @property
+    def send_counts(self) -> np.ndarray:
+        assert self.send_index is not None, "halo plan not resolved"
+        return np.array([len(index) for index in self.send_index], dtype=np.int64)
+
+
+def build_local_graph(
+    structure: Structure, owner: np.ndarray, rank: int, world_size: int, cutoff: float
+) -> LocalGraph:
+    """Build worker ``rank``'s local graph from the replicated structure and owner array.
+
+    Only the owned atoms and a one-cell-list-bin shell around them enter the neighbour search,
+    so time and memory are O(N/P + shell) beyond reading the O(N) positions.
+    """
+    owned_mask = owner == rank
+    region = neighborhood_mask(structure.positions, structure.cell, structure.pbc, owned_mask, cutoff)
+    region_atoms = np.flatnonzero(region)
+    local_edges = neighbor_list(
+        structure.positions[region_atoms], structure.cell, structure.pbc, cutoff
+    )
+    receivers = region_atoms[local_edges.receivers]
+    keep = owned_mask[receivers]
+    receivers = receivers[keep]
+    senders = region_atoms[local_edges.senders[keep]]
+    shifts = local_edges.shifts[keep]
+
+    owned = np.flatnonzero(owned_mask)
+    halo = np.unique(senders[~owned_mask[senders]])
+    halo = halo[np.lexsort((halo, owner[halo]))]
+    global_index = np.concatenate([owned, halo])
+    recv_counts = np.bincount(owner[halo], minlength=world_size).astype(np.int64)
+
+    # Global -> local row via sorted search (owned and halo are each sorted by a known key).
+    local_row = np.empty(len(senders), dtype=np.int64)
+    sender_owned = owned_mask[senders]
+    local_row[sender_owned] = np.searchsorted(owned, senders[sender_owned])
+    halo_key = owner[halo] * structure.n_atoms + halo  # sorted ascending by construction
+    sender_halo = senders[~sender_owned]
+    local_row[~sender_owned] = len(owned) + np.searchsorted(
+        halo_key, owner[sender_halo] * structure.n_atoms + sender_halo
+    )
+    edges = EdgeList(
+        receivers=np.searchsorted(owned, receivers),
+        senders=local_row,
+        shifts=shifts,
+    )
+    return LocalGraph(
+        rank=rank,
+        world_size=world_size,
+        global_index=global_index,
+        n_owned=len(owned),
+        edges=edges,
+        recv_counts=recv_counts,
+    )
+
+
+def resolve_send_index(graph: LocalGraph, requests_from_peers: list[np.ndarray]) -> None:
+    """Fill ``graph.send_index`` from the global indices each peer asked this worker for."""
+    owned = graph.global_index[: graph.n_owned]
+    send_index = []
+    for peer, requested in enumerate(requests_from_peers):
+        rows = np.searchsorted(owned, requested)
+        if len(requested) and (
+            rows.max() >= len(owned) or not np.array_equal(owned[rows], requested)
+        ):
+            raise RuntimeError(f"rank {peer} asked rank {graph.rank} for atoms it does not own")
+        send_index.append(rows.astype(np.int64))
+    graph.send_index = send_index
+
+
+def build_all_local_graphs(
+    structure: Structure, owner: np.ndarray, world_size: int, cutoff: float
+) -> list[LocalGraph]:
+    """Every worker's local graph with resolved plans, in one process (tests, benchmarks)."""
+    graphs = [build_local_graph(structure, owner, p, world_size, cutoff) for p in range(world_size)]
+    requests = [graph.requests() for graph in graphs]
+    for p, graph in enumerate(graphs):
+        resolve_send_index(graph, [requests[q][p] for q in range(world_size)])
+    return graphs

@@ -1,0 +1,316 @@
+"""Persistent local worker processes and the worker loop.
+
+The calling process is a *driver*: it validates input, partitions, sends the replicated
+structure to the P workers and assembles their owned-atom results. It never joins the process
+group itself. Why: a driver that is not a rank can always time out, notice a dead worker through
+its closed socket, kill the rest and stay usable; several calculators can live in one Python
+process (torch.distributed allows one default group per process); and the user's process holds
+no model activations. The cost is one copy of positions per call (24 bytes per atom).
+
+Workers are fresh interpreters (``python -m distmlip._worker``), not ``multiprocessing`` children:
+the user's script is never re-imported, so no ``if __name__ == "__main__"`` guard is needed. Each
+talks to the driver over its own socket pair; a worker's death closes its end, which the driver
+sees at once. Workers die with their parent (``PR_SET_PDEATHSIG`` on Linux, socket EOF
+elsewhere) and are stopped by :meth:`WorkerPool.close`, the context manager, garbage collection
+or interpreter exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import datetime
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+import numpy as np
+
+__all__ = ["WorkerPool", "WorkerError", "WorkerConfig"]
+
+
+class WorkerError(RuntimeError):
+    """A worker died, raised, or did not answer within the timeout. The pool is closed."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    rank: int
+    world_size: int
+    init_method: str
+    device: str
+    dtype: str
+    timeout: float
+    threads: int
+    parent_pid: int
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_device(config: WorkerConfig):
+    import torch
+
+    if config.device == "cuda":
+        local = config.rank % max(torch.cuda.device_count(), 1)
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(config.device)
+
+
+def _worker_main(connection: Connection) -> None:
+    """Entry point of one worker process: set up, then serve requests until told to stop."""
+    config, model_bytes = connection.recv()
+    _die_with_parent(config.parent_pid)
+    os.environ["OMP_NUM_THREADS"] = str(config.threads)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(config.threads)
+    try:
+        device = _worker_device(config)
+        dtype = getattr(torch, config.dtype)
+        model = pickle.loads(model_bytes)
+        model = model.to(device=device, dtype=dtype).eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        if config.world_size > 1:
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo",
+                init_method=config.init_method,
+                rank=config.rank,
+                world_size=config.world_size,
+                timeout=datetime.timedelta(seconds=config.timeout),
+            )
+        connection.send(("ready", os.getpid()))
+    except Exception:
+        connection.send(("error", traceback.format_exc()))
+        return
+    try:
+        _serve(config, model, device, dtype, connection)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> None:
+    from distmlip.comm import HaloExchanger, exchange_requests
+    from distmlip.engine import evaluate
+    from distmlip.halo import build_local_graph, resolve_send_index
+
+    while True:
+        try:
+            command, payload = connection.recv()
+        except EOFError:  # the driver is gone
+            return
+        if command == "stop":
+            return
+        try:
+            structure, owner, compute_forces = pickle.loads(payload)
+            start = time.perf_counter()
+            graph = build_local_graph(
+                structure, owner, config.rank, config.world_size, model.cutoff
+            )
+            if config.world_size > 1:
+                resolve_send_index(graph, exchange_requests(graph, device, config.timeout))
+            else:
+                resolve_send_index(graph, [np.zeros(0, dtype=np.int64)])
+            exchanger = HaloExchanger(graph, device, config.timeout)
+            graph_time = time.perf_counter() - start
+            result = evaluate(model, graph, structure, exchanger, dtype, device, compute_forces)
+            result.timings = {"graph": graph_time, **result.timings}
+            connection.send(("ok", result))
+        except Exception:
+            connection.send(("error", traceback.format_exc()))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop_processes(processes, connections, grace: float = 5.0) -> None:
+    for connection in connections:
+        try:
+            connection.send(("stop", None))
+        except (OSError, ValueError):
+            pass
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    for connection in connections:
+        connection.close()
+
+
+_LIVE_POOLS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_pools() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool.close()
+
+
+class WorkerPool:
+    """P persistent worker processes that evaluate one model on partitioned structures.
+
+    Args:
+        model: a :class:`~distmlip.models.base.DistributedModel` (pickled to each worker once).
+        nprocs: number of workers P.
+        device: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL, worker r on GPU r mod #GPUs).
+        dtype: ``"float64"`` or ``"float32"``.
+        timeout: seconds; bounds start-up, every collective and every call.
+        threads_per_worker: torch threads per worker (default: cores // P, at least 1).
+    """
+
+    def __init__(
+        self,
+        model,
+        nprocs: int,
+        device: str = "cpu",
+        dtype: str = "float64",
+        timeout: float = 600.0,
+        threads_per_worker: int | None = None,
+    ):
+        if nprocs < 1:
+            raise ValueError(f"nprocs must be at least 1, got {nprocs}")
+        self.nprocs = int(nprocs)
+        self.device = device
+        self.dtype = dtype
+        self.timeout = float(timeout)
+        self.threads = threads_per_worker or max(1, (os.cpu_count() or 1) // self.nprocs)
+        self._model_bytes = pickle.dumps(model)
+        self._processes: list = []
+        self._connections: list[Connection] = []
+        self._finalizer = None
+
+    @property
+    def running(self) -> bool:
+        return bool(self._processes)
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._processes]
+
+    def start(self) -> None:
+        if self.running:
+            return
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        environment = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        for rank in range(self.nprocs):
+            parent_socket, child_socket = socket.socketpair()
+            process = subprocess.Popen(
+                [sys.executable, "-m", "distmlip._worker", str(child_socket.fileno())],
+                pass_fds=[child_socket.fileno()],
+                env=environment,
+                stdin=subprocess.DEVNULL,
+            )
+            child_socket.close()
+            connection = Connection(parent_socket.detach())
+            config = WorkerConfig(
+                rank=rank,
+                world_size=self.nprocs,
+                init_method=init_method,
+                device=self.device,
+                dtype=self.dtype,
+                timeout=self.timeout,
+                threads=self.threads,
+                parent_pid=os.getpid(),
+            )
+            connection.send((config, self._model_bytes))
+            self._processes.append(process)
+            self._connections.append(connection)
+        self._finalizer = weakref.finalize(
+            self, _stop_processes, list(self._processes), list(self._connections)
+        )
+        _LIVE_POOLS.add(self)
+        self._collect("starting workers")
+
+    def _collect(self, what: str) -> list:
+        """Wait for one reply per worker; on death, error or timeout close the pool and raise.
+
+        A dead worker's socket reads as EOF, so death is noticed as soon as it happens.
+        """
+        replies: list = [None] * self.nprocs
+        pending = dict(enumerate(self._connections))
+        deadline = time.monotonic() + self.timeout
+        while pending:
+            remaining = deadline - time.monotonic()
+            ready = wait(list(pending.values()), timeout=max(remaining, 0))
+            if not ready:
+                self.close()
+                raise WorkerError(
+                    f"{what}: no answer from worker(s) {sorted(pending)} within "
+                    f"{self.timeout:.0f} s; increase `timeout` for larger systems"
+                )
+            for rank, connection in list(pending.items()):
+                if connection in ready:
+                    try:
+                        status, reply = connection.recv()
+                    except (EOFError, OSError):
+                        status, reply = "died", None
+                    if status not in ("ok", "ready"):
+                        self._fail(rank, what, reply)
+                    replies[rank] = reply
+                    del pending[rank]
+        return replies
+
+    def _fail(self, rank: int, what: str, message: str | None) -> None:
+        process = self._processes[rank]
+        self.close()
+        if message is None:
+            raise WorkerError(
+                f"{what}: worker {rank} (pid {process.pid}) died with exit code "
+                f"{process.poll()}; all workers were stopped and restart on the next call"
+            )
+        raise WorkerError(f"{what}: worker {rank} failed:\n{message}")
+
+    def evaluate(self, structure, owner: np.ndarray, compute_forces: bool = True) -> list:
+        """Send one structure to every worker; their :class:`~distmlip.engine.WorkerResult` s."""
+        self.start()
+        payload = pickle.dumps((structure, owner, compute_forces), protocol=pickle.HIGHEST_PROTOCOL)
+        for rank, connection in enumerate(self._connections):
+            try:
+                connection.send(("evaluate", payload))
+            except (OSError, ValueError):
+                self._fail(rank, "sending the structure", None)
+        return self._collect("evaluating")
+
+    def close(self) -> None:
+        """Stop all workers (idempotent)."""
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        self._processes = []
+        self._connections = []
+        _LIVE_POOLS.discard(self)
+
+    def __enter__(self) -> WorkerPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
