@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from distmlip.halo import LocalGraph
+from distmlip.halo import HaloPlan
 
-__all__ = ["CommunicationError", "HaloExchanger", "exchange_requests"]
+__all__ = ["CommunicationError", "Communicator"]
 
 # Tags keep messages of different exchanges apart on gloo (NCCL orders point-to-point messages
 # per pair of ranks and ignores tags; every rank issues exchanges in the same order).
@@ -53,116 +53,130 @@ def _point_to_point(sends, receives, tag: int, timeout: float, what: str) -> Non
         _wait_all(dist.batch_isend_irecv(operations), timeout, what)
 
 
-def exchange_requests(graph: LocalGraph, device: torch.device, timeout: float) -> list[np.ndarray]:
-    """Tell every peer which of its atoms this rank needs; return what each peer needs from us.
+class Communicator:
+    """Halo exchanges of one evaluation on one rank, for any number of :class:`HaloPlan` s.
 
-    One all-gather of the (P, P) request-count matrix, then point-to-point index lists.
-    """
-    world, rank = graph.world_size, graph.rank
-    requests = graph.requests()
-    counts = torch.tensor([len(r) for r in requests], dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(counts) for _ in range(world)]
-    try:
-        dist.all_gather(gathered, counts, async_op=True).wait(datetime.timedelta(seconds=timeout))
-    except Exception as error:
-        raise CommunicationError(f"gathering halo request counts failed: {error}") from error
-    incoming = [int(gathered[q][rank]) for q in range(world)]
-    sends = [
-        (q, torch.as_tensor(requests[q], device=device))
-        for q in range(world)
-        if q != rank and len(requests[q])
-    ]
-    buffers = [torch.empty(n, dtype=torch.int64, device=device) for n in incoming]
-    receives = [(q, buffers[q]) for q in range(world) if q != rank and incoming[q]]
-    _point_to_point(sends, receives, _REQUEST_TAG, timeout, "exchanging halo requests")
-    return [buffer.cpu().numpy() for buffer in buffers]
-
-
-class HaloExchanger:
-    """Moves halo rows for one resolved :class:`LocalGraph`.
-
-    Call it (``exchanger(owned_rows)``) inside a model's forward; the engine calls
-    :meth:`reverse_sum` for per-atom quantities computed on local rows (forces).
+    ``exchange(owned, plan)`` is differentiable; ``reverse_sum(local, plan)`` is its adjoint
+    (used directly for forces). All exchanges share one tag counter, so every message of an
+    evaluation has a unique tag that is the same on every rank.
 
     Attributes:
-        outputs: every differentiable exchange output of the current evaluation; the engine
-            ties them into the loss so each rank runs every exchange's backward (a rank whose
-            energy does not depend on some halo row must still answer its peers).
+        outputs: every differentiable exchange output of the current evaluation; the engine ties
+            them into the loss so each rank runs every exchange's backward (a rank whose energy
+            does not depend on some halo row must still answer its peers).
+        calls, bytes_sent: counters for statistics.
     """
 
-    def __init__(self, graph: LocalGraph, device: torch.device, timeout: float = 600.0):
-        assert graph.send_index is not None, "resolve the halo plan first"
-        self.graph = graph
+    def __init__(self, rank: int, world_size: int, device: torch.device, timeout: float = 600.0):
+        self.rank = rank
+        self.world_size = world_size
         self.device = device
         self.timeout = float(timeout)
-        self.distributed = graph.world_size > 1
-        self.send_index = [torch.as_tensor(index, device=device) for index in graph.send_index]
-        offsets = graph.n_owned + np.concatenate([[0], np.cumsum(graph.recv_counts)])
-        self.recv_slices = [slice(int(offsets[q]), int(offsets[q + 1])) for q in range(graph.world_size)]
-        self.halo_index = torch.arange(graph.n_owned, graph.n_local, device=device)
-        self.calls = 0
-        self.bytes_sent = 0
-        self.outputs: list[torch.Tensor] = []
+        self._index_cache: dict[int, tuple] = {}
+        self.reset()
 
     def reset(self) -> None:
         self.calls = 0
         self.bytes_sent = 0
-        self.outputs = []
-
-    def _peers(self, counts) -> list[int]:
-        return [q for q in range(self.graph.world_size) if q != self.graph.rank and counts[q]]
-
-    def forward_rows(self, owned: torch.Tensor, tag: int) -> torch.Tensor:
-        """(n_owned, ...) → (n_local, ...): append the halo rows received from their owners."""
-        graph = self.graph
-        if owned.shape[0] != graph.n_owned:
-            raise ValueError(f"expected {graph.n_owned} owned rows, got {owned.shape[0]}")
-        local = owned.new_empty((graph.n_local, *owned.shape[1:]))
-        local[: graph.n_owned] = owned
-        if not self.distributed:
-            return local
-        sends = [(q, owned[self.send_index[q]].contiguous()) for q in self._peers(graph.send_counts)]
-        receives = [(q, local[self.recv_slices[q]]) for q in self._peers(graph.recv_counts)]
-        self.bytes_sent += sum(t.numel() * t.element_size() for _, t in sends)
-        _point_to_point(sends, receives, tag, self.timeout, "halo exchange")
-        return local
-
-    def reverse_sum(self, local: torch.Tensor, tag: int | None = None) -> torch.Tensor:
-        """(n_local, ...) → (n_owned, ...): owned rows plus the halo rows peers hold for them."""
-        graph = self.graph
-        owned = local[: graph.n_owned].clone()
-        if not self.distributed:
-            return owned
-        if tag is None:
-            tag = self._next_tag()
-        sends = [(q, local[self.recv_slices[q]].contiguous()) for q in self._peers(graph.recv_counts)]
-        peers = self._peers(graph.send_counts)
-        buffers = {q: local.new_empty((len(self.send_index[q]), *local.shape[1:])) for q in peers}
-        _point_to_point(sends, list(buffers.items()), tag, self.timeout, "reverse halo exchange")
-        for q, buffer in buffers.items():
-            owned.index_add_(0, self.send_index[q], buffer)
-        return owned
+        self.outputs: list[torch.Tensor] = []
+        self._index_cache = {}
 
     def _next_tag(self) -> int:
         self.calls += 1
         return 2 * self.calls
 
-    def __call__(self, owned: torch.Tensor) -> torch.Tensor:
+    def _peers(self, counts) -> list[int]:
+        return [q for q in range(self.world_size) if q != self.rank and counts[q]]
+
+    def _indices(self, plan: HaloPlan) -> tuple[list[torch.Tensor], list[slice]]:
+        cached = self._index_cache.get(id(plan))
+        if cached is None or cached[0] is not plan:
+            send = [torch.as_tensor(index, device=self.device) for index in plan.send_index]
+            offsets = plan.n_owned + np.concatenate([[0], np.cumsum(plan.recv_counts)])
+            slices = [slice(int(offsets[q]), int(offsets[q + 1])) for q in range(self.world_size)]
+            cached = (plan, send, slices)
+            self._index_cache[id(plan)] = cached
+        return cached[1], cached[2]
+
+    def forward_rows(self, owned: torch.Tensor, plan: HaloPlan, tag: int) -> torch.Tensor:
+        """(n_owned, ...) → (n_local, ...): append the halo rows received from their owners."""
+        if owned.shape[0] != plan.n_owned:
+            raise ValueError(f"expected {plan.n_owned} owned rows, got {owned.shape[0]}")
+        local = owned.new_empty((plan.n_local, *owned.shape[1:]))
+        local[: plan.n_owned] = owned
+        if self.world_size == 1:
+            return local
+        send_index, recv_slices = self._indices(plan)
+        sends = [(q, owned[send_index[q]].contiguous()) for q in self._peers(plan.send_counts)]
+        receives = [(q, local[recv_slices[q]]) for q in self._peers(plan.recv_counts)]
+        self.bytes_sent += sum(t.numel() * t.element_size() for _, t in sends)
+        _point_to_point(sends, receives, tag, self.timeout, "halo exchange")
+        return local
+
+    def reverse_sum(self, local: torch.Tensor, plan: HaloPlan, tag: int | None = None):
+        """(n_local, ...) → (n_owned, ...): owned rows plus the halo rows peers hold for them."""
+        owned = local[: plan.n_owned].clone()
+        if self.world_size == 1:
+            return owned
+        if tag is None:
+            tag = self._next_tag()
+        send_index, recv_slices = self._indices(plan)
+        sends = [(q, local[recv_slices[q]].contiguous()) for q in self._peers(plan.recv_counts)]
+        buffers = {
+            q: local.new_empty((len(send_index[q]), *local.shape[1:]))
+            for q in self._peers(plan.send_counts)
+        }
+        self.bytes_sent += sum(t.numel() * t.element_size() for _, t in sends)
+        _point_to_point(sends, list(buffers.items()), tag, self.timeout, "reverse halo exchange")
+        for q, buffer in buffers.items():
+            owned.index_add_(0, send_index[q], buffer)
+        return owned
+
+    def exchange(self, owned: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
+        """Differentiable (n_owned, ...) → (n_local, ...) halo refresh."""
         tag = self._next_tag()
-        local = _HaloExchange.apply(owned, self, tag)
+        local = _HaloExchange.apply(owned, self, plan, tag)
         if local.requires_grad:
             self.outputs.append(local)
         return local
 
+    def exchange_requests(self, requests: list[np.ndarray]) -> list[np.ndarray]:
+        """Send each peer q the keys this rank needs from it (``requests[q]``, int64 1-D);
+        return the keys each peer needs from this rank.
+
+        One all-gather of request counts, then point-to-point key lists.
+        """
+        world, rank = self.world_size, self.rank
+        if world == 1:
+            return [np.zeros(0, dtype=np.int64)]
+        counts = torch.tensor([len(r) for r in requests], dtype=torch.int64, device=self.device)
+        gathered = [torch.empty_like(counts) for _ in range(world)]
+        try:
+            work = dist.all_gather(gathered, counts, async_op=True)
+            work.wait(datetime.timedelta(seconds=self.timeout))
+        except Exception as error:
+            raise CommunicationError(f"gathering halo request counts failed: {error}") from error
+        incoming = [int(gathered[q][rank]) for q in range(world)]
+        sends = [
+            (q, torch.as_tensor(np.asarray(requests[q], dtype=np.int64), device=self.device))
+            for q in self._peers([len(r) for r in requests])
+        ]
+        buffers = [torch.empty(n, dtype=torch.int64, device=self.device) for n in incoming]
+        receives = [(q, buffers[q]) for q in self._peers(incoming)]
+        _point_to_point(sends, receives, _REQUEST_TAG, self.timeout, "exchanging halo requests")
+        return [buffer.cpu().numpy() for buffer in buffers]
+
 
 class _HaloExchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, owned: torch.Tensor, exchanger: HaloExchanger, tag: int) -> torch.Tensor:
-        ctx.exchanger = exchanger
+    def forward(ctx, owned, communicator: Communicator, plan: HaloPlan, tag: int):
+        ctx.communicator = communicator
+        ctx.plan = plan
         ctx.tag = tag
-        return exchanger.forward_rows(owned, tag)
+        return communicator.forward_rows(owned, plan, tag)
 
     @staticmethod
     def backward(ctx, grad_local: torch.Tensor):
         # The backward of forward exchange `tag` uses tag + 1: unique, and equal on every rank.
-        return ctx.exchanger.reverse_sum(grad_local.contiguous(), ctx.tag + 1), None, None
+        grad = ctx.communicator.reverse_sum(grad_local.contiguous(), ctx.plan, ctx.tag + 1)
+        return grad, None, None, None

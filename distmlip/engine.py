@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from distmlip.comm import HaloExchanger
+from distmlip.comm import Communicator
 from distmlip.graph import Structure
 from distmlip.halo import LocalGraph
 from distmlip.models.base import DistributedModel, GraphInputs
@@ -66,6 +66,8 @@ def graph_inputs(
         receivers=torch.as_tensor(edges.receivers, device=device),
         senders=torch.as_tensor(edges.senders, device=device),
         n_owned=graph.n_owned,
+        graph=graph,
+        structure=structure,
     )
 
 
@@ -73,7 +75,7 @@ def evaluate(
     model: DistributedModel,
     graph: LocalGraph,
     structure: Structure,
-    exchanger: HaloExchanger,
+    comm: Communicator,
     dtype: torch.dtype,
     device: torch.device,
     compute_forces: bool = True,
@@ -82,13 +84,19 @@ def evaluate(
     timings: dict[str, float] = {}
     start = time.perf_counter()
     inputs = graph_inputs(graph, structure, dtype, device)
+    inputs.comm = comm
     inputs.vectors.requires_grad_(compute_forces)
-    exchanger.reset()
+    comm.reset()
+    plan = graph.plan
+
+    def exchange(owned: torch.Tensor) -> torch.Tensor:
+        return comm.exchange(owned, plan)
+
     timings["inputs"] = time.perf_counter() - start
 
     start = time.perf_counter()
     with torch.set_grad_enabled(compute_forces):
-        energies = model(inputs, exchanger)
+        energies = model(inputs, exchange)
         if energies.shape != (graph.n_owned,):
             raise RuntimeError(
                 f"{type(model).__name__} returned energies of shape {tuple(energies.shape)}, "
@@ -102,7 +110,8 @@ def evaluate(
         start = time.perf_counter()
         # Zero-weighted ties make every exchange part of this rank's backward graph, so each
         # rank answers every reverse exchange its peers post (same order on every rank).
-        objective = energy + sum((out.sum() * 0.0 for out in exchanger.outputs), energy.new_zeros(()))
+        ties = sum((out.sum() * 0.0 for out in comm.outputs), energy.new_zeros(()))
+        objective = energy + ties
         if objective.requires_grad:
             (edge_gradients,) = torch.autograd.grad(objective, inputs.vectors, allow_unused=True)
         else:
@@ -116,7 +125,7 @@ def evaluate(
         gradient = edge_gradients.new_zeros((graph.n_local, 3))
         gradient.index_add_(0, inputs.senders, edge_gradients)
         gradient.index_add_(0, inputs.receivers, -edge_gradients)
-        forces = -exchanger.reverse_sum(gradient).double().cpu().numpy()
+        forces = -comm.reverse_sum(gradient, plan).double().cpu().numpy()
         virial = (edge_gradients.double().T @ inputs.vectors.detach().double()).cpu().numpy()
         timings["forces"] = time.perf_counter() - start
 
@@ -124,8 +133,8 @@ def evaluate(
         "owned_atoms": graph.n_owned,
         "halo_atoms": graph.n_halo,
         "edges": len(graph.edges),
-        "exchanges": exchanger.calls,
-        "bytes_sent": exchanger.bytes_sent,
+        "exchanges": comm.calls,
+        "bytes_sent": comm.bytes_sent,
     }
     return WorkerResult(
         global_index=graph.global_index[: graph.n_owned],

@@ -23,7 +23,43 @@ import numpy as np
 
 from distmlip.graph import EdgeList, Structure, neighbor_list, neighborhood_mask
 
-__all__ = ["LocalGraph", "build_local_graph", "resolve_send_index", "build_all_local_graphs"]
+__all__ = [
+    "HaloPlan",
+    "LocalGraph",
+    "build_local_graph",
+    "resolve_send_index",
+    "build_all_local_graphs",
+]
+
+
+@dataclass(frozen=True)
+class HaloPlan:
+    """Which rows one rank sends to and receives from each peer, for any kind of row.
+
+    Local rows are ``[owned..., halo...]``; halo rows from rank q form the contiguous slice
+    ``n_owned + sum(recv_counts[:q]) ...`` (halo rows grouped by owner rank, ascending).
+    The atom graph has one plan; models with bond features (CHGNet) build a second.
+
+    Attributes:
+        rank, world_size: this rank and P.
+        n_owned: owned rows.
+        recv_counts: (P,) int64 halo rows received from each rank (0 for ``rank``).
+        send_index: P arrays of owned local rows to send to each rank (empty for ``rank``).
+    """
+
+    rank: int
+    world_size: int
+    n_owned: int
+    recv_counts: np.ndarray
+    send_index: tuple[np.ndarray, ...]
+
+    @property
+    def n_local(self) -> int:
+        return self.n_owned + int(self.recv_counts.sum())
+
+    @property
+    def send_counts(self) -> np.ndarray:
+        return np.array([len(index) for index in self.send_index], dtype=np.int64)
 
 
 @dataclass
@@ -69,9 +105,12 @@ class LocalGraph:
         return np.split(halo, np.cumsum(self.recv_counts)[:-1])
 
     @property
-    def send_counts(self) -> np.ndarray:
+    def plan(self) -> HaloPlan:
+        """The resolved atom halo plan."""
         assert self.send_index is not None, "halo plan not resolved"
-        return np.array([len(index) for index in self.send_index], dtype=np.int64)
+        return HaloPlan(
+            self.rank, self.world_size, self.n_owned, self.recv_counts, tuple(self.send_index)
+        )
 
 
 def build_local_graph(
@@ -83,7 +122,9 @@ def build_local_graph(
     so time and memory are O(N/P + shell) beyond reading the O(N) positions.
     """
     owned_mask = owner == rank
-    region = neighborhood_mask(structure.positions, structure.cell, structure.pbc, owned_mask, cutoff)
+    region = neighborhood_mask(
+        structure.positions, structure.cell, structure.pbc, owned_mask, cutoff
+    )
     region_atoms = np.flatnonzero(region)
     local_edges = neighbor_list(
         structure.positions[region_atoms], structure.cell, structure.pbc, cutoff
@@ -124,18 +165,22 @@ def build_local_graph(
     )
 
 
-def resolve_send_index(graph: LocalGraph, requests_from_peers: list[np.ndarray]) -> None:
-    """Fill ``graph.send_index`` from the global indices each peer asked this worker for."""
-    owned = graph.global_index[: graph.n_owned]
+def rows_of(owned_keys: np.ndarray, requests_from_peers: list[np.ndarray], rank: int) -> list:
+    """Local rows of the keys each peer requested; ``owned_keys`` must be sorted ascending."""
     send_index = []
     for peer, requested in enumerate(requests_from_peers):
-        rows = np.searchsorted(owned, requested)
+        rows = np.searchsorted(owned_keys, requested)
         if len(requested) and (
-            rows.max() >= len(owned) or not np.array_equal(owned[rows], requested)
+            rows.max() >= len(owned_keys) or not np.array_equal(owned_keys[rows], requested)
         ):
-            raise RuntimeError(f"rank {peer} asked rank {graph.rank} for atoms it does not own")
+            raise RuntimeError(f"rank {peer} asked rank {rank} for rows it does not own")
         send_index.append(rows.astype(np.int64))
-    graph.send_index = send_index
+    return send_index
+
+
+def resolve_send_index(graph: LocalGraph, requests_from_peers: list[np.ndarray]) -> None:
+    """Fill ``graph.send_index`` from the global indices each peer asked this worker for."""
+    graph.send_index = rows_of(graph.global_index[: graph.n_owned], requests_from_peers, graph.rank)
 
 
 def build_all_local_graphs(

@@ -109,7 +109,7 @@ def _worker_main(connection: Connection) -> None:
 
 
 def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> None:
-    from distmlip.comm import HaloExchanger, exchange_requests
+    from distmlip.comm import Communicator
     from distmlip.engine import evaluate
     from distmlip.halo import build_local_graph, resolve_send_index
 
@@ -126,13 +126,10 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
             graph = build_local_graph(
                 structure, owner, config.rank, config.world_size, model.cutoff
             )
-            if config.world_size > 1:
-                resolve_send_index(graph, exchange_requests(graph, device, config.timeout))
-            else:
-                resolve_send_index(graph, [np.zeros(0, dtype=np.int64)])
-            exchanger = HaloExchanger(graph, device, config.timeout)
+            comm = Communicator(config.rank, config.world_size, device, config.timeout)
+            resolve_send_index(graph, comm.exchange_requests(graph.requests()))
             graph_time = time.perf_counter() - start
-            result = evaluate(model, graph, structure, exchanger, dtype, device, compute_forces)
+            result = evaluate(model, graph, structure, comm, dtype, device, compute_forces)
             result.timings = {"graph": graph_time, **result.timings}
             connection.send(("ok", result))
         except Exception:

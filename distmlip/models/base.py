@@ -11,8 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from distmlip.comm import Communicator
+    from distmlip.graph import Structure
+    from distmlip.halo import LocalGraph
 
 __all__ = ["GraphInputs", "DistributedModel", "Exchange"]
 
@@ -31,6 +37,11 @@ class GraphInputs:
         receivers: (E,) int64 local rows, all < n_owned.
         senders: (E,) int64 local rows.
         n_owned: number of owned rows.
+        graph: the numpy :class:`~distmlip.halo.LocalGraph` (global indices, shifts, plan), for
+            adapters that derive more structure (bond graphs) from it.
+        structure: the replicated :class:`~distmlip.graph.Structure`.
+        comm: the :class:`~distmlip.comm.Communicator`, for adapters that exchange rows other
+            than atoms (``comm.exchange(rows, plan)`` with a plan of their own).
     """
 
     numbers: torch.Tensor
@@ -38,6 +49,9 @@ class GraphInputs:
     receivers: torch.Tensor
     senders: torch.Tensor
     n_owned: int
+    graph: LocalGraph | None = None
+    structure: Structure | None = None
+    comm: Communicator | None = None
 
     @property
     def n_local(self) -> int:
@@ -66,8 +80,9 @@ class DistributedModel(torch.nn.Module):
 
         unknown = sorted(set(int(z) for z in set(numbers.tolist())) - set(self.supported_numbers))
         if unknown:
-            names = ", ".join(chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z)
-                              for z in unknown)
+            names = ", ".join(
+                chemical_symbols[z] if 0 <= z < len(chemical_symbols) else str(z) for z in unknown
+            )
             raise ValueError(
                 f"{type(self).__name__} does not know element(s) {names}; "
                 "remove them or use a model trained on them"
