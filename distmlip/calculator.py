@@ -29,6 +29,11 @@ def assemble(results: list, n_atoms: int, volume: float) -> dict:
             forces[result.global_index] = result.forces
     energy = float(sum(result.energy for result in results))
     properties = {"energy": energy, "free_energy": energy, "energies": energies}
+    for name, first in results[0].site_properties.items():
+        values = np.zeros((n_atoms, *first.shape[1:]))
+        for result in results:
+            values[result.global_index] = result.site_properties[name]
+        properties[name] = values
     if results[0].forces is not None:
         properties["forces"] = forces
         virial = sum(result.virial for result in results)
@@ -85,6 +90,12 @@ class DistributedCalculator(Calculator):
         if int(nprocs) < 1:
             raise ValueError(f"nprocs must be at least 1, got {nprocs}")
         self.model = resolve_model(model)
+        # Models may add per-atom outputs (CHGNet: "magmoms"); ASE only serves listed names.
+        self.implemented_properties = list(type(self).implemented_properties) + [
+            name
+            for name in getattr(self.model, "site_properties", ())
+            if name not in type(self).implemented_properties
+        ]
         self.nprocs = int(nprocs)
         self.partitioner = partitioner
         self.pool = WorkerPool(

@@ -140,6 +140,31 @@ class Communicator:
             self.outputs.append(local)
         return local
 
+    def reduce(self, local: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
+        """Differentiable (n_local, ...) → (n_owned, ...): owned rows plus the partial sums
+        that peers hold in their halo rows for them (the adjoint of :meth:`exchange`).
+
+        Used when several workers each compute part of a sum onto one row (CHGNet's bond
+        updates collect angle messages from both ends of a bond).
+        """
+        tag = self._next_tag()
+        owned = _HaloReduce.apply(local, self, plan, tag)
+        if owned.requires_grad:
+            self.outputs.append(owned)
+        return owned
+
+    def sum_int(self, value: int) -> int:
+        """Sum of an integer over all ranks (a blocking all-reduce with the timeout)."""
+        if self.world_size == 1:
+            return int(value)
+        total = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        try:
+            work = dist.all_reduce(total, async_op=True)
+            work.wait(datetime.timedelta(seconds=self.timeout))
+        except Exception as error:
+            raise CommunicationError(f"all-reduce of a count failed: {error}") from error
+        return int(total.item())
+
     def exchange_requests(self, requests: list[np.ndarray]) -> list[np.ndarray]:
         """Send each peer q the keys this rank needs from it (``requests[q]``, int64 1-D);
         return the keys each peer needs from this rank.
@@ -179,4 +204,19 @@ class _HaloExchange(torch.autograd.Function):
     def backward(ctx, grad_local: torch.Tensor):
         # The backward of forward exchange `tag` uses tag + 1: unique, and equal on every rank.
         grad = ctx.communicator.reverse_sum(grad_local.contiguous(), ctx.plan, ctx.tag + 1)
+        return grad, None, None, None
+
+
+class _HaloReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local, communicator: Communicator, plan: HaloPlan, tag: int):
+        ctx.communicator = communicator
+        ctx.plan = plan
+        ctx.tag = tag
+        return communicator.reverse_sum(local, plan, tag)
+
+    @staticmethod
+    def backward(ctx, grad_owned: torch.Tensor):
+        # The adjoint of a sum into owners is a copy back to the halo rows (tag + 1, as above).
+        grad = ctx.communicator.forward_rows(grad_owned.contiguous(), ctx.plan, ctx.tag + 1)
         return grad, None, None, None

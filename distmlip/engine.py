@@ -39,6 +39,8 @@ class WorkerResult:
         virial: (3, 3) Σ_e g_e ⊗ v_e over local edges, eV (symmetrised by the caller), or None.
         timings: seconds spent per phase.
         stats: sizes (atoms, halo, edges, bytes exchanged).
+        site_properties: extra per-owned-atom outputs of the model, name → (n_owned, ...)
+            array (e.g. CHGNet's ``magmoms``); see ``DistributedModel.site_properties``.
     """
 
     global_index: np.ndarray
@@ -48,6 +50,7 @@ class WorkerResult:
     virial: np.ndarray | None
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
+    site_properties: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def graph_inputs(
@@ -103,6 +106,10 @@ def evaluate(
                 f"expected ({graph.n_owned},)"
             )
         energy = energies.sum()
+    site_properties = {
+        name: value.detach().double().cpu().numpy()
+        for name, value in (getattr(model, "last_site_properties", None) or {}).items()
+    }
     timings["forward"] = time.perf_counter() - start
 
     forces = virial = None
@@ -144,4 +151,5 @@ def evaluate(
         virial=virial,
         timings=timings,
         stats=stats,
+        site_properties=site_properties,
     )

@@ -62,11 +62,15 @@ class DistributedModel(torch.nn.Module):
     """Base class of adapters.
 
     Subclasses set ``cutoff`` (Å, the atom-graph cutoff) and implement :meth:`forward`; they may
-    narrow ``supported_numbers`` (the atomic numbers the model knows).
+    narrow ``supported_numbers`` (the atomic numbers the model knows) and declare extra per-atom
+    outputs in ``site_properties``.
     """
 
     cutoff: float
     supported_numbers: frozenset[int] | None = None
+    site_properties: tuple[str, ...] = ()
+    """Names of extra per-atom outputs; ``forward`` then sets ``self.last_site_properties``
+    to a dict name → (n_owned, ...) tensor, which the calculator returns as a property."""
 
     def forward(self, inputs: GraphInputs, exchange: Exchange) -> torch.Tensor:
         """Per-owned-atom energies, (n_owned,) eV."""
