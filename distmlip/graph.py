@@ -72,9 +72,23 @@ class EdgeList:
 
 
 def neighbor_list(
-    positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    cutoff: float,
+    receiver_mask: np.ndarray | None = None,
 ) -> EdgeList:
-    """All directed edges with |v| < cutoff (full list, both directions), via vesin."""
+    """All directed edges with |v| < cutoff (full list, both directions), via vesin.
+
+    Args:
+        positions: (n, 3) Å.
+        cell: (3, 3) Å.
+        pbc: (3,) bool.
+        cutoff: Å.
+        receiver_mask: optional (n,) bool; keep only the edges whose receiver it selects
+            (same edges, same order as filtering the full list, but without converting the
+            discarded ones: a worker's region search keeps roughly N/P of its edges).
+    """
     if len(positions) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return EdgeList(empty, empty, np.zeros((0, 3), dtype=np.int64))
@@ -82,16 +96,22 @@ def neighbor_list(
     # vesin wants a zero box when nothing is periodic; its own cell check rejects degenerate
     # periodic boxes, which callers validate earlier with a clearer message.
     box = cell if np.any(pbc) else np.zeros((3, 3))
+    # copy=False: views into the calculator's buffers (valid while ``calculator`` lives), so
+    # each kept value is copied once, by the filter and the int64 conversion below.
     i, j, shifts = calculator.compute(
         np.ascontiguousarray(positions, dtype=np.float64),
         np.ascontiguousarray(box, dtype=np.float64),
         [bool(p) for p in pbc],
         quantities="ijS",
+        copy=False,
     )
+    if receiver_mask is not None:
+        keep = np.asarray(receiver_mask, dtype=bool)[i]
+        i, j, shifts = i[keep], j[keep], shifts[keep]
     return EdgeList(
-        receivers=i.astype(np.int64, copy=False),
-        senders=j.astype(np.int64, copy=False),
-        shifts=shifts.astype(np.int64, copy=False),
+        receivers=i.astype(np.int64),
+        senders=j.astype(np.int64),
+        shifts=shifts.astype(np.int64),
     )
 
 
@@ -111,9 +131,11 @@ def binning_frame(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
         return frame
     basis = list(frame[periodic])
     for axis in np.flatnonzero(~periodic):
-        # Gram-Schmidt against the rows already in the basis, seeded by the Cartesian axes.
+        # Project Cartesian axes off the span of the rows kept so far; take the first that
+        # survives (the rows need not be orthogonal, hence the QR).
+        orthonormal, _ = np.linalg.qr(np.array(basis).T)
         for seed in np.eye(3):
-            vector = seed - sum((seed @ b) / (b @ b) * b for b in basis)
+            vector = seed - orthonormal @ (orthonormal.T @ seed)
             if np.linalg.norm(vector) > 1e-6:
                 frame[axis] = vector / np.linalg.norm(vector)
                 basis.append(frame[axis])

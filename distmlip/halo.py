@@ -125,35 +125,37 @@ def build_local_graph(
     region = neighborhood_mask(
         structure.positions, structure.cell, structure.pbc, owned_mask, cutoff
     )
-    region_atoms = np.flatnonzero(region)
+    region_atoms = np.flatnonzero(region)  # ascending global index; owned atoms included
+    owned_in_region = owned_mask[region_atoms]
+    # Only edges into owned atoms, in region indices (R ≈ N/P + shell). All bookkeeping below
+    # is gathers from R-sized tables: no search or sort over the edges.
     local_edges = neighbor_list(
-        structure.positions[region_atoms], structure.cell, structure.pbc, cutoff
+        structure.positions[region_atoms],
+        structure.cell,
+        structure.pbc,
+        cutoff,
+        receiver_mask=owned_in_region,
     )
-    receivers = region_atoms[local_edges.receivers]
-    keep = owned_mask[receivers]
-    receivers = receivers[keep]
-    senders = region_atoms[local_edges.senders[keep]]
-    shifts = local_edges.shifts[keep]
+    receivers, senders = local_edges.receivers, local_edges.senders
 
-    owned = np.flatnonzero(owned_mask)
-    halo = np.unique(senders[~owned_mask[senders]])
-    halo = halo[np.lexsort((halo, owner[halo]))]
+    owned_region = np.flatnonzero(owned_in_region)
+    owned = region_atoms[owned_region]  # == np.flatnonzero(owned_mask)
+    is_halo = np.zeros(len(region_atoms), dtype=bool)
+    is_halo[senders] = True
+    is_halo &= ~owned_in_region
+    halo_region = np.flatnonzero(is_halo)  # ascending global index
+    # Group by owner rank, global index within a group (stable sort keeps index order).
+    halo_region = halo_region[np.argsort(owner[region_atoms[halo_region]], kind="stable")]
+    halo = region_atoms[halo_region]
     global_index = np.concatenate([owned, halo])
     recv_counts = np.bincount(owner[halo], minlength=world_size).astype(np.int64)
 
-    # Global -> local row via sorted search (owned and halo are each sorted by a known key).
-    local_row = np.empty(len(senders), dtype=np.int64)
-    sender_owned = owned_mask[senders]
-    local_row[sender_owned] = np.searchsorted(owned, senders[sender_owned])
-    halo_key = owner[halo] * structure.n_atoms + halo  # sorted ascending by construction
-    sender_halo = senders[~sender_owned]
-    local_row[~sender_owned] = len(owned) + np.searchsorted(
-        halo_key, owner[sender_halo] * structure.n_atoms + sender_halo
-    )
+    # Region index -> local row: owned rows first, then halo rows in plan order.
+    local_row = np.full(len(region_atoms), -1, dtype=np.int64)
+    local_row[owned_region] = np.arange(len(owned_region), dtype=np.int64)
+    local_row[halo_region] = len(owned_region) + np.arange(len(halo_region), dtype=np.int64)
     edges = EdgeList(
-        receivers=np.searchsorted(owned, receivers),
-        senders=local_row,
-        shifts=shifts,
+        receivers=local_row[receivers], senders=local_row[senders], shifts=local_edges.shifts
     )
     return LocalGraph(
         rank=rank,

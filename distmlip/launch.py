@@ -37,6 +37,10 @@ import numpy as np
 __all__ = ["WorkerPool", "WorkerError", "WorkerConfig"]
 
 
+STARTUP_TIMEOUT = 300.0
+"""Seconds allowed for workers to start, unless the call timeout is longer."""
+
+
 class WorkerError(RuntimeError):
     """A worker died, raised, or did not answer within the timeout. The pool is closed."""
 
@@ -95,7 +99,9 @@ def _worker_main(connection: Connection) -> None:
                 init_method=config.init_method,
                 rank=config.rank,
                 world_size=config.world_size,
-                timeout=datetime.timedelta(seconds=config.timeout),
+                # Start-up (importing torch, rendezvous) can be slow on a loaded machine; each
+                # exchange still waits at most `config.timeout` (see distmlip.comm).
+                timeout=datetime.timedelta(seconds=max(config.timeout, STARTUP_TIMEOUT)),
             )
         connection.send(("ready", os.getpid()))
     except Exception:
@@ -244,16 +250,17 @@ class WorkerPool:
             self, _stop_processes, list(self._processes), list(self._connections)
         )
         _LIVE_POOLS.add(self)
-        self._collect("starting workers")
+        self._collect("starting workers", max(self.timeout, STARTUP_TIMEOUT))
 
-    def _collect(self, what: str) -> list:
+    def _collect(self, what: str, timeout: float | None = None) -> list:
         """Wait for one reply per worker; on death, error or timeout close the pool and raise.
 
         A dead worker's socket reads as EOF, so death is noticed as soon as it happens.
         """
         replies: list = [None] * self.nprocs
         pending = dict(enumerate(self._connections))
-        deadline = time.monotonic() + self.timeout
+        timeout = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while pending:
             remaining = deadline - time.monotonic()
             ready = wait(list(pending.values()), timeout=max(remaining, 0))
@@ -261,7 +268,7 @@ class WorkerPool:
                 self.close()
                 raise WorkerError(
                     f"{what}: no answer from worker(s) {sorted(pending)} within "
-                    f"{self.timeout:.0f} s; increase `timeout` for larger systems"
+                    f"{timeout:.0f} s; increase `timeout` for larger systems"
                 )
             for rank, connection in list(pending.items()):
                 if connection in ready:

@@ -104,7 +104,8 @@ def metis_partition(structure: Structure, nparts: int, cutoff: float) -> np.ndar
     xadj = np.zeros(structure.n_atoms + 1, dtype=np.int64)
     np.add.at(xadj, pairs[:, 0] + 1, 1)
     xadj = np.cumsum(xadj)
-    _, membership = pymetis.part_graph(nparts, xadj=xadj, adjncy=pairs[:, 1])
+    adjacency = pymetis.CSRAdjacency(adj_starts=xadj, adjacent=pairs[:, 1])
+    _, membership = pymetis.part_graph(nparts, adjacency=adjacency)
     return np.asarray(membership, dtype=np.int64)
 
 

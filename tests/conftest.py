@@ -1,0 +1,119 @@
+"""Shared test systems and worker pools.
+
+Worker pools are expensive to start (each worker imports torch), so the tests share them:
+``calculator_pool(nprocs, partitioner)`` keeps at most one distributed calculator alive and hands
+it to every test that asks for the same settings in a row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.build import bulk, fcc111
+from ase.cluster import Icosahedron
+
+from distmlip import DistributedCalculator, ReferenceMPNN
+
+
+def bulk_cu() -> Atoms:
+    """fcc Cu 4×4×4 conventional cells (256 atoms), one atom in five Ni, rattled."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(4)
+    atoms.numbers[::5] = 28
+    atoms.rattle(0.08, seed=1)
+    return atoms
+
+
+def triclinic() -> Atoms:
+    """A sheared, strained 4×4×4 primitive fcc cell (64 atoms), rattled."""
+    atoms = bulk("Cu", "fcc", a=3.61).repeat(4)
+    strain = np.array([[1.03, 0.08, -0.05], [0.02, 0.97, 0.11], [0.06, -0.04, 1.02]])
+    atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+    atoms.numbers[::3] = 47
+    atoms.rattle(0.1, seed=2)
+    return atoms
+
+
+def small_cell() -> Atoms:
+    """16 atoms in a 7.2 × 7.2 × 3.6 Å cell: the 5 Å cutoff exceeds half the cell on every axis."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
+    atoms.rattle(0.1, seed=3)
+    return atoms
+
+
+def surface_slab() -> Atoms:
+    """Cu(111) 3×3×5 slab with 8 Å vacuum, pbc (True, True, False)."""
+    atoms = fcc111("Cu", size=(3, 3, 5), vacuum=8.0)
+    atoms.numbers[-9:] = 79
+    atoms.rattle(0.05, seed=4)
+    return atoms
+
+
+def cluster() -> Atoms:
+    """A 55-atom icosahedral cluster in a box, no periodicity."""
+    atoms = Icosahedron("Cu", noshells=3)
+    atoms.center(vacuum=6.0)
+    atoms.pbc = False
+    atoms.rattle(0.05, seed=5)
+    return atoms
+
+
+SYSTEMS = {
+    "bulk": bulk_cu,
+    "triclinic": triclinic,
+    "small_cell": small_cell,
+    "slab": surface_slab,
+    "cluster": cluster,
+}
+
+
+@pytest.fixture(scope="session")
+def reference_model() -> ReferenceMPNN:
+    return ReferenceMPNN(cutoff=5.0, num_layers=3, hidden=32, seed=0)
+
+
+class PoolCache:
+    """At most one live DistributedCalculator, reused while tests ask for the same settings."""
+
+    def __init__(self, model):
+        self.model = model
+        self.key = None
+        self.calc = None
+
+    def get(self, nprocs: int, partitioner: str = "slab", dtype: str = "float64"):
+        key = (nprocs, partitioner, dtype)
+        if key != self.key:
+            self.close()
+            self.calc = DistributedCalculator(
+                self.model, nprocs=nprocs, partitioner=partitioner, dtype=dtype, timeout=120
+            )
+            self.key = key
+        return self.calc
+
+    def close(self):
+        if self.calc is not None:
+            self.calc.close()
+        self.calc, self.key = None, None
+
+
+@pytest.fixture(scope="session")
+def pools(reference_model):
+    cache = PoolCache(reference_model)
+    yield cache
+    cache.close()
+
+
+def evaluate(calc, atoms: Atoms) -> dict:
+    """Energy, forces, per-atom energies and (if the cell has volume) stress."""
+    atoms = atoms.copy()
+    atoms.calc = calc
+    properties = ["energy", "forces", "energies"] + (["stress"] if atoms.cell.volume > 0 else [])
+    calc.calculate(atoms, properties)
+    return {key: np.array(calc.results[key], copy=True) for key in properties}
+
+
+@pytest.fixture(scope="session")
+def single_process_results(pools):
+    """nprocs=1 results for every test system (computed once)."""
+    calc = pools.get(1)
+    return {name: evaluate(calc, make()) for name, make in SYSTEMS.items()}

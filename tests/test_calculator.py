@@ -1,0 +1,96 @@
+"""Distributed evaluation equals single-process evaluation, and matches finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ase.calculators.calculator import PropertyNotImplementedError
+
+from conftest import SYSTEMS, evaluate, small_cell, triclinic
+
+RTOL = 1e-10
+
+
+def relative_error(value, reference) -> float:
+    value, reference = np.asarray(value), np.asarray(reference)
+    return float(np.abs(value - reference).max() / max(np.abs(reference).max(), 1e-300))
+
+
+@pytest.mark.parametrize("partitioner", ["slab", "rcb", "metis"])
+@pytest.mark.parametrize("nprocs", [2, 3, 4, 8])
+def test_distributed_equals_single_process(nprocs, partitioner, pools, single_process_results):
+    calc = pools.get(nprocs, partitioner)
+    for name, make in SYSTEMS.items():
+        expected = single_process_results[name]
+        got = evaluate(calc, make())
+        for key in expected:
+            error = relative_error(got[key], expected[key])
+            assert error <= RTOL, f"{name}: {key} relative error {error:.2e} (P={nprocs})"
+        # The work really was split: every worker owns atoms of this system.
+        assert sum(s["owned_atoms"] for s in calc.last_stats) == len(make())
+        if name == "bulk":
+            assert all(s["owned_atoms"] > 0 for s in calc.last_stats)
+            assert all(s["halo_atoms"] > 0 for s in calc.last_stats)
+
+
+def test_energy_is_sum_of_atomic_energies(pools, single_process_results):
+    for name, result in single_process_results.items():
+        assert result["energies"].sum() == pytest.approx(result["energy"], rel=1e-12), name
+
+
+@pytest.mark.parametrize("make", [small_cell, triclinic], ids=["small_cell", "triclinic"])
+def test_forces_match_finite_differences(make, pools):
+    calc = pools.get(2, "rcb")
+    atoms = make()
+    forces = evaluate(calc, atoms)["forces"]
+    step = 1e-4
+    rng = np.random.default_rng(0)
+    for atom in rng.choice(len(atoms), size=3, replace=False):
+        for axis in range(3):
+            energies = []
+            for sign in (1, -1):
+                displaced = atoms.copy()
+                displaced.positions[atom, axis] += sign * step
+                energies.append(evaluate(calc, displaced)["energy"])
+            numeric = -(energies[0] - energies[1]) / (2 * step)
+            assert forces[atom, axis] == pytest.approx(numeric, abs=1e-6), (atom, axis)
+
+
+@pytest.mark.parametrize("make", [small_cell, triclinic], ids=["small_cell", "triclinic"])
+def test_stress_matches_finite_differences(make, pools):
+    calc = pools.get(2, "slab")
+    atoms = make()
+    stress = evaluate(calc, atoms)["stress"]
+    voigt = [(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]
+    step = 1e-5
+    for component, (a, b) in enumerate(voigt):
+        energies = []
+        for sign in (1, -1):
+            strain = np.eye(3)
+            strain[a, b] += sign * step / (1 if a == b else 2)
+            strain[b, a] = strain[a, b]
+            strained = atoms.copy()
+            strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+            energies.append(evaluate(calc, strained)["energy"])
+        numeric = (energies[0] - energies[1]) / (2 * step) / atoms.cell.volume
+        assert stress[component] == pytest.approx(numeric, abs=1e-7), component
+
+
+def test_cluster_without_cell_has_no_stress(pools, single_process_results):
+    atoms = SYSTEMS["cluster"]()
+    atoms.cell = np.zeros((3, 3))
+    calc = pools.get(2, "rcb")
+    result = evaluate(calc, atoms)
+    assert "stress" not in result
+    assert result["energy"] == pytest.approx(single_process_results["cluster"]["energy"], rel=RTOL)
+    atoms.calc = calc
+    with pytest.raises(PropertyNotImplementedError, match="nonzero volume"):
+        atoms.get_stress()
+
+
+def test_float32_close_to_float64(reference_model, pools, single_process_results):
+    calc = pools.get(2, "slab", dtype="float32")
+    got = evaluate(calc, SYSTEMS["bulk"]())
+    expected = single_process_results["bulk"]
+    assert got["energy"] == pytest.approx(expected["energy"], rel=1e-5)
+    assert np.abs(got["forces"] - expected["forces"]).max() < 1e-4

@@ -1,0 +1,26 @@
+"""The command line's predict job, as the README runs it (smaller)."""
+
+from __future__ import annotations
+
+import json
+
+from distmlip.cli import main
+
+
+def test_predict_json(capsys):
+    assert main(["predict", "--size", "3", "--nprocs", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["atoms"] == 108
+    assert result["nprocs"] == 2 and len(result["workers"]) == 2
+    assert sum(worker["owned_atoms"] for worker in result["workers"]) == 108
+    assert result["energy_eV"] < 0 and len(result["stress_GPa"]) == 6
+
+
+def test_predict_table_and_errors(capsys, tmp_path):
+    assert main(["predict", "--size", "2", "--nprocs", "2", "--partitioner", "rcb"]) == 0
+    out = capsys.readouterr().out
+    assert "energy" in out and "max |force|" in out and "stress (GPa)" in out
+    path = tmp_path / "one.xyz"
+    path.write_text("1\n\nCu 0 0 0\n")
+    assert main(["predict", "--structure", str(path), "--nprocs", "2"]) == 2
+    assert "larger than the number of atoms" in capsys.readouterr().err

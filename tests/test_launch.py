@@ -1,0 +1,119 @@
+"""Worker processes: failures become errors in the caller, never hangs or orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from ase.build import bulk
+
+from conftest import evaluate, small_cell
+from distmlip import DistributedCalculator, WorkerError
+
+
+def assert_all_gone(pids, within: float = 10.0):
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        alive = [pid for pid in pids if psutil.pid_exists(pid) and
+                 psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"worker processes still alive: {alive}")
+
+
+@pytest.fixture
+def calculator(reference_model):
+    calc = DistributedCalculator(reference_model, nprocs=2, timeout=30)
+    yield calc
+    calc.close()
+
+
+def test_worker_killed_during_call_raises_quickly(calculator):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(12)  # 6912 atoms: seconds per call
+    atoms.rattle(0.05, seed=0)
+    pids = calculator.pool.pids
+    killer = threading.Timer(0.5, os.kill, args=(pids[1], signal.SIGKILL))
+    killer.start()
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="worker 1 .* died"):
+        evaluate(calculator, atoms)
+    killer.join()
+    assert time.monotonic() - start < calculator.pool.timeout
+    assert_all_gone(pids)
+    # The calculator restarts its workers on the next call.
+    result = evaluate(calculator, small_cell())
+    assert set(calculator.pool.pids).isdisjoint(pids)
+    assert abs(result["energy"]) > 0
+
+
+def test_worker_killed_between_calls_raises(calculator):
+    pids = calculator.pool.pids
+    os.kill(pids[0], signal.SIGKILL)
+    time.sleep(0.2)
+    with pytest.raises(WorkerError, match="died"):
+        evaluate(calculator, small_cell())
+    assert_all_gone(pids)
+
+
+def test_stuck_worker_times_out(reference_model):
+    calc = DistributedCalculator(reference_model, nprocs=2, timeout=3)
+    pids = calc.pool.pids
+    os.kill(pids[1], signal.SIGSTOP)
+    start = time.monotonic()
+    try:
+        with pytest.raises(WorkerError, match="no answer .* within 3 s"):
+            evaluate(calc, small_cell())
+        assert time.monotonic() - start < 3 + 15
+        assert_all_gone(pids)
+    finally:
+        calc.close()
+
+
+def test_close_stops_workers_and_context_manager(reference_model):
+    with DistributedCalculator(reference_model, nprocs=2) as calc:
+        pids = calc.pool.pids
+        assert all(psutil.pid_exists(pid) for pid in pids)
+    assert_all_gone(pids)
+
+
+def test_no_orphans_when_parent_process_exits(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "from distmlip import DistributedCalculator\n"
+        "calc = DistributedCalculator('reference', nprocs=2)\n"
+        "print(' '.join(map(str, calc.pool.pids)), flush=True)\n"
+    )
+    import subprocess
+    import sys
+
+    output = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=True
+    )
+    pids = [int(pid) for pid in output.stdout.split()]
+    assert len(pids) == 2
+    assert_all_gone(pids)
+
+
+def test_no_orphans_when_parent_is_killed(tmp_path):
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\n"
+        "from distmlip import DistributedCalculator\n"
+        "calc = DistributedCalculator('reference', nprocs=2)\n"
+        "print(' '.join(map(str, calc.pool.pids)), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids = [int(pid) for pid in parent.stdout.readline().split()]
+    parent.kill()
+    parent.wait()
+    assert len(pids) == 2
+    assert_all_gone(pids)
