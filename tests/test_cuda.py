@@ -1,0 +1,30 @@
+"""GPU path (NCCL): skipped cleanly on machines without enough CUDA devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SYSTEMS, evaluate
+from distmlip import DistributedCalculator
+
+
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_cuda_equals_cpu(nprocs, reference_model, request):
+    if torch.cuda.device_count() < nprocs:
+        pytest.skip(f"needs {nprocs} CUDA device(s), found {torch.cuda.device_count()}")
+    single_process_results = request.getfixturevalue("single_process_results")
+    with DistributedCalculator(reference_model, nprocs=nprocs, device="cuda") as calc:
+        for name in ("bulk", "small_cell", "slab"):
+            got = evaluate(calc, SYSTEMS[name]())
+            expected = single_process_results[name]
+            assert got["energy"] == pytest.approx(expected["energy"], rel=1e-10)
+            assert np.abs(got["forces"] - expected["forces"]).max() < 1e-9
+
+
+def test_cuda_without_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="torch sees no GPU; use device='cpu'"):
+        DistributedCalculator("reference", nprocs=1, device="cuda")
