@@ -1,0 +1,243 @@
+"""The CHGNet adapter against upstream ``chgnet`` (``CHGNetCalculator``), single process.
+
+One pretrained model is loaded per module; the upstream reference of each structure is computed
+once; each (P, partitioner) calculator is started once and evaluates every structure.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from ase import Atoms, units
+from ase.build import bulk, fcc111, molecule
+
+pytest.importorskip("chgnet")
+
+from distmlip import DistributedCalculator  # noqa: E402
+from distmlip.models import resolve_model  # noqa: E402
+from distmlip.models.chgnet import CHGNetAdapter, build_bond_graph  # noqa: E402
+
+GPA = units.GPa  # eV/Å³ per GPa
+
+TOLERANCES = {
+    # energy eV/atom, forces eV/Å (max abs), stress GPa, magmoms μB
+    "float32": dict(energy=1e-5, forces=2e-4, stress=1e-3, magmoms=1e-4),
+    "float64": dict(energy=1e-9, forces=1e-8, stress=1e-8, magmoms=1e-9),
+}
+
+
+def crystal() -> Atoms:
+    """Rock-salt MgO 2×2×2 conventional (64 atoms) with Fe, Ni, Li on Mg sites and F on O."""
+    atoms = bulk("MgO", "rocksalt", a=4.21, cubic=True).repeat(2)
+    atoms.numbers[[0, 10, 20]] = [26, 28, 3]
+    atoms.numbers[[1, 33]] = [9, 9]
+    atoms.rattle(0.03, seed=11)
+    return atoms
+
+
+def small_cell() -> Atoms:
+    """fcc Cu primitive ×(1,1,4): 4 atoms, two 2.55 Å lattice vectors (< 2×6 Å and < 3 Å, so
+    atoms bond to their own periodic images in both the atom and the bond graph)."""
+    atoms = bulk("Cu", "fcc", a=3.61).repeat((1, 1, 4))
+    atoms.numbers[1] = 30
+    atoms.rattle(0.05, seed=12)
+    return atoms
+
+
+def silicon_cell() -> Atoms:
+    """Strained cubic Si, 8 atoms in a 5.4 Å cell, Ge substituted."""
+    atoms = bulk("Si", "diamond", a=5.43, cubic=True)
+    atoms.set_cell(
+        atoms.cell.array @ np.array([[1.02, 0.03, 0], [0, 0.99, 0.02], [0, 0, 1.0]]),
+        scale_atoms=True,
+    )
+    atoms.numbers[3] = 32
+    atoms.rattle(0.05, seed=13)
+    return atoms
+
+
+def slab() -> Atoms:
+    """Pt(111) 3×3×3 slab with 8 Å vacuum and an O adatom, pbc (True, True, False)."""
+    atoms = fcc111("Pt", size=(3, 3, 3), vacuum=8.0)
+    top = atoms.positions[atoms.positions[:, 2].argmax()]
+    atoms += Atoms("O", positions=[top + [0.0, 0.0, 1.9]])
+    atoms.rattle(0.03, seed=14)
+    return atoms
+
+
+def rattled() -> Atoms:
+    """SrTiO3 2×2×2 (40 atoms), strongly rattled."""
+    atoms = Atoms(
+        "SrTiO3",
+        scaled_positions=[[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
+        cell=np.eye(3) * 3.905,
+        pbc=True,
+    ).repeat(2)
+    atoms.rattle(0.15, seed=15)
+    return atoms
+
+
+def cluster() -> Atoms:
+    """Ethanol plus a lone O atom 9 Å away (an isolated atom), no periodicity."""
+    atoms = molecule("CH3CH2OH")
+    atoms += Atoms("O", positions=[[9.0, 0.0, 0.0]])
+    atoms.center(vacuum=7.0)
+    atoms.pbc = False
+    return atoms
+
+
+FLOAT64_STRUCTURES = ("crystal", "small_cell", "slab", "cluster")
+
+STRUCTURES = {
+    "crystal": crystal,
+    "small_cell": small_cell,
+    "silicon_cell": silicon_cell,
+    "slab": slab,
+    "rattled": rattled,
+    "cluster": cluster,
+}
+
+
+def _upstream(chgnet_model, atoms: Atoms) -> dict:
+    from chgnet.model.dynamics import CHGNetCalculator
+
+    atoms = atoms.copy()
+    atoms.calc = CHGNetCalculator(chgnet_model, use_device="cpu", on_isolated_atoms="ignore")
+    return {
+        "energy": atoms.get_potential_energy(),
+        "forces": atoms.get_forces(),
+        "stress": atoms.get_stress(),
+        "magmoms": atoms.get_magnetic_moments(),
+    }
+
+
+@pytest.fixture(scope="module")
+def adapter() -> CHGNetAdapter:
+    return resolve_model("chgnet")
+
+
+@pytest.fixture(scope="module")
+def upstream32(adapter) -> dict:
+    return {name: _upstream(adapter.model, build()) for name, build in STRUCTURES.items()}
+
+
+@pytest.fixture(scope="module")
+def upstream64(adapter) -> dict:
+    """Upstream CHGNet in float64: the model, its graph geometry and its AtomRef in float64."""
+    import torch
+    from chgnet.graph import converter
+    from chgnet.model import model as model_module
+
+    model = copy.deepcopy(adapter.model).double()
+    composition = model.composition_model
+
+    def composition_features(graphs):  # upstream casts these to float32
+        rows = []
+        for graph in graphs:
+            counts = torch.bincount(graph.atomic_number - 1, minlength=composition.max_num_elements)
+            rows.append(counts.double() / (len(graph.atomic_number) if model.is_intensive else 1))
+        return torch.stack(rows)
+
+    composition._assemble_graphs = composition_features
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(converter, "TORCH_DTYPE", torch.float64)
+        patch.setattr(model_module, "TORCH_DTYPE", torch.float64)
+        return {name: _upstream(model, STRUCTURES[name]()) for name in FLOAT64_STRUCTURES}
+
+
+def _compare(calc, reference: dict, dtype: str) -> None:
+    tolerance = TOLERANCES[dtype]
+    for name in reference:
+        atoms = STRUCTURES[name]()
+        atoms.calc = calc
+        expected = reference[name]
+        n = len(atoms)
+        errors = {
+            "energy": abs(atoms.get_potential_energy() - expected["energy"]) / n,
+            "forces": np.abs(atoms.get_forces() - expected["forces"]).max(),
+            "stress": np.abs(atoms.get_stress() - expected["stress"]).max() / GPA,
+            "magmoms": np.abs(atoms.get_magnetic_moments() - expected["magmoms"]).max(),
+        }
+        for key, error in errors.items():
+            assert error < tolerance[key], f"{name}: {key} error {error:.3g} ≥ {tolerance[key]}"
+
+
+@pytest.mark.parametrize("partitioner", ["slab", "rcb", "metis"])
+@pytest.mark.parametrize("nprocs", [2, 3, 4])
+def test_float32_matches_upstream(adapter, upstream32, nprocs, partitioner):
+    with DistributedCalculator(
+        adapter, nprocs=nprocs, partitioner=partitioner, dtype="float32"
+    ) as calc:
+        _compare(calc, upstream32, "float32")
+
+
+@pytest.mark.parametrize(("nprocs", "partitioner"), [(1, "slab"), (4, "metis")])
+def test_float64_matches_upstream(adapter, upstream64, nprocs, partitioner):
+    with DistributedCalculator(
+        adapter, nprocs=nprocs, partitioner=partitioner, dtype="float64"
+    ) as calc:
+        _compare(calc, upstream64, "float64")
+
+
+def test_chgnet_020_with_bond_bias():
+    """0.2.0 has a bias in the bond ``mlp_out``: long bonds change too, exercising that path."""
+    adapter = resolve_model("chgnet-0.2.0")
+    assert adapter.version == "0.2.0"
+    reference = {name: _upstream(adapter.model, STRUCTURES[name]()) for name in ("crystal", "slab")}
+    with DistributedCalculator(adapter, nprocs=2, partitioner="rcb", dtype="float32") as calc:
+        for name, expected in reference.items():
+            atoms = STRUCTURES[name]()
+            atoms.calc = calc
+            assert abs(atoms.get_potential_energy() - expected["energy"]) / len(atoms) < 1e-5
+            assert np.abs(atoms.get_forces() - expected["forces"]).max() < 2e-4
+
+
+def test_unknown_element_raises(adapter):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.numbers[0] = 95  # Am: CHGNet knows Z = 1..94
+    assert adapter.supported_numbers == frozenset(range(1, 95))
+    with DistributedCalculator(adapter, nprocs=1) as calc:
+        atoms.calc = calc
+        with pytest.raises(ValueError, match="Am"):
+            atoms.get_potential_energy()
+
+
+def test_resolve_model_names(adapter):
+    import chgnet.model
+
+    assert isinstance(adapter, CHGNetAdapter) and adapter.version == "0.3.0"
+    assert adapter.cutoff == 6.0 and adapter.bond_cutoff == 3.0
+    assert isinstance(resolve_model(adapter.model), CHGNetAdapter)
+    assert isinstance(adapter.model, chgnet.model.CHGNet)
+    with pytest.raises(ValueError, match="model_name"):
+        resolve_model("chgnet-9.9.9")
+
+
+def test_bond_graph_single_worker_counts_match_upstream(adapter):
+    """With one worker the local bond graph is the whole bond graph: same bonds and angles as
+    CHGNet's own graph converter (self-image bonds included)."""
+    import torch
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from distmlip.comm import Communicator
+    from distmlip.engine import graph_inputs
+    from distmlip.graph import Structure
+    from distmlip.halo import build_all_local_graphs
+
+    for name in ("small_cell", "crystal", "slab"):
+        atoms = STRUCTURES[name]()
+        structure = Structure.from_ase(atoms)
+        (graph,) = build_all_local_graphs(
+            structure, np.zeros(len(atoms), dtype=np.int64), 1, adapter.cutoff
+        )
+        inputs = graph_inputs(graph, structure, torch.float64, torch.device("cpu"))
+        inputs.comm = Communicator(0, 1, torch.device("cpu"))
+        bonds = build_bond_graph(inputs, adapter.bond_cutoff)
+        upstream = adapter.model.graph_converter(AseAtomsAdaptor.get_structure(atoms))
+        assert len(graph.edges) == len(upstream.atom_graph), name
+        assert len(bonds.angle_center) == len(upstream.bond_graph), name
+        n_short_upstream = len(np.unique(upstream.bond_graph[:, 1].numpy()))
+        assert bonds.n_short >= n_short_upstream, name  # bonds without partners have no angle
+        assert bonds.plan.n_owned == bonds.n_short
