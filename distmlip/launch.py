@@ -22,6 +22,7 @@ import ctypes
 import datetime
 import os
 import pickle
+import resource
 import signal
 import socket
 import subprocess
@@ -137,6 +138,8 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
             graph_time = time.perf_counter() - start
             result = evaluate(model, graph, structure, comm, dtype, device, compute_forces)
             result.timings = {"graph": graph_time, **result.timings}
+            # ru_maxrss is in KiB on Linux: the worker's high-water mark since it started.
+            result.stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             connection.send(("ok", result))
         except Exception:
             connection.send(("error", traceback.format_exc()))

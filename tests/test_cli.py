@@ -24,3 +24,15 @@ def test_predict_table_and_errors(capsys, tmp_path):
     path.write_text("1\n\nCu 0 0 0\n")
     assert main(["predict", "--structure", str(path), "--nprocs", "2"]) == 2
     assert "larger than the number of atoms" in capsys.readouterr().err
+
+
+def test_demo_json_runs_md_and_compares_with_single_process(capsys):
+    argv = ["demo", "--model", "reference", "--size", "3", "--steps", "3", "--json"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["atoms"] == 135 and len(report["steps"]) == 3
+    assert all(100 < step["temperature_K"] < 600 for step in report["steps"])
+    # float32 distributed vs float32 single process: round-off only.
+    assert report["energy_diff_eV_per_atom"] < 1e-5
+    assert report["max_force_diff_eV_per_A"] < 1e-4
+    assert all(memory > 0 for memory in report["worker_peak_rss_mb"])
