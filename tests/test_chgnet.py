@@ -79,6 +79,14 @@ def rattled() -> Atoms:
     return atoms
 
 
+def sparse() -> Atoms:
+    """Simple cubic Cu at 3.2 Å: no bond shorter than 3 Å, so no angle anywhere."""
+    atoms = Atoms("Cu", cell=np.eye(3) * 3.2, pbc=True).repeat(2)
+    atoms.numbers[0] = 29
+    atoms.rattle(0.02, seed=16)
+    return atoms
+
+
 def cluster() -> Atoms:
     """Ethanol plus a lone O atom 9 Å away (an isolated atom), no periodicity."""
     atoms = molecule("CH3CH2OH")
@@ -182,13 +190,15 @@ def test_float64_matches_upstream(adapter, upstream64, nprocs, partitioner):
 
 
 def test_chgnet_020_with_bond_bias():
-    """0.2.0 has a bias in the bond ``mlp_out``: long bonds change too, exercising that path."""
+    """0.2.0 has a bias in the bond ``mlp_out``: long bonds change too, exercising that path,
+    and upstream skips bond updates when a structure has no angle at all (``sparse``)."""
     adapter = resolve_model("chgnet-0.2.0")
     assert adapter.version == "0.2.0"
-    reference = {name: _upstream(adapter.model, STRUCTURES[name]()) for name in ("crystal", "slab")}
+    structures = {"crystal": crystal, "slab": slab, "sparse": sparse}
+    reference = {name: _upstream(adapter.model, build()) for name, build in structures.items()}
     with DistributedCalculator(adapter, nprocs=2, partitioner="rcb", dtype="float32") as calc:
         for name, expected in reference.items():
-            atoms = STRUCTURES[name]()
+            atoms = structures[name]()
             atoms.calc = calc
             assert abs(atoms.get_potential_energy() - expected["energy"]) / len(atoms) < 1e-5
             assert np.abs(atoms.get_forces() - expected["forces"]).max() < 2e-4

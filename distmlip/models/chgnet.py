@@ -250,7 +250,8 @@ class CHGNetAdapter(DistributedModel):
     def _reference_energies(self, numbers: torch.Tensor) -> torch.Tensor:
         composition = self.model.composition_model
         if composition is None:
-            return torch.zeros(numbers.shape, dtype=self.model.site_wise.weight.dtype)
+            weight = self.model.site_wise.weight
+            return torch.zeros(numbers.shape, dtype=weight.dtype, device=weight.device)
         return composition.fc.weight[0, numbers - 1]
 
     def _bond_tail(self, layer, aggregated: torch.Tensor, bonds: torch.Tensor) -> torch.Tensor:
