@@ -153,16 +153,19 @@ class Communicator:
             self.outputs.append(owned)
         return owned
 
-    def sum_int(self, value: int) -> int:
-        """Sum of an integer over all ranks (a blocking all-reduce with the timeout)."""
+    def allreduce_int(self, value: int, op: str = "sum") -> int:
+        """``op`` ("sum" or "max") of an integer over all ranks (blocking, with the timeout)."""
+        if op not in ("sum", "max"):
+            raise ValueError(f"op must be 'sum' or 'max', got {op!r}")
         if self.world_size == 1:
             return int(value)
         total = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
         try:
-            work = dist.all_reduce(total, async_op=True)
+            work = dist.all_reduce(total, op=reduce_op, async_op=True)
             work.wait(datetime.timedelta(seconds=self.timeout))
         except Exception as error:
-            raise CommunicationError(f"all-reduce of a count failed: {error}") from error
+            raise CommunicationError(f"all-reduce of an integer failed: {error}") from error
         return int(total.item())
 
     def exchange_requests(self, requests: list[np.ndarray]) -> list[np.ndarray]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,30 +88,12 @@ class BondGraph:
     plan: HaloPlan
 
 
-def _shift_bound(structure, cutoff: float) -> np.ndarray:
-    """(3,) an upper bound of |image shift| of any pair within ``cutoff``, same on every rank."""
-    bound = np.zeros(3, dtype=np.int64)
-    pbc = np.asarray(structure.pbc, dtype=bool)
-    if not pbc.any():
-        return bound
-    cell = structure.cell
-    volume = abs(np.linalg.det(cell))
-    if volume <= 0:
-        return np.where(pbc, 1 << 10, 0)
-    fractional = structure.positions @ np.linalg.inv(cell)
-    for axis in np.flatnonzero(pbc):
-        others = [k for k in range(3) if k != axis]
-        width = volume / np.linalg.norm(np.cross(cell[others[0]], cell[others[1]]))
-        span = fractional[:, axis].max() - fractional[:, axis].min()
-        bound[axis] = int(math.ceil(span + cutoff / width)) + 1
-    return bound
-
-
-def _bond_keys(structure, receivers_g, senders_g, shifts, cutoff: float):
+def _bond_keys(n_atoms: int, receivers_g, senders_g, shifts, comm):
     """Global int64 key of each undirected bond and whether the edge is its canonical direction.
 
     The canonical direction of bond {a, b, S} has receiver min(a, b); for a self-image bond
-    (a = b) the one whose shift's first non-zero component is positive.
+    (a = b) the one whose shift's first non-zero component is positive. The key packs
+    (min end, max end, canonical shift) with a shift range agreed by all ranks (collective).
     """
     nonzero = shifts != 0
     first = np.argmax(nonzero, axis=1)
@@ -121,16 +102,17 @@ def _bond_keys(structure, receivers_g, senders_g, shifts, cutoff: float):
     low = np.where(flip, senders_g, receivers_g)
     high = np.where(flip, receivers_g, senders_g)
     canonical_shift = np.where(flip[:, None], -shifts, shifts)
-    bound = _shift_bound(structure, cutoff)
-    if len(shifts) and np.any(np.abs(canonical_shift) > bound):
-        raise RuntimeError("bond image shift out of the expected range")
+    local_bound = int(np.abs(canonical_shift).max()) if len(shifts) else 0
+    bound = comm.allreduce_int(local_bound, "max")
     base = 2 * bound + 1
-    n = structure.n_atoms
-    if float(n) * n * float(np.prod(base)) >= 2.0**62:
-        raise ValueError("system too large to key CHGNet bonds in int64")
-    code = (canonical_shift[:, 0] + bound[0]) * base[1] + (canonical_shift[:, 1] + bound[1])
-    code = code * base[2] + (canonical_shift[:, 2] + bound[2])
-    return (low * n + high) * int(np.prod(base)) + code, flip
+    n = int(n_atoms)
+    if float(n) * n * float(base) ** 3 >= 2.0**62:
+        raise ValueError(
+            f"cannot key the CHGNet bonds of {n} atoms with image shifts up to {bound} in int64"
+        )
+    code = ((canonical_shift[:, 0] + bound) * base + canonical_shift[:, 1] + bound) * base
+    code = code + canonical_shift[:, 2] + bound
+    return (low * n + high) * base**3 + code, flip
 
 
 def build_bond_graph(inputs: GraphInputs, bond_cutoff: float) -> BondGraph:
@@ -149,11 +131,11 @@ def build_bond_graph(inputs: GraphInputs, bond_cutoff: float) -> BondGraph:
 
     short_edges = np.flatnonzero(short)
     keys, flip = _bond_keys(
-        structure,
+        structure.n_atoms,
         gidx[edges.receivers[short_edges]],
         gidx[edges.senders[short_edges]],
-        edges.shifts[short_edges],
-        bond_cutoff,
+        edges.shifts[short_edges].astype(np.int64),
+        comm,
     )
     local_owner = np.concatenate(
         [np.full(graph.n_owned, rank, dtype=np.int64), graph.halo_owner.astype(np.int64)]
@@ -282,7 +264,7 @@ class CHGNetAdapter(DistributedModel):
         bond_graph = torch.stack([angle_center, angle_i, angle_j], dim=1)
         atom_graph = torch.stack([inputs.receivers, inputs.senders], dim=1)
         # Upstream skips bond and angle updates when the whole structure has no angle.
-        has_angles = comm.sum_int(len(bonds.angle_center)) > 0
+        has_angles = comm.allreduce_int(len(bonds.angle_center)) > 0
 
         # Geometry, from the edge vectors only. CHGNet's bond vector is centre − neighbour,
         # i.e. −v; angles use unit vectors (the sign cancels in the cosine, kept for clarity).
