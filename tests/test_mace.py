@@ -1,0 +1,340 @@
+"""MACE adapter vs upstream ``mace.calculators.MACECalculator`` (single process).
+
+Random-weight models of several shapes are saved with ``torch.save`` and loaded back through
+their path, by both calculators. Float64: relative error ≤ 1e-9 on energy, per-atom energies,
+forces and stress; float32: forces within 1e-4 eV/Å of upstream float32.
+
+Cost control (CI has 2 cores): one model shape runs the full P × partitioner matrix, the other
+shapes run at P = 2 only; at most one DistributedCalculator is alive at a time.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("mace")
+
+import mace  # noqa: E402, F401  (before e3nn)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from ase import Atoms  # noqa: E402
+from ase.build import bulk, molecule  # noqa: E402
+
+from conftest import cluster, small_cell, surface_slab  # noqa: E402
+from distmlip import DistributedCalculator  # noqa: E402
+from distmlip.models import resolve_model  # noqa: E402
+from distmlip.models.mace import MACEAdapter, load_mace_model  # noqa: E402
+
+RTOL64 = 1e-9
+FORCE_ATOL32 = 1e-4
+ELEMENTS = (1, 6, 8, 28, 29, 47, 79)
+R_MAX = 5.0
+
+
+def crystal() -> Atoms:
+    """A strained, sheared Cu/Ni/Ag fcc crystal, 4×4×2 primitive cells (32 atoms), rattled."""
+    atoms = bulk("Cu", "fcc", a=3.61).repeat((4, 4, 2))
+    strain = np.array([[1.03, 0.08, -0.05], [0.02, 0.97, 0.11], [0.06, -0.04, 1.02]])
+    atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+    atoms.numbers[::3] = 47
+    atoms.numbers[1::5] = 28
+    atoms.rattle(0.1, seed=2)
+    return atoms
+
+
+def slab() -> Atoms:
+    """Cu(111) 3×3×5 slab with Au on top and 8 Å vacuum, pbc (True, True, False)."""
+    return surface_slab()
+
+
+def organic_molecule() -> Atoms:
+    """Ethanol + benzene, 21 atoms, no cell, no periodicity."""
+    atoms = molecule("CH3CH2OH")
+    benzene = molecule("C6H6")
+    benzene.translate([4.0, 0.5, 0.0])
+    atoms += benzene
+    atoms.rattle(0.02, seed=7)
+    return atoms
+
+
+STRUCTURES = {
+    "crystal": crystal,
+    "small_cell": small_cell,  # 16 atoms, the 5 Å cutoff exceeds half the cell
+    "slab": slab,
+    "cluster": cluster,  # 55-atom Cu icosahedron, non-periodic, in a box
+    "molecule": organic_molecule,
+}
+
+# name → (interaction block, num_interactions, correlation, max_ell, hidden irreps, extras)
+SHAPES = {
+    "residual_2x_L1_c3": (
+        "RealAgnosticResidualInteractionBlock",
+        2,
+        3,
+        2,
+        "16x0e+16x1o",
+        {"pair_repulsion": True},
+    ),
+    "plain_1x_L0_c1": ("RealAgnosticInteractionBlock", 1, 1, 1, "16x0e", {}),
+    "residual_3x_L2_c2": ("RealAgnosticResidualInteractionBlock", 3, 2, 2, "8x0e+8x1o+8x2e", {}),
+    "nonlinear_2x_L1_c2": (
+        "RealAgnosticResidualNonLinearInteractionBlock",
+        2,
+        2,
+        2,
+        "16x0e+16x1o",
+        {},
+    ),
+    "density_2x_L1_c3_unscaled": (
+        "RealAgnosticDensityResidualInteractionBlock",
+        2,
+        3,
+        1,
+        "8x0e+8x1o",
+        {"scale_shift": False},
+    ),
+}
+
+
+def build_model(shape: str, seed: int = 0):
+    """A seeded random-weight ScaleShiftMACE (or MACE) of the given shape, float64."""
+    from e3nn import o3
+    from mace import modules
+
+    block, layers, correlation, max_ell, hidden, extras = SHAPES[shape]
+    extras = dict(extras)
+    scale_shift = extras.pop("scale_shift", True)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            kwargs = dict(
+                r_max=R_MAX,
+                num_bessel=6,
+                num_polynomial_cutoff=5,
+                max_ell=max_ell,
+                interaction_cls=modules.interaction_classes[block],
+                interaction_cls_first=modules.interaction_classes[block],
+                num_interactions=layers,
+                num_elements=len(ELEMENTS),
+                hidden_irreps=o3.Irreps(hidden),
+                MLP_irreps=o3.Irreps("8x0e"),
+                atomic_energies=-np.linspace(0.5, 4.0, len(ELEMENTS)),
+                avg_num_neighbors=12.0,
+                atomic_numbers=list(ELEMENTS),
+                correlation=correlation,
+                gate=torch.nn.functional.silu,
+                radial_MLP=[16, 16],
+                **extras,
+            )
+            if scale_shift:
+                return modules.ScaleShiftMACE(
+                    atomic_inter_scale=1.7, atomic_inter_shift=-0.3, **kwargs
+                )
+            return modules.MACE(**kwargs)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def mace_volume(atoms: Atoms) -> float:
+    """The volume MACECalculator divides its virial by.
+
+    MACE's neighbour list replaces the cell vector of every non-periodic axis by
+    (max|x| + 1)·5·r_max·ê (``mace.data.neighborhood.get_neighborhood``), and its stress uses
+    that cell; distmlip divides by the volume of ``atoms.cell`` (ASE's convention, equal to a
+    finite-difference strain derivative). Both agree where the cell is fully periodic.
+    """
+    cell = atoms.cell.array.copy()
+    length = (np.abs(atoms.positions).max() + 1) * 5 * R_MAX
+    for axis in range(3):
+        if not atoms.pbc[axis]:
+            cell[axis] = 0.0
+            cell[axis, axis] = length
+    return abs(np.linalg.det(cell))
+
+
+def upstream(path: str, dtype: str) -> dict:
+    """MACECalculator results for every structure (energy, energies, forces, virial σ·V)."""
+    from mace.calculators import MACECalculator
+
+    calc = MACECalculator(model_paths=path, device="cpu", default_dtype=dtype)
+    results = {}
+    for name, make in STRUCTURES.items():
+        atoms = make()
+        atoms.calc = calc
+        result = {
+            "energy": np.array(atoms.get_potential_energy()),
+            "forces": atoms.get_forces().copy(),
+            "energies": np.array(calc.results["energies"], copy=True),
+        }
+        if atoms.cell.volume > 0:
+            result["virial"] = atoms.get_stress(voigt=False) * mace_volume(atoms)
+        results[name] = result
+    return results
+
+
+def distributed(calc: DistributedCalculator, make) -> dict:
+    atoms = make()
+    atoms.calc = calc
+    properties = ["energy", "forces", "energies"]
+    if atoms.cell.volume > 0:
+        properties.append("stress")
+    calc.calculate(atoms, properties)
+    result = {
+        "energy": np.array(calc.results["energy"]),
+        "forces": np.array(calc.results["forces"], copy=True),
+        "energies": np.array(calc.results["energies"], copy=True),
+    }
+    if "stress" in properties:
+        from ase.stress import voigt_6_to_full_3x3_stress
+
+        result["virial"] = voigt_6_to_full_3x3_stress(calc.results["stress"]) * atoms.cell.volume
+    return result
+
+
+def relative_error(value, reference) -> float:
+    value, reference = np.asarray(value), np.asarray(reference)
+    return float(np.abs(value - reference).max() / max(np.abs(reference).max(), 1e-300))
+
+
+class Models:
+    """Model files on disk, upstream results per (shape, dtype), and one live calculator."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.paths: dict[str, str] = {}
+        self.reference: dict[tuple[str, str], dict] = {}
+        self.key = None
+        self.calc = None
+
+    def path(self, shape: str) -> str:
+        if shape not in self.paths:
+            path = self.directory / f"{shape}.model"
+            torch.save(build_model(shape), path)
+            self.paths[shape] = str(path)
+        return self.paths[shape]
+
+    def upstream(self, shape: str, dtype: str = "float64") -> dict:
+        if (shape, dtype) not in self.reference:
+            self.reference[shape, dtype] = upstream(self.path(shape), dtype)
+        return self.reference[shape, dtype]
+
+    def calculator(self, shape, nprocs, partitioner="slab", dtype="float64"):
+        key = (shape, nprocs, partitioner, dtype)
+        if key != self.key:
+            self.close()
+            self.calc = DistributedCalculator(
+                self.path(shape), nprocs=nprocs, partitioner=partitioner, dtype=dtype, timeout=120
+            )
+            self.key = key
+        return self.calc
+
+    def close(self):
+        if self.calc is not None:
+            self.calc.close()
+        self.calc, self.key = None, None
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    cache = Models(tmp_path_factory.mktemp("mace_models"))
+    yield cache
+    cache.close()
+
+
+def check_float64(calc, reference, label: str) -> None:
+    for name, make in STRUCTURES.items():
+        got = distributed(calc, make)
+        expected = reference[name]
+        assert set(got) == set(expected), name
+        for key in expected:
+            error = relative_error(got[key], expected[key])
+            assert error <= RTOL64, f"{label} {name}: {key} relative error {error:.2e}"
+        assert sum(s["owned_atoms"] for s in calc.last_stats) == len(make())
+
+
+@pytest.mark.parametrize("partitioner", ["slab", "rcb"])
+@pytest.mark.parametrize("nprocs", [2, 3, 4])
+def test_float64_matches_upstream(models, nprocs, partitioner):
+    shape = "residual_2x_L1_c3"
+    calc = models.calculator(shape, nprocs, partitioner)
+    check_float64(calc, models.upstream(shape), f"{shape} P={nprocs} {partitioner}")
+    if nprocs > 1:
+        # Zero redundancy with real halos: every worker owns atoms and exchanged features.
+        stats = calc.last_stats
+        assert all(s["exchanges"] > 0 for s in stats)
+
+
+@pytest.mark.parametrize(
+    "shape", ["plain_1x_L0_c1", "residual_3x_L2_c2", "nonlinear_2x_L1_c2", "density_2x_L1_c3_unscaled"]
+)
+def test_other_shapes_float64(models, shape):
+    calc = models.calculator(shape, 2, "rcb")
+    check_float64(calc, models.upstream(shape), f"{shape} P=2 rcb")
+
+
+@pytest.mark.parametrize("nprocs, partitioner", [(2, "slab"), (3, "rcb")])
+def test_float32_forces(models, nprocs, partitioner):
+    shape = "residual_2x_L1_c3"
+    reference = models.upstream(shape, "float32")
+    calc = models.calculator(shape, nprocs, partitioner, "float32")
+    for name, make in STRUCTURES.items():
+        got = distributed(calc, make)
+        expected = reference[name]
+        force_error = np.abs(got["forces"] - expected["forces"]).max()
+        assert force_error <= FORCE_ATOL32, f"{name}: float32 force error {force_error:.2e} eV/Å"
+        energy_error = abs(float(got["energy"]) - float(expected["energy"]))
+        assert energy_error <= 1e-5 * len(make()), f"{name}: float32 energy error {energy_error}"
+
+
+def test_model_instance_and_path_are_equivalent(models):
+    """resolve_model accepts the model object, a str path and a Path; all give MACEAdapter."""
+    from pathlib import Path
+
+    path = models.path("plain_1x_L0_c1")
+    model = load_mace_model(path)
+    for source in (model, path, Path(path)):
+        adapter = resolve_model(source)
+        assert isinstance(adapter, MACEAdapter)
+        assert adapter.cutoff == pytest.approx(R_MAX)
+        assert adapter.supported_numbers == frozenset(ELEMENTS)
+
+
+def test_unknown_element_is_a_clear_error(models):
+    calc = models.calculator("residual_2x_L1_c3", 2, "rcb")
+    atoms = small_cell()
+    atoms.numbers[0] = 26  # Fe: not in the model
+    atoms.calc = calc
+    with pytest.raises(ValueError, match="Fe"):
+        atoms.get_potential_energy()
+
+
+def test_missing_model_file(tmp_path):
+    missing = tmp_path / "nowhere.model"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model(str(missing))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DistributedCalculator(missing, nprocs=2)
+
+
+def test_not_a_mace_file(tmp_path):
+    text = tmp_path / "notes.model"
+    text.write_text("not a model")
+    with pytest.raises(ValueError, match="not a MACE model"):
+        resolve_model(str(text))
+    other = tmp_path / "linear.pt"
+    torch.save(torch.nn.Linear(2, 2), other)
+    with pytest.raises(ValueError, match="not a MACE energy model"):
+        resolve_model(other)
+    state = tmp_path / "state.pt"
+    torch.save({"weight": torch.zeros(2)}, state)
+    with pytest.raises(ValueError, match="dict"):
+        resolve_model(state)
+
+
+def test_head_selection(models):
+    model = load_mace_model(models.path("plain_1x_L0_c1"))
+    assert MACEAdapter(model).head == "Default"
+    with pytest.raises(ValueError, match="no head"):
+        MACEAdapter(model, head="mp_pbe")
