@@ -30,7 +30,7 @@ def test_demo_json_runs_md_and_compares_with_single_process(capsys):
     argv = ["demo", "--model", "reference", "--size", "3", "--steps", "3", "--json"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["atoms"] == 135 and len(report["steps"]) == 3
+    assert report["atoms"] == 216 and len(report["steps"]) == 3
     assert all(100 < step["temperature_K"] < 600 for step in report["steps"])
     # float32 distributed vs float32 single process: round-off only.
     assert report["energy_diff_eV_per_atom"] < 1e-5
