@@ -17,6 +17,7 @@ from distmlip.validate import validate_structure
 __all__ = ["DistributedCalculator", "assemble"]
 
 _DTYPES = ("float32", "float64")
+HALO_MODES = ("exchange", "ghost")
 
 
 def assemble(results: list, n_atoms: int, volume: float) -> dict:
@@ -26,7 +27,7 @@ def assemble(results: list, n_atoms: int, volume: float) -> dict:
     for result in results:
         energies[result.global_index] = result.energies
         if result.forces is not None:
-            forces[result.global_index] = result.forces
+            np.add.at(forces, result.force_index, result.forces)
     energy = float(sum(result.energy for result in results))
     properties = {"energy": energy, "free_energy": energy, "energies": energies}
     for name, first in results[0].site_properties.items():
@@ -55,6 +56,10 @@ class DistributedCalculator(Calculator):
         dtype: ``"float64"`` (exact comparisons) or ``"float32"``.
         timeout: seconds before a stuck or dead worker raises instead of hanging.
         threads_per_worker: torch threads per worker (default: cores // nprocs).
+        halo: ``"exchange"`` (default): zero redundancy, halo features exchanged after every
+            layer; ``"ghost"``: the conventional spatial-decomposition baseline, each worker
+            recomputes ``num_layers`` hops of ghost atoms and exchanges nothing (for
+            benchmarks; results are identical).
 
     Properties: ``energy``, ``free_energy``, ``energies`` (eV), ``forces`` (eV/Å) and ``stress``
     (eV/Å³, Voigt xx yy zz yz xz xy; needs a cell of nonzero volume). After each call
@@ -74,10 +79,13 @@ class DistributedCalculator(Calculator):
         dtype: str = "float64",
         timeout: float = 600.0,
         threads_per_worker: int | None = None,
+        halo: str = "exchange",
         **kwargs,
     ):
         super().__init__(**kwargs)
         check_partitioner(partitioner)
+        if halo not in HALO_MODES:
+            raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
         if device not in ("cpu", "cuda"):
@@ -90,6 +98,12 @@ class DistributedCalculator(Calculator):
         if int(nprocs) < 1:
             raise ValueError(f"nprocs must be at least 1, got {nprocs}")
         self.model = resolve_model(model)
+        if halo == "ghost" and not self.model.num_layers:
+            raise ValueError(
+                f"halo='ghost' needs the model's number of message-passing layers, which "
+                f"{type(self.model).__name__} does not declare; use halo='exchange'"
+            )
+        self.halo = halo
         # Models may add per-atom outputs (CHGNet: "magmoms"); ASE only serves listed names.
         self.implemented_properties = list(type(self).implemented_properties) + [
             name
@@ -116,7 +130,7 @@ class DistributedCalculator(Calculator):
         start = time.perf_counter()
         owner = partition(structure, self.nprocs, self.partitioner, self.model.cutoff)
         partition_time = time.perf_counter() - start
-        results = self.pool.evaluate(structure, owner, compute_forces=forces)
+        results = self.pool.evaluate(structure, owner, compute_forces=forces, halo=self.halo)
         self.last_timings = [{"partition": partition_time, **r.timings} for r in results]
         self.last_stats = [r.stats for r in results]
         return assemble(results, structure.n_atoms, structure.volume)

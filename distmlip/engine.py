@@ -35,7 +35,10 @@ class WorkerResult:
         global_index: (n_owned,) global indices of the owned atoms.
         energy: Σ of owned per-atom energies, eV.
         energies: (n_owned,) per-atom energies, eV.
-        forces: (n_owned, 3) eV/Å, or None.
+        forces: (k, 3) eV/Å, contributions to the atoms ``force_index``, or None. With halo
+            exchange these are the owned atoms' total forces; in the ghost baseline they include
+            partial forces on ghost atoms, which the driver adds to their owners'.
+        force_index: (k,) global atom index of each ``forces`` row.
         virial: (3, 3) Σ_e g_e ⊗ v_e over local edges, eV (symmetrised by the caller), or None.
         timings: seconds spent per phase.
         stats: sizes (atoms, halo, edges, bytes exchanged).
@@ -47,6 +50,7 @@ class WorkerResult:
     energy: float
     energies: np.ndarray
     forces: np.ndarray | None
+    force_index: np.ndarray | None
     virial: np.ndarray | None
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
@@ -68,7 +72,7 @@ def graph_inputs(
         vectors=torch.as_tensor(vectors, dtype=dtype, device=device),
         receivers=torch.as_tensor(edges.receivers, device=device),
         senders=torch.as_tensor(edges.senders, device=device),
-        n_owned=graph.n_owned,
+        n_owned=graph.n_computed,
         graph=graph,
         structure=structure,
     )
@@ -95,19 +99,27 @@ def evaluate(
     def exchange(owned: torch.Tensor) -> torch.Tensor:
         return comm.exchange(owned, plan)
 
+    def ghost_rows(computed: torch.Tensor) -> torch.Tensor:
+        # Ghost baseline: nothing to fetch. The outermost ghosts only ever matter through their
+        # species (layer 0); at later layers they feed nodes whose features are already
+        # out of their exact range, so zeros serve.
+        outer = computed.new_zeros((graph.n_local - graph.n_computed, *computed.shape[1:]))
+        return torch.cat([computed, outer])
+
     timings["inputs"] = time.perf_counter() - start
 
     start = time.perf_counter()
     with torch.set_grad_enabled(compute_forces):
-        energies = model(inputs, exchange)
-        if energies.shape != (graph.n_owned,):
+        energies = model(inputs, ghost_rows if graph.ghost else exchange)
+        if energies.shape != (graph.n_computed,):
             raise RuntimeError(
                 f"{type(model).__name__} returned energies of shape {tuple(energies.shape)}, "
-                f"expected ({graph.n_owned},)"
+                f"expected ({graph.n_computed},)"
             )
+        energies = energies[: graph.n_owned]
         energy = energies.sum()
     site_properties = {
-        name: value.detach().double().cpu().numpy()
+        name: value[: graph.n_owned].detach().double().cpu().numpy()
         for name, value in (getattr(model, "last_site_properties", None) or {}).items()
     }
     timings["forward"] = time.perf_counter() - start
@@ -132,19 +144,24 @@ def evaluate(
         gradient = edge_gradients.new_zeros((graph.n_local, 3))
         gradient.index_add_(0, inputs.senders, edge_gradients)
         gradient.index_add_(0, inputs.receivers, -edge_gradients)
-        forces = -comm.reverse_sum(gradient, plan).double().cpu().numpy()
+        if graph.ghost:  # the driver sums ghost rows into their owners
+            forces = -gradient.double().cpu().numpy()
+        else:
+            forces = -comm.reverse_sum(gradient, plan).double().cpu().numpy()
         virial = (edge_gradients.double().T @ inputs.vectors.detach().double()).cpu().numpy()
         timings["forces"] = time.perf_counter() - start
 
     stats = {
         "owned_atoms": graph.n_owned,
         "halo_atoms": graph.n_halo,
+        "computed_atoms": graph.n_computed,
         "edges": len(graph.edges),
         "exchanges": comm.calls,
         "bytes_sent": comm.bytes_sent,
     }
     return WorkerResult(
         global_index=graph.global_index[: graph.n_owned],
+        force_index=graph.global_index[: len(forces)] if forces is not None else None,
         energy=float(energy.detach().double()),
         energies=energies.detach().double().cpu().numpy(),
         forces=forces,

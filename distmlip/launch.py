@@ -118,7 +118,7 @@ def _worker_main(connection: Connection) -> None:
 def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> None:
     from distmlip.comm import Communicator
     from distmlip.engine import evaluate
-    from distmlip.halo import build_local_graph, resolve_send_index
+    from distmlip.halo import build_ghost_graph, build_local_graph, resolve_send_index
 
     while True:
         try:
@@ -128,13 +128,23 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
         if command == "stop":
             return
         try:
-            structure, owner, compute_forces = pickle.loads(payload)
+            structure, owner, compute_forces, halo = pickle.loads(payload)
             start = time.perf_counter()
-            graph = build_local_graph(
-                structure, owner, config.rank, config.world_size, model.cutoff
-            )
             comm = Communicator(config.rank, config.world_size, device, config.timeout)
-            resolve_send_index(graph, comm.exchange_requests(graph.requests()))
+            if halo == "ghost":
+                graph = build_ghost_graph(
+                    structure,
+                    owner,
+                    config.rank,
+                    config.world_size,
+                    model.cutoff,
+                    model.num_layers,
+                )
+            else:
+                graph = build_local_graph(
+                    structure, owner, config.rank, config.world_size, model.cutoff
+                )
+                resolve_send_index(graph, comm.exchange_requests(graph.requests()))
             graph_time = time.perf_counter() - start
             result = evaluate(model, graph, structure, comm, dtype, device, compute_forces)
             result.timings = {"graph": graph_time, **result.timings}
@@ -295,10 +305,17 @@ class WorkerPool:
             )
         raise WorkerError(f"{what}: worker {rank} failed:\n{message}")
 
-    def evaluate(self, structure, owner: np.ndarray, compute_forces: bool = True) -> list:
-        """Send one structure to every worker; their :class:`~distmlip.engine.WorkerResult` s."""
+    def evaluate(
+        self, structure, owner: np.ndarray, compute_forces: bool = True, halo: str = "exchange"
+    ) -> list:
+        """Send one structure to every worker; their :class:`~distmlip.engine.WorkerResult` s.
+
+        ``halo``: ``"exchange"`` (zero redundancy) or ``"ghost"`` (the recomputing baseline).
+        """
         self.start()
-        payload = pickle.dumps((structure, owner, compute_forces), protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps(
+            (structure, owner, compute_forces, halo), protocol=pickle.HIGHEST_PROTOCOL
+        )
         for rank, connection in enumerate(self._connections):
             try:
                 connection.send(("evaluate", payload))

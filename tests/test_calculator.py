@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ase.calculators.calculator import PropertyNotImplementedError
-
 from conftest import SYSTEMS, evaluate, small_cell, triclinic
 
 RTOL = 1e-10
@@ -94,3 +93,50 @@ def test_float32_close_to_float64(reference_model, pools, single_process_results
     expected = single_process_results["bulk"]
     assert got["energy"] == pytest.approx(expected["energy"], rel=1e-5)
     assert np.abs(got["forces"] - expected["forces"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("nprocs, partitioner", [(2, "slab"), (4, "rcb")])
+def test_ghost_baseline_equals_single_process(
+    nprocs, partitioner, reference_model, single_process_results
+):
+    from distmlip import DistributedCalculator
+
+    with DistributedCalculator(
+        reference_model, nprocs=nprocs, partitioner=partitioner, halo="ghost"
+    ) as calc:
+        for name, make in SYSTEMS.items():
+            expected = single_process_results[name]
+            got = evaluate(calc, make())
+            for key in expected:
+                error = relative_error(got[key], expected[key])
+                assert error <= RTOL, f"{name}: {key} relative error {error:.2e} (ghost)"
+
+
+def test_ghost_baseline_recomputes_what_exchange_shares(reference_model):
+    """On a system much larger than the receptive field, ghosts cost extra edges per worker."""
+    from ase.build import bulk
+
+    from distmlip.graph import Structure
+    from distmlip.halo import build_ghost_graph, build_local_graph
+    from distmlip.partition import partition
+
+    structure = Structure.from_ase(bulk("Cu", "fcc", a=3.61, cubic=True).repeat((16, 4, 4)))
+    owner = partition(structure, 4, "slab")
+    layers, cutoff = reference_model.num_layers, reference_model.cutoff
+    for rank in range(4):
+        exchange = build_local_graph(structure, owner, rank, 4, cutoff)
+        ghost = build_ghost_graph(structure, owner, rank, 4, cutoff, layers)
+        assert ghost.n_owned == exchange.n_owned
+        assert len(ghost.edges) >= 2 * len(exchange.edges)
+        assert ghost.n_computed > ghost.n_owned
+
+
+def test_ghost_needs_layer_count():
+    from distmlip import DistributedCalculator
+    from distmlip.models import DistributedModel
+
+    class NoLayers(DistributedModel):
+        cutoff = 3.0
+
+    with pytest.raises(ValueError, match="halo='ghost' needs the model's number"):
+        DistributedCalculator(NoLayers(), nprocs=2, halo="ghost")

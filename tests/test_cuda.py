@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import SYSTEMS, evaluate
+
 from distmlip import DistributedCalculator
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import SYSTEMS
+
 from distmlip.graph import Structure, binning_frame, neighbor_list, neighborhood_mask
 
 
@@ -41,9 +41,7 @@ def test_neighborhood_mask_contains_every_neighbour(name):
     rng = np.random.default_rng(0)
     for _ in range(5):
         selected = rng.random(structure.n_atoms) < 0.2
-        mask = neighborhood_mask(
-            structure.positions, structure.cell, structure.pbc, selected, 5.0
-        )
+        mask = neighborhood_mask(structure.positions, structure.cell, structure.pbc, selected, 5.0)
         assert mask[selected].all()
         assert mask[edges.senders[selected[edges.receivers]]].all()
 

@@ -10,16 +10,19 @@ import time
 import psutil
 import pytest
 from ase.build import bulk
-
 from conftest import evaluate, small_cell
+
 from distmlip import DistributedCalculator, WorkerError
 
 
 def assert_all_gone(pids, within: float = 10.0):
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        alive = [pid for pid in pids if psutil.pid_exists(pid) and
-                 psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        alive = [
+            pid
+            for pid in pids
+            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        ]
         if not alive:
             return
         time.sleep(0.1)

@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import SYSTEMS
+
 from distmlip.graph import Structure
 from distmlip.partition import partition, partition_coordinates
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ase import Atoms
-
 from conftest import evaluate, small_cell
+
 from distmlip import DistributedCalculator
 
 

@@ -68,6 +68,9 @@ class DistributedModel(torch.nn.Module):
 
     cutoff: float
     supported_numbers: frozenset[int] | None = None
+    num_layers: int | None = None
+    """Message-passing layers: the ghost depth of the ``halo="ghost"`` baseline (None: the
+    adapter does not support that baseline)."""
     site_properties: tuple[str, ...] = ()
     """Names of extra per-atom outputs; ``forward`` then sets ``self.last_site_properties``
     to a dict name → (n_owned, ...) tensor, which the calculator returns as a property."""
