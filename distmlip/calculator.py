@@ -63,7 +63,9 @@ class DistributedCalculator(Calculator):
 
     Properties: ``energy``, ``free_energy``, ``energies`` (eV), ``forces`` (eV/Å) and ``stress``
     (eV/Å³, Voigt xx yy zz yz xz xy; needs a cell of nonzero volume). After each call
-    ``last_timings`` and ``last_stats`` hold per-worker timings and sizes.
+    ``last_timings`` (seconds per phase; ``communication`` is the part of forward, backward
+    and forces spent waiting on exchanges), ``last_stats`` (sizes, bytes, peak RSS) and
+    ``last_exchanges`` (one entry per exchange) hold per-worker records.
 
     Use as a context manager or call :meth:`close`; workers also stop at interpreter exit.
     """
@@ -122,6 +124,7 @@ class DistributedCalculator(Calculator):
         )
         self.last_timings: list[dict[str, float]] = []
         self.last_stats: list[dict[str, int]] = []
+        self.last_exchanges: list[list[dict]] = []
         self.pool.start()
 
     def compute(self, structure: Structure, forces: bool = True) -> dict:
@@ -133,6 +136,7 @@ class DistributedCalculator(Calculator):
         results = self.pool.evaluate(structure, owner, compute_forces=forces, halo=self.halo)
         self.last_timings = [{"partition": partition_time, **r.timings} for r in results]
         self.last_stats = [r.stats for r in results]
+        self.last_exchanges = [r.exchanges for r in results]
         return assemble(results, structure.n_atoms, structure.volume)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):

@@ -1,10 +1,11 @@
-"""Command line: ``distmlip demo`` and ``distmlip predict``.
+"""Command line: ``distmlip demo``, ``distmlip predict`` and ``distmlip bench``.
 
 ``distmlip demo`` runs a short molecular-dynamics trajectory of a generated GaAs zincblende
 supercell (5,832 atoms by default) with the pretrained CHGNet on P workers, then compares the
 first structure with a single-process evaluation. ``distmlip predict`` evaluates one structure
 (a file ASE can read, or a generated rattled fcc Cu supercell) and prints energy, forces, stress
-and timings as a table, or as JSON with ``--json``.
+and timings as a table, or as JSON with ``--json``. ``distmlip bench`` measures time, memory,
+sizes and communication of several configurations side by side (see :mod:`distmlip.bench`).
 """
 
 from __future__ import annotations
@@ -220,6 +221,34 @@ def demo(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    from pathlib import Path
+
+    from distmlip.bench import BenchConfig, run_bench
+
+    config = BenchConfig(
+        model=args.model,
+        structure=args.structure,
+        sizes=tuple(args.sizes),
+        nprocs=tuple(args.nprocs),
+        partitioners=tuple(args.partitioners),
+        halos=tuple(args.halo),
+        dtype=args.dtype,
+        device=args.device,
+        total_threads=args.total_threads,
+        repeats=args.repeats,
+        memory_budget_gb=args.memory_budget_gb,
+        out=Path(args.out) if args.out else None,
+    )
+    rows = run_bench(config, progress=(lambda _: None) if args.json else print)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+    elif args.out:
+        print(f"results written to {args.out}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distmlip", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -242,6 +271,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--json", action="store_true", help="print JSON instead of a table")
     d.set_defaults(handler=demo)
+    b = commands.add_parser("bench", help="time, memory and communication, side by side")
+    b.add_argument("--model", default="reference")
+    b.add_argument("--structure", default="cu", choices=["cu", "si", "gaas"])
+    b.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000])
+    b.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
+    b.add_argument("--partitioners", nargs="+", default=["slab"])
+    b.add_argument("--halo", nargs="+", default=["exchange"], choices=["exchange", "ghost"])
+    b.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--total-threads", type=int, default=2, help="torch threads per config")
+    b.add_argument("--repeats", type=int, default=2)
+    b.add_argument("--memory-budget-gb", type=float, default=20.0, help="for capacity")
+    b.add_argument("--out", help="directory for JSON, markdown and PNG")
+    b.add_argument("--json", action="store_true", help="print JSON rows")
+    b.set_defaults(handler=bench)
     p = commands.add_parser("predict", help="energy, forces and stress of one structure")
     p.add_argument("--model", default="reference", help="model name (default: reference)")
     p.add_argument("--structure", help="structure file readable by ASE (default: generated Cu)")

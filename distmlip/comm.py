@@ -14,6 +14,7 @@ The exchange is an autograd ``Function``:
 from __future__ import annotations
 
 import datetime
+import time
 
 import numpy as np
 import torch
@@ -78,12 +79,24 @@ class Communicator:
     def reset(self) -> None:
         self.calls = 0
         self.bytes_sent = 0
+        self.seconds = 0.0
+        self.log: list[dict] = []
         self.outputs: list[torch.Tensor] = []
         self._index_cache = {}
 
     def _next_tag(self) -> int:
         self.calls += 1
         return 2 * self.calls
+
+    def _transfer(self, sends, receives, tag: int, what: str) -> None:
+        """Point-to-point rows, timed and counted (``log``: one entry per exchange)."""
+        sent = sum(t.numel() * t.element_size() for _, t in sends)
+        start = time.perf_counter()
+        _point_to_point(sends, receives, tag, self.timeout, what)
+        elapsed = time.perf_counter() - start
+        self.bytes_sent += sent
+        self.seconds += elapsed
+        self.log.append({"what": what, "tag": tag, "bytes_sent": sent, "seconds": elapsed})
 
     def _peers(self, counts) -> list[int]:
         return [q for q in range(self.world_size) if q != self.rank and counts[q]]
@@ -109,8 +122,7 @@ class Communicator:
         send_index, recv_slices = self._indices(plan)
         sends = [(q, owned[send_index[q]].contiguous()) for q in self._peers(plan.send_counts)]
         receives = [(q, local[recv_slices[q]]) for q in self._peers(plan.recv_counts)]
-        self.bytes_sent += sum(t.numel() * t.element_size() for _, t in sends)
-        _point_to_point(sends, receives, tag, self.timeout, "halo exchange")
+        self._transfer(sends, receives, tag, "halo exchange")
         return local
 
     def reverse_sum(self, local: torch.Tensor, plan: HaloPlan, tag: int | None = None):
@@ -126,8 +138,7 @@ class Communicator:
             q: local.new_empty((len(send_index[q]), *local.shape[1:]))
             for q in self._peers(plan.send_counts)
         }
-        self.bytes_sent += sum(t.numel() * t.element_size() for _, t in sends)
-        _point_to_point(sends, list(buffers.items()), tag, self.timeout, "reverse halo exchange")
+        self._transfer(sends, list(buffers.items()), tag, "reverse halo exchange")
         for q, buffer in buffers.items():
             owned.index_add_(0, send_index[q], buffer)
         return owned

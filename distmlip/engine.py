@@ -42,6 +42,7 @@ class WorkerResult:
         virial: (3, 3) Σ_e g_e ⊗ v_e over local edges, eV (symmetrised by the caller), or None.
         timings: seconds spent per phase.
         stats: sizes (atoms, halo, edges, bytes exchanged).
+        exchanges: one entry per halo exchange (what, bytes sent, seconds waited), in order.
         site_properties: extra per-owned-atom outputs of the model, name → (n_owned, ...)
             array (e.g. CHGNet's ``magmoms``); see ``DistributedModel.site_properties``.
     """
@@ -55,6 +56,7 @@ class WorkerResult:
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
     site_properties: dict[str, np.ndarray] = field(default_factory=dict)
+    exchanges: list[dict] = field(default_factory=list)
 
 
 def graph_inputs(
@@ -159,6 +161,7 @@ def evaluate(
         "exchanges": comm.calls,
         "bytes_sent": comm.bytes_sent,
     }
+    timings["communication"] = comm.seconds
     return WorkerResult(
         global_index=graph.global_index[: graph.n_owned],
         force_index=graph.global_index[: len(forces)] if forces is not None else None,
@@ -169,4 +172,5 @@ def evaluate(
         timings=timings,
         stats=stats,
         site_properties=site_properties,
+        exchanges=comm.log,
     )

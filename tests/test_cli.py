@@ -36,3 +36,34 @@ def test_demo_json_runs_md_and_compares_with_single_process(capsys):
     assert report["energy_diff_eV_per_atom"] < 1e-5
     assert report["max_force_diff_eV_per_A"] < 1e-4
     assert all(memory > 0 for memory in report["worker_peak_rss_mb"])
+
+
+def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
+    argv = [
+        "bench",
+        "--sizes",
+        "108",
+        "--nprocs",
+        "1",
+        "2",
+        "--halo",
+        "exchange",
+        "ghost",
+        "--repeats",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    payload = json.loads((tmp_path / "bench_reference_cu.json").read_text())
+    rows = payload["rows"]
+    assert {(r["nprocs"], r["halo"]) for r in rows} == {
+        (1, "exchange"),
+        (2, "exchange"),
+        (2, "ghost"),
+    }
+    exchange = next(r for r in rows if r["nprocs"] == 2 and r["halo"] == "exchange")
+    assert sum(exchange["owned_atoms"]) == 108
+    assert len(exchange["bytes_per_exchange"][0]) >= 2  # one forward exchange per layer > 0
+    assert "| 108 | 2 | slab | ghost |" in (tmp_path / "bench_reference_cu.md").read_text()
+    assert (tmp_path / "bench_reference_cu.png").stat().st_size > 0
