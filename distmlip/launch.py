@@ -56,6 +56,7 @@ class WorkerConfig:
     timeout: float
     threads: int
     parent_pid: int
+    cores: tuple[int, ...] = ()
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -87,6 +88,9 @@ def _worker_main(connection: Connection) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(config.threads)
+    if config.cores and hasattr(os, "sched_setaffinity"):
+        # One disjoint set of cores per worker: no two workers' threads fight over a core.
+        os.sched_setaffinity(0, config.cores)
     try:
         device = _worker_device(config)
         dtype = getattr(torch, config.dtype)
@@ -200,6 +204,8 @@ class WorkerPool:
         dtype: ``"float64"`` or ``"float32"``.
         timeout: seconds; bounds start-up, every collective and every call.
         threads_per_worker: torch threads per worker (default: cores // P, at least 1).
+            Where the cores suffice, each worker is pinned to its own ``threads_per_worker``
+            cores.
     """
 
     def __init__(
@@ -236,6 +242,8 @@ class WorkerPool:
             return
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         environment = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        pin = len(available) >= self.nprocs * self.threads
         for rank in range(self.nprocs):
             parent_socket, child_socket = socket.socketpair()
             process = subprocess.Popen(
@@ -255,6 +263,9 @@ class WorkerPool:
                 timeout=self.timeout,
                 threads=self.threads,
                 parent_pid=os.getpid(),
+                cores=tuple(available[rank * self.threads : (rank + 1) * self.threads])
+                if pin
+                else (),
             )
             connection.send((config, self._model_bytes))
             self._processes.append(process)
