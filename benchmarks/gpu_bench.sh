@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The distmlip bench on 1..8 GPUs with NCCL (one worker per GPU). Run on a GPU node:
+#   bash benchmarks/gpu_bench.sh [model] [out_dir]
+# It records the device name next to the results. Needs a CUDA build of torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${1:-chgnet}
+OUT=${2:-docs/benchmarks/gpu}
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p "$OUT"
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ "$NGPU" -lt 1 ]; then echo "no CUDA device visible; nothing to do" >&2; exit 1; fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt"
+NPROCS=""
+for p in 1 2 4 8; do [ "$p" -le "$NGPU" ] && NPROCS="$NPROCS $p"; done
+# NCCL exactness first (the CUDA tests skip themselves with too few devices).
+"$PY" -m pytest -q tests/test_cuda.py | tee "$OUT/test_cuda.txt"
+"$PY" -m distmlip.cli bench --model "$MODEL" --device cuda --structure si \
+  --sizes 2000 10000 50000 100000 --nprocs $NPROCS --partitioners slab rcb \
+  --halo exchange ghost --dtype float32 --total-threads 8 --out "$OUT"
