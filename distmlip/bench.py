@@ -111,6 +111,7 @@ def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: Benc
         "communication_fraction": worker.get("communication", 0) / elapsed,
         "compute_s": compute - worker.get("communication", 0),
         "peak_rss_mb": [s["peak_rss_mb"] for s in stats],
+        "peak_gpu_mb": [s.get("peak_gpu_mb", 0.0) for s in stats],
         "owned_atoms": [s["owned_atoms"] for s in stats],
         "computed_atoms": [s.get("computed_atoms", s["owned_atoms"]) for s in stats],
         "halo_atoms": [s["halo_atoms"] for s in stats],

@@ -120,6 +120,8 @@ def _worker_main(connection: Connection) -> None:
 
 
 def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> None:
+    import torch
+
     from distmlip.comm import Communicator
     from distmlip.engine import evaluate
     from distmlip.halo import build_ghost_graph, build_local_graph, resolve_send_index
@@ -154,6 +156,8 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
             result.timings = {"graph": graph_time, **result.timings}
             # ru_maxrss is in KiB on Linux: the worker's high-water mark since it started.
             result.stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if device.type == "cuda":
+                result.stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             connection.send(("ok", result))
         except Exception:
             connection.send(("error", traceback.format_exc()))
