@@ -84,7 +84,8 @@ class Communicator:
         self.outputs: list[torch.Tensor] = []
         self._index_cache = {}
 
-    def _next_tag(self) -> int:
+    def next_tag(self) -> int:
+        """A fresh message tag (even; its backward uses tag + 1), equal on every rank."""
         self.calls += 1
         return 2 * self.calls
 
@@ -131,7 +132,7 @@ class Communicator:
         if self.world_size == 1:
             return owned
         if tag is None:
-            tag = self._next_tag()
+            tag = self.next_tag()
         send_index, recv_slices = self._indices(plan)
         sends = [(q, local[recv_slices[q]].contiguous()) for q in self._peers(plan.recv_counts)]
         buffers = {
@@ -145,7 +146,7 @@ class Communicator:
 
     def exchange(self, owned: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
         """Differentiable (n_owned, ...) → (n_local, ...) halo refresh."""
-        tag = self._next_tag()
+        tag = self.next_tag()
         local = _HaloExchange.apply(owned, self, plan, tag)
         if local.requires_grad:
             self.outputs.append(local)
@@ -158,7 +159,7 @@ class Communicator:
         Used when several workers each compute part of a sum onto one row (CHGNet's bond
         updates collect angle messages from both ends of a bond).
         """
-        tag = self._next_tag()
+        tag = self.next_tag()
         owned = _HaloReduce.apply(local, self, plan, tag)
         if owned.requires_grad:
             self.outputs.append(owned)

@@ -224,12 +224,17 @@ class Models:
             self.reference[shape, dtype] = upstream(self.path(shape), dtype, names)
         return self.reference[shape, dtype]
 
-    def calculator(self, shape, nprocs, partitioner="slab", dtype="float64"):
-        key = (shape, nprocs, partitioner, dtype)
+    def calculator(self, shape, nprocs, partitioner="slab", dtype="float64", halo="exchange"):
+        key = (shape, nprocs, partitioner, dtype, halo)
         if key != self.key:
             self.close()
             self.calc = DistributedCalculator(
-                self.path(shape), nprocs=nprocs, partitioner=partitioner, dtype=dtype, timeout=120
+                self.path(shape),
+                nprocs=nprocs,
+                partitioner=partitioner,
+                dtype=dtype,
+                timeout=120,
+                halo=halo,
             )
             self.key = key
         return self.calc
@@ -269,6 +274,16 @@ def test_float64_matches_upstream(models, nprocs, partitioner):
         # Zero redundancy with real halos: every worker owns atoms and exchanged features.
         stats = calc.last_stats
         assert all(s["exchanges"] > 0 for s in stats)
+
+
+def test_ghost_baseline_matches_upstream(models):
+    """The recomputing spatial-decomposition baseline (halo='ghost') is exact for MACE too."""
+    shape = "residual_3x_L2_c2"
+    calc = models.calculator(shape, 3, "slab", halo="ghost")
+    check_float64(
+        calc, models.upstream(shape, names=OTHER_SHAPE_STRUCTURES), "ghost", OTHER_SHAPE_STRUCTURES
+    )
+    assert all(s["exchanges"] == 0 for s in calc.last_stats)
 
 
 def test_unknown_element_is_a_clear_error(models):

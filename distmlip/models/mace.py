@@ -187,7 +187,7 @@ class _HaloShim:
         if self.comm is None:  # a lone worker has no halo rows
             out.copy_(feats)
             return
-        tag = self.comm._next_tag()
+        tag = self.comm.next_tag()
         out.copy_(self.comm.forward_rows(owned, self.plan, tag))
         self._tags.append(tag)
         # ``out`` becomes the output of LAMMPS_MP.apply (same tensor, with a grad_fn).
@@ -240,6 +240,7 @@ class MACEAdapter(DistributedModel):
         self.head, self.head_index = _select_head(model, head)
         numbers = [int(z) for z in model.atomic_numbers.tolist()]
         self.cutoff = float(model.r_max)
+        self.num_layers = int(model.num_interactions)
         self.supported_numbers = frozenset(numbers)
         # Atomic number → one-hot column (the order of model.atomic_numbers, as MACE's z_table).
         lookup = torch.full((max(numbers) + 1,), -1, dtype=torch.int64)
@@ -254,7 +255,8 @@ class MACEAdapter(DistributedModel):
         dtype, device = vectors.dtype, vectors.device
         species = self.species_index[inputs.numbers]
         plan = inputs.graph.plan if inputs.graph is not None else None
-        if inputs.comm is None and n_halo:
+        ghost = inputs.graph is not None and inputs.graph.ghost
+        if inputs.comm is None and n_halo and not ghost:
             raise RuntimeError("MACEAdapter needs inputs.comm to exchange halo rows")
         data = {
             # MACE: vector = pos[receiver] − pos[sender]; distmlip: x_sender − x_receiver.
@@ -263,7 +265,8 @@ class MACEAdapter(DistributedModel):
             "edge_index": torch.stack([inputs.senders, inputs.receivers]),
             "batch": torch.zeros(n_owned, dtype=torch.int64, device=device),
             "head": torch.tensor([self.head_index], dtype=torch.int64, device=device),
-            "lammps_class": _HaloShim(inputs.comm, plan, n_owned),
+            # Ghost baseline: every row is local; the shim just passes rows through.
+            "lammps_class": _HaloShim(None if ghost else inputs.comm, plan, n_owned),
             "natoms": (n_owned, n_halo),
         }
         out = self.model(
