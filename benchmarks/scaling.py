@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+BASELINE_MB = 500.0
+"""Approximate peak RSS of an idle worker (interpreter, torch, model), for the skip estimate."""
+
 
 def diamond_si(n_atoms: int):
     """Diamond Si supercell with at least ``n_atoms`` atoms (8 per conventional cell), rattled."""
@@ -151,17 +154,17 @@ def main() -> None:
 
     model = resolve_model(args.model)
     rows: list[dict] = []
-    per_atom_mb: dict[int, float] = {}
+    slope_mb: dict[int, float] = {}  # per-worker MB per held atom, beyond the process baseline
     for n_atoms in args.atoms:
         atoms = diamond_si(n_atoms)
         for nprocs in args.nprocs:
-            estimate = per_atom_mb.get(nprocs, 0.0) * len(atoms) * nprocs / 1024
-            if estimate > args.memory_limit_gb:
-                print(f"skip {len(atoms)} atoms, P={nprocs}: ~{estimate:.0f} GB expected")
+            per_worker = BASELINE_MB + slope_mb.get(nprocs, 0.0) * len(atoms) / nprocs
+            if per_worker * nprocs / 1024 > args.memory_limit_gb:
+                print(f"skip {len(atoms)} atoms, P={nprocs}: ~{per_worker * nprocs / 1024:.0f} GB")
                 continue
             threads = args.threads_p1 if nprocs == 1 else 1
             row = measure(model, atoms, nprocs, args.partitioner, args.dtype, threads)
-            per_atom_mb[nprocs] = row["max_peak_rss_mb"] / (len(atoms) / nprocs)
+            slope_mb[nprocs] = (row["max_peak_rss_mb"] - BASELINE_MB) / (len(atoms) / nprocs)
             rows.append(row)
             print(
                 f"{len(atoms):>7} atoms  P={nprocs}  {row['time_s']:8.2f} s  "
