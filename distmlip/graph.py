@@ -86,8 +86,8 @@ def neighbor_list(
         pbc: (3,) bool.
         cutoff: Å.
         receiver_mask: optional (n,) bool; keep only the edges whose receiver it selects
-            (same edges, same order as filtering the full list, but without converting the
-            discarded ones: a worker's region search keeps roughly N/P of its edges).
+            (the same edges in the same order as filtering the full list afterwards, but only
+            the kept ones are copied and converted).
     """
     if len(positions) == 0:
         empty = np.zeros(0, dtype=np.int64)
@@ -96,8 +96,8 @@ def neighbor_list(
     # vesin wants a zero box when nothing is periodic; its own cell check rejects degenerate
     # periodic boxes, which callers validate earlier with a clearer message.
     box = cell if np.any(pbc) else np.zeros((3, 3))
-    # copy=False: views into the calculator's buffers (valid while ``calculator`` lives), so
-    # each kept value is copied once, by the filter and the int64 conversion below.
+    # copy=False: views into the calculator's buffers (valid while ``calculator`` lives); the
+    # int64 results below are the only copies, of the kept edges only.
     i, j, shifts = calculator.compute(
         np.ascontiguousarray(positions, dtype=np.float64),
         np.ascontiguousarray(box, dtype=np.float64),
@@ -105,14 +105,28 @@ def neighbor_list(
         quantities="ijS",
         copy=False,
     )
-    if receiver_mask is not None:
-        keep = np.asarray(receiver_mask, dtype=bool)[i]
-        i, j, shifts = i[keep], j[keep], shifts[keep]
+    if receiver_mask is None:
+        return EdgeList(
+            receivers=i.astype(np.int64),
+            senders=j.astype(np.int64),
+            shifts=shifts.astype(np.int64),
+        )
+    kept = np.flatnonzero(np.asarray(receiver_mask, dtype=bool)[i])
     return EdgeList(
-        receivers=i.astype(np.int64),
-        senders=j.astype(np.int64),
-        shifts=shifts.astype(np.int64),
+        receivers=_take_int64(i, kept),
+        senders=_take_int64(j, kept),
+        shifts=shifts.take(kept, axis=0).astype(np.int64),
     )
+
+
+def _take_int64(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``values[index]`` as int64, gathered straight into the result (vesin's size_t < 2**63)."""
+    if values.dtype.itemsize != 8 or values.dtype.kind not in "iu":
+        return values.take(index).astype(np.int64)
+    result = np.empty(len(index), dtype=np.int64)
+    # mode="clip" never triggers (indices come from flatnonzero) but avoids numpy buffering `out`.
+    values.take(index, out=result.view(values.dtype), mode="clip")
+    return result
 
 
 def binning_frame(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
