@@ -100,11 +100,11 @@ def metis_partition(structure: Structure, nparts: int, cutoff: float) -> np.ndar
     edges = neighbor_list(structure.positions, structure.cell, structure.pbc, cutoff)
     # METIS wants a simple symmetric graph: drop self-images and duplicate image pairs.
     keep = edges.receivers != edges.senders
-    pairs = np.unique(np.stack([edges.receivers[keep], edges.senders[keep]], axis=1), axis=0)
-    xadj = np.zeros(structure.n_atoms + 1, dtype=np.int64)
-    np.add.at(xadj, pairs[:, 0] + 1, 1)
-    xadj = np.cumsum(xadj)
-    adjacency = pymetis.CSRAdjacency(adj_starts=xadj, adjacent=pairs[:, 1])
+    # One int64 key per pair: a 1-D unique is several times faster than unique(axis=0).
+    keys = np.unique(edges.receivers[keep] * structure.n_atoms + edges.senders[keep])
+    receivers, senders = np.divmod(keys, structure.n_atoms)
+    xadj = np.concatenate([[0], np.cumsum(np.bincount(receivers, minlength=structure.n_atoms))])
+    adjacency = pymetis.CSRAdjacency(adj_starts=xadj, adjacent=senders)
     _, membership = pymetis.part_graph(nparts, adjacency=adjacency)
     return np.asarray(membership, dtype=np.int64)
 
