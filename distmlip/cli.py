@@ -249,6 +249,15 @@ def bench(args) -> int:
     return 0
 
 
+def _worker_options(parser, dtype: str, timeout: float) -> None:
+    """The options of commands that run one calculator: P, partitioner, device, dtype, timeout."""
+    parser.add_argument("--nprocs", type=int, default=2)
+    parser.add_argument("--partitioner", default="slab", choices=["slab", "rcb", "metis"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=dtype, choices=["float32", "float64"])
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per call")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distmlip", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -258,11 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=5, help="MD steps")
     d.add_argument("--timestep", type=float, default=1.0, help="fs")
     d.add_argument("--temperature", type=float, default=300.0, help="initial K")
-    d.add_argument("--nprocs", type=int, default=2)
-    d.add_argument("--partitioner", default="slab", choices=["slab", "rcb", "metis"])
-    d.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    d.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    d.add_argument("--timeout", type=float, default=1800.0, help="seconds per call")
+    _worker_options(d, dtype="float32", timeout=1800.0)
     d.add_argument(
         "--no-compare",
         dest="compare",
@@ -290,11 +295,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="reference", help="model name (default: reference)")
     p.add_argument("--structure", help="structure file readable by ASE (default: generated Cu)")
     p.add_argument("--size", type=int, default=10, help="Cu supercell repeat (4 atoms each)")
-    p.add_argument("--nprocs", type=int, default=2)
-    p.add_argument("--partitioner", default="slab", choices=["slab", "rcb", "metis"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds per call")
+    _worker_options(p, dtype="float64", timeout=600.0)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler=predict)
     return parser
