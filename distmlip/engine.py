@@ -153,6 +153,12 @@ def evaluate(
         virial = (edge_gradients.double().T @ inputs.vectors.detach().double()).cpu().numpy()
         timings["forces"] = time.perf_counter() - start
 
+    # The exchange outputs reference their autograd nodes, whose contexts reference the
+    # communicator that holds the outputs: a cycle through C++ that Python's collector cannot
+    # break (it leaked ~1 MB per call). Drop the outputs and the model's per-call tensors.
+    comm.outputs.clear()
+    if hasattr(model, "last_site_properties"):
+        model.last_site_properties = {}
     stats = {
         "owned_atoms": graph.n_owned,
         "halo_atoms": graph.n_halo,

@@ -159,6 +159,8 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
             if device.type == "cuda":
                 result.stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             connection.send(("ok", result))
+            # Free this call's graph and tensors before the next request arrives, not during it.
+            del graph, comm, result
         except Exception:
             connection.send(("error", traceback.format_exc()))
 
