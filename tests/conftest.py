@@ -75,17 +75,25 @@ def reference_model() -> ReferenceMPNN:
 class PoolCache:
     """At most one live DistributedCalculator, reused while tests ask for the same settings."""
 
-    def __init__(self, model):
+    def __init__(self, model=None):
         self.model = model
         self.key = None
         self.calc = None
 
-    def get(self, nprocs: int, partitioner: str = "slab", dtype: str = "float64"):
-        key = (nprocs, partitioner, dtype)
+    def get(
+        self,
+        nprocs: int,
+        partitioner: str = "slab",
+        dtype: str = "float64",
+        halo: str = "exchange",
+        model=None,
+    ):
+        model = self.model if model is None else model
+        key = (id(model) if not isinstance(model, str) else model, nprocs, partitioner, dtype, halo)
         if key != self.key:
             self.close()
             self.calc = DistributedCalculator(
-                self.model, nprocs=nprocs, partitioner=partitioner, dtype=dtype, timeout=120
+                model, nprocs=nprocs, partitioner=partitioner, dtype=dtype, halo=halo, timeout=120
             )
             self.key = key
         return self.calc

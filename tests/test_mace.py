@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ase import Atoms  # noqa: E402
 from ase.build import bulk, molecule  # noqa: E402
-from conftest import cluster, small_cell, surface_slab  # noqa: E402
+from conftest import PoolCache, cluster, small_cell, surface_slab  # noqa: E402
 
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models import resolve_model  # noqa: E402
@@ -209,8 +209,7 @@ class Models:
         self.directory = directory
         self.paths: dict[str, str] = {}
         self.reference: dict[tuple[str, str], dict] = {}
-        self.key = None
-        self.calc = None
+        self.pools = PoolCache()
 
     def path(self, shape: str) -> str:
         if shape not in self.paths:
@@ -225,24 +224,10 @@ class Models:
         return self.reference[shape, dtype]
 
     def calculator(self, shape, nprocs, partitioner="slab", dtype="float64", halo="exchange"):
-        key = (shape, nprocs, partitioner, dtype, halo)
-        if key != self.key:
-            self.close()
-            self.calc = DistributedCalculator(
-                self.path(shape),
-                nprocs=nprocs,
-                partitioner=partitioner,
-                dtype=dtype,
-                timeout=120,
-                halo=halo,
-            )
-            self.key = key
-        return self.calc
+        return self.pools.get(nprocs, partitioner, dtype, halo, model=self.path(shape))
 
     def close(self):
-        if self.calc is not None:
-            self.calc.close()
-        self.calc, self.key = None, None
+        self.pools.close()
 
 
 @pytest.fixture(scope="module")
