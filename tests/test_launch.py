@@ -69,7 +69,9 @@ def test_stuck_worker_times_out(reference_model):
     os.kill(pids[1], signal.SIGSTOP)
     start = time.monotonic()
     try:
-        with pytest.raises(WorkerError, match="no answer .* within 3 s"):
+        # Either the driver's deadline or a peer's exchange timeout fires first; both are
+        # the clear error we want (and both stop every worker).
+        with pytest.raises(WorkerError, match="no answer .* within 3 s|timed out"):
             evaluate(calc, small_cell())
         assert time.monotonic() - start < 3 + 15
         assert_all_gone(pids)
