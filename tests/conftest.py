@@ -7,13 +7,21 @@ it to every test that asks for the same settings in a row.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from ase import Atoms
 from ase.build import bulk, fcc111
 from ase.cluster import Icosahedron
+from hypothesis import settings
 
 from distmlip import DistributedCalculator, ReferenceMPNN
+
+# CI replays the same hypothesis examples every run (reproducible); locally they vary.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def bulk_cu() -> Atoms:
