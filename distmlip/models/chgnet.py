@@ -285,6 +285,16 @@ class CHGNetAdapter(DistributedModel):
             )
             angle_feas = chgnet.angle_embedding(angle_bases)
 
+        def convolve(layer, atoms: torch.Tensor, bonds: torch.Tensor) -> torch.Tensor:
+            """One upstream AtomConv on the local graph; the owned rows of its output."""
+            return layer(
+                atom_feas=atoms,
+                bond_feas=bonds,
+                bond_weights=weights_ag,
+                atom_graph=atom_graph,
+                directed2undirected=edge_bond,
+            )[:n_owned]
+
         owned = atoms[:n_owned]
         magmoms = None
         layers = zip(
@@ -296,13 +306,7 @@ class CHGNetAdapter(DistributedModel):
         for idx, (atom_layer, bond_layer, angle_layer) in enumerate(layers):
             if idx > 0:
                 atoms = exchange(owned)
-            owned = atom_layer(
-                atom_feas=atoms,
-                bond_feas=bond_feas,
-                bond_weights=weights_ag,
-                atom_graph=atom_graph,
-                directed2undirected=edge_bond,
-            )[:n_owned]
+            owned = convolve(atom_layer, atoms, bond_feas)
 
             if has_angles and bond_layer is not None:
                 short = bond_feas[:n_short]
@@ -330,13 +334,7 @@ class CHGNetAdapter(DistributedModel):
                 magmoms = torch.abs(chgnet.site_wise(owned)).view(-1)
 
         atoms = exchange(owned)
-        owned = chgnet.atom_conv_layers[-1](
-            atom_feas=atoms,
-            bond_feas=bond_feas,
-            bond_weights=weights_ag,
-            atom_graph=atom_graph,
-            directed2undirected=edge_bond,
-        )[:n_owned]
+        owned = convolve(chgnet.atom_conv_layers[-1], atoms, bond_feas)
         if chgnet.readout_norm is not None:
             owned = chgnet.readout_norm(owned)
         energies = chgnet.mlp(owned).view(-1)
