@@ -148,6 +148,7 @@ def main() -> None:
         help="skip a run whose extrapolated total memory exceeds this",
     )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    parser.add_argument("--name", default=None, help="output file stem (default MODEL_scaling)")
     args = parser.parse_args()
 
     from distmlip.models import resolve_model
@@ -175,7 +176,7 @@ def main() -> None:
         f"{args.model} on diamond Si, {args.dtype}, {args.partitioner}, "
         f"1 thread per worker (P=1: {args.threads_p1})"
     )
-    write_outputs(rows, f"{args.model}_scaling", title, args.out)
+    write_outputs(rows, args.name or f"{args.model}_scaling", title, args.out)
 
 
 if __name__ == "__main__":

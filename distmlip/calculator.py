@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
@@ -44,6 +45,50 @@ def assemble(results: list, n_atoms: int, volume: float) -> dict:
     return properties
 
 
+@dataclass(frozen=True)
+class _BuiltGraph:
+    """What the workers' cached graphs were built for (Verlet-skin reuse)."""
+
+    positions: np.ndarray
+    cell: np.ndarray
+    pbc: np.ndarray
+    numbers: np.ndarray
+    owner: np.ndarray
+    generation: int
+
+    @classmethod
+    def of(cls, structure: Structure, owner: np.ndarray, generation: int) -> _BuiltGraph:
+        return cls(
+            structure.positions.copy(),
+            structure.cell.copy(),
+            structure.pbc.copy(),
+            structure.numbers.copy(),
+            owner,
+            generation,
+        )
+
+    def still_holds(self, structure: Structure, skin: float, pool: WorkerPool) -> bool:
+        """True if every edge shorter than the cutoff is still in the graphs built with skin.
+
+        Raw displacements, not minimum-image ones: an atom wrapped back into the cell changes
+        the image shifts of its edges, so it must trigger a rebuild.
+        """
+        if not (pool.running and pool.generation == self.generation):
+            return False
+        if structure.positions.shape != self.positions.shape:
+            return False
+        if not (
+            np.array_equal(structure.cell, self.cell)
+            and np.array_equal(structure.pbc, self.pbc)
+            and np.array_equal(structure.numbers, self.numbers)
+        ):
+            return False
+        displacement = structure.positions - self.positions
+        largest = np.sqrt(np.einsum("ij,ij->i", displacement, displacement).max())
+        # Two atoms approach by at most twice the largest displacement.
+        return bool(2.0 * largest < skin)
+
+
 class DistributedCalculator(Calculator):
     """Evaluate ``model`` with its atom graph partitioned over ``nprocs`` workers.
 
@@ -60,6 +105,12 @@ class DistributedCalculator(Calculator):
             layer; ``"ghost"``: the conventional spatial-decomposition baseline, each worker
             recomputes ``num_layers`` hops of ghost atoms and exchanges nothing (for
             benchmarks; results are identical).
+        skin: Å (default 0: a new graph every call). With ``skin > 0`` workers build their
+            graphs with ``cutoff + skin`` and reuse them, re-selecting the edges shorter than
+            the cutoff, for as long as no atom has moved more than ``skin / 2`` and the cell,
+            pbc and species are unchanged (a Verlet list): MD steps then skip the neighbour
+            search, the partition and the halo-plan handshake. Results are the same as without
+            it. ``graph_builds`` and ``graph_reuses`` count what happened. Exchange mode only.
 
     Properties: ``energy``, ``free_energy``, ``energies`` (eV), ``forces`` (eV/Å) and ``stress``
     (eV/Å³, Voigt xx yy zz yz xz xy; needs a cell of nonzero volume). After each call
@@ -82,6 +133,7 @@ class DistributedCalculator(Calculator):
         timeout: float = 600.0,
         threads_per_worker: int | None = None,
         halo: str = "exchange",
+        skin: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -106,6 +158,12 @@ class DistributedCalculator(Calculator):
                 f"{type(self.model).__name__} does not declare; use halo='exchange'"
             )
         self.halo = halo
+        if not np.isfinite(skin) or skin < 0:
+            raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
+        self.skin = float(skin) if halo == "exchange" else 0.0
+        self.graph_builds = 0
+        self.graph_reuses = 0
+        self._built_for: _BuiltGraph | None = None
         # Models may add per-atom outputs (CHGNet: "magmoms"); ASE only serves listed names.
         self.implemented_properties = list(type(self).implemented_properties) + [
             name
@@ -131,9 +189,23 @@ class DistributedCalculator(Calculator):
         """Evaluate a :class:`~distmlip.graph.Structure`; returns the properties dictionary."""
         validate_structure(structure, self.nprocs, self.model)
         start = time.perf_counter()
-        owner = partition(structure, self.nprocs, self.partitioner, self.model.cutoff)
+        built, self._built_for = self._built_for, None  # a failed call leaves no cache behind
+        reuse = built is not None and built.still_holds(structure, self.skin, self.pool)
+        if reuse:
+            owner = built.owner
+        else:
+            owner = partition(structure, self.nprocs, self.partitioner, self.model.cutoff)
         partition_time = time.perf_counter() - start
-        results = self.pool.evaluate(structure, owner, compute_forces=forces, halo=self.halo)
+        results = self.pool.evaluate(
+            structure, owner, compute_forces=forces, halo=self.halo, skin=self.skin, reuse=reuse
+        )
+        if reuse:
+            self.graph_reuses += 1
+            self._built_for = built
+        else:
+            self.graph_builds += 1
+            if self.skin > 0:
+                self._built_for = _BuiltGraph.of(structure, owner, self.pool.generation)
         self.last_timings = [{"partition": partition_time, **r.timings} for r in results]
         self.last_stats = [r.stats for r in results]
         self.last_exchanges = [r.exchanges for r in results]

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from distmlip.halo import HaloPlan
 
-__all__ = ["CommunicationError", "Communicator"]
+__all__ = ["CommunicationError", "Communicator", "PendingExchange"]
 
 # Tags keep messages of different exchanges apart on gloo (NCCL orders point-to-point messages
 # per pair of ranks and ignores tags; every rank issues exchanges in the same order).
@@ -46,12 +46,16 @@ def _wait_all(works, timeout: float, what: str) -> None:
             raise CommunicationError(f"{what} timed out after {timeout:.0f} s")
 
 
-def _point_to_point(sends, receives, tag: int, timeout: float, what: str) -> None:
-    """Post all sends and receives ``[(peer, tensor)]`` at once, then wait for all of them."""
+def _post(sends, receives, tag: int) -> list:
+    """Post all sends and receives ``[(peer, tensor)]`` at once; the works to wait for."""
     operations = [dist.P2POp(dist.isend, tensor, peer, tag=tag) for peer, tensor in sends]
     operations += [dist.P2POp(dist.irecv, tensor, peer, tag=tag) for peer, tensor in receives]
-    if operations:
-        _wait_all(dist.batch_isend_irecv(operations), timeout, what)
+    return dist.batch_isend_irecv(operations) if operations else []
+
+
+def _point_to_point(sends, receives, tag: int, timeout: float, what: str) -> None:
+    """Post all sends and receives ``[(peer, tensor)]`` at once, then wait for all of them."""
+    _wait_all(_post(sends, receives, tag), timeout, what)
 
 
 class Communicator:
@@ -91,13 +95,25 @@ class Communicator:
 
     def _transfer(self, sends, receives, tag: int, what: str) -> None:
         """Point-to-point rows, timed and counted (``log``: one entry per exchange)."""
-        sent = sum(t.numel() * t.element_size() for _, t in sends)
+        self._wait(self._post(sends, receives, tag, what))
+
+    def _post(self, sends, receives, tag: int, what: str) -> tuple:
+        """Start a transfer; :meth:`_wait` completes it (the time between is overlap)."""
         start = time.perf_counter()
-        _point_to_point(sends, receives, tag, self.timeout, what)
-        elapsed = time.perf_counter() - start
+        works = _post(sends, receives, tag)
+        sent = sum(t.numel() * t.element_size() for _, t in sends)
+        entry = {"what": what, "tag": tag, "bytes_sent": sent, "seconds": 0.0}
         self.bytes_sent += sent
+        self.log.append(entry)
+        return works, entry, time.perf_counter() - start
+
+    def _wait(self, posted: tuple) -> None:
+        works, entry, post_seconds = posted
+        start = time.perf_counter()
+        _wait_all(works, self.timeout, entry["what"])
+        elapsed = post_seconds + time.perf_counter() - start
+        entry["seconds"] = elapsed
         self.seconds += elapsed
-        self.log.append({"what": what, "tag": tag, "bytes_sent": sent, "seconds": elapsed})
 
     def _peers(self, counts) -> list[int]:
         return [q for q in range(self.world_size) if q != self.rank and counts[q]]
@@ -143,6 +159,23 @@ class Communicator:
         for q, buffer in buffers.items():
             owned.index_add_(0, send_index[q], buffer)
         return owned
+
+    def start_exchange(
+        self, owned: torch.Tensor, plan: HaloPlan
+    ) -> tuple[torch.Tensor, PendingExchange]:
+        """Start a differentiable halo refresh and return at once, to overlap it with work.
+
+        Returns ``(owned, pending)``: the same owned rows routed through the exchange (compute
+        with these, so that the backward's reverse transfer overlaps the same work), and the
+        transfer in flight; ``pending.finish()`` waits and gives the (n_halo, ...) halo rows.
+        ``cat([owned, pending.finish()])`` equals ``exchange(owned, plan)``.
+        """
+        if owned.shape[0] != plan.n_owned:
+            raise ValueError(f"expected {plan.n_owned} owned rows, got {owned.shape[0]}")
+        pending = PendingExchange(self, plan, self.next_tag())
+        routed = _ExchangeStart.apply(owned, pending)
+        pending._started = routed
+        return routed, pending
 
     def exchange(self, owned: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
         """Differentiable (n_owned, ...) → (n_local, ...) halo refresh."""
@@ -205,6 +238,109 @@ class Communicator:
         receives = [(q, buffers[q]) for q in self._peers(incoming)]
         _point_to_point(sends, receives, _REQUEST_TAG, self.timeout, "exchanging halo requests")
         return [buffer.cpu().numpy() for buffer in buffers]
+
+
+class PendingExchange:
+    """A halo refresh in flight (see :meth:`Communicator.start_exchange`).
+
+    Forward: the owned rows were posted to the peers and the halo rows are being received into
+    ``halo``. Backward (in reverse order): ``finish``'s backward posts the halo gradients to their
+    owners; the start's backward, which autograd runs after every use of the routed owned rows,
+    waits for the gradients peers send back and sums them into the owned rows.
+    """
+
+    def __init__(self, comm: Communicator, plan: HaloPlan, tag: int):
+        self.comm, self.plan, self.tag = comm, plan, tag
+        self._started: torch.Tensor | None = None  # the start's output, until finish
+        self.halo: torch.Tensor | None = None
+        self.posted = None
+        self.reverse = None  # (posted transfer, receive buffers) of the backward
+
+    def finish(self) -> torch.Tensor:
+        """(n_halo, ...) halo rows; waits for the transfer started by ``start_exchange``."""
+        if self._started is None:
+            raise RuntimeError("finish() called twice, or before start_exchange()")
+        # Dropping the start's output here keeps autograd nodes from referencing this object
+        # while it references them (a cycle Python's collector cannot see through).
+        started, self._started = self._started, None
+        halo = _ExchangeFinish.apply(started, self)
+        if halo.requires_grad:
+            self.comm.outputs.append(halo)
+        return halo
+
+    def post_forward(self, owned: torch.Tensor) -> None:
+        comm, plan = self.comm, self.plan
+        self.halo = owned.new_empty((plan.n_local - plan.n_owned, *owned.shape[1:]))
+        if comm.world_size == 1:
+            return
+        send_index, recv_slices = comm._indices(plan)
+        sends = [(q, owned[send_index[q]].contiguous()) for q in comm._peers(plan.send_counts)]
+        halo_slices = [slice(r.start - plan.n_owned, r.stop - plan.n_owned) for r in recv_slices]
+        receives = [(q, self.halo[halo_slices[q]]) for q in comm._peers(plan.recv_counts)]
+        self.posted = comm._post(sends, receives, self.tag, "halo exchange (overlapped)")
+
+    def wait_forward(self) -> torch.Tensor:
+        if self.posted is not None:
+            self.comm._wait(self.posted)
+            self.posted = None
+        halo, self.halo = self.halo, None
+        return halo
+
+    def post_backward(self, grad_halo: torch.Tensor) -> None:
+        comm, plan = self.comm, self.plan
+        if comm.world_size == 1:
+            return
+        send_index, recv_slices = comm._indices(plan)
+        grad_halo = grad_halo.contiguous()
+        sends = [
+            (q, grad_halo[r.start - plan.n_owned : r.stop - plan.n_owned])
+            for q, r in enumerate(recv_slices)
+            if q in comm._peers(plan.recv_counts)
+        ]
+        buffers = {
+            q: grad_halo.new_empty((len(send_index[q]), *grad_halo.shape[1:]))
+            for q in comm._peers(plan.send_counts)
+        }
+        posted = comm._post(sends, list(buffers.items()), self.tag + 1, "reverse halo exchange")
+        self.reverse = (posted, buffers)
+
+    def wait_backward(self, grad_owned: torch.Tensor) -> torch.Tensor:
+        if self.reverse is None:
+            return grad_owned
+        posted, buffers = self.reverse
+        self.reverse = None
+        self.comm._wait(posted)
+        send_index, _ = self.comm._indices(self.plan)
+        grad_owned = grad_owned.clone()
+        for q, buffer in buffers.items():
+            grad_owned.index_add_(0, send_index[q], buffer)
+        return grad_owned
+
+
+class _ExchangeStart(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, owned, pending: PendingExchange):
+        ctx.pending = pending
+        pending.post_forward(owned)
+        return owned.view_as(owned)
+
+    @staticmethod
+    def backward(ctx, grad_owned: torch.Tensor):
+        return ctx.pending.wait_backward(grad_owned), None
+
+
+class _ExchangeFinish(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, owned, pending: PendingExchange):
+        ctx.pending = pending
+        ctx.owned_shape = owned.shape
+        return pending.wait_forward()
+
+    @staticmethod
+    def backward(ctx, grad_halo: torch.Tensor):
+        ctx.pending.post_backward(grad_halo)
+        # The halo's gradient reaches the owned rows through the start's backward, on the peers.
+        return grad_halo.new_zeros(ctx.owned_shape), None
 
 
 class _HaloExchange(torch.autograd.Function):

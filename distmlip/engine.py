@@ -21,10 +21,10 @@ import torch
 
 from distmlip.comm import Communicator
 from distmlip.graph import Structure
-from distmlip.halo import LocalGraph
+from distmlip.halo import HaloPlan, LocalGraph, edge_vectors
 from distmlip.models.base import DistributedModel, GraphInputs
 
-__all__ = ["WorkerResult", "evaluate", "graph_inputs"]
+__all__ = ["WorkerResult", "evaluate", "graph_inputs", "AtomExchange", "GhostRows"]
 
 
 @dataclass
@@ -59,16 +59,64 @@ class WorkerResult:
     exchanges: list[dict] = field(default_factory=list)
 
 
+class AtomExchange:
+    """The ``exchange`` adapters receive: refreshes the halo rows of atom features.
+
+    ``exchange(owned)``: (n_owned, ...) → (n_local, ...), blocking. ``exchange.start(owned)``:
+    ``(owned, pending)`` at once, ``pending.finish()`` → (n_halo, ...) halo rows later, so the
+    transfer overlaps whatever the adapter computes in between (e.g. messages along edges whose
+    sender is owned); see :meth:`~distmlip.comm.Communicator.start_exchange`.
+    """
+
+    def __init__(self, comm: Communicator, plan: HaloPlan):
+        self.comm, self.plan = comm, plan
+
+    def __call__(self, owned: torch.Tensor) -> torch.Tensor:
+        return self.comm.exchange(owned, self.plan)
+
+    def start(self, owned: torch.Tensor):
+        return self.comm.start_exchange(owned, self.plan)
+
+
+class GhostRows:
+    """The ghost baseline's ``exchange``: nothing to fetch.
+
+    The outermost ghosts only ever matter through their species (layer 0); at later layers they
+    feed nodes whose features are already out of their exact range, so zeros serve.
+    """
+
+    def __init__(self, graph: LocalGraph):
+        self.n_outer = graph.n_local - graph.n_computed
+
+    def _outer(self, computed: torch.Tensor) -> torch.Tensor:
+        return computed.new_zeros((self.n_outer, *computed.shape[1:]))
+
+    def __call__(self, computed: torch.Tensor) -> torch.Tensor:
+        return torch.cat([computed, self._outer(computed)])
+
+    def start(self, computed: torch.Tensor):
+        return computed, _Ready(self._outer(computed))
+
+
+class _Ready:
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def finish(self) -> torch.Tensor:
+        return self.rows
+
+
 def graph_inputs(
     graph: LocalGraph,
     structure: Structure,
     dtype: torch.dtype,
     device: torch.device,
+    vectors: np.ndarray | None = None,
 ) -> GraphInputs:
-    """Tensors of the local graph; edge vectors are computed in float64, then cast."""
-    positions = structure.positions[graph.global_index]
+    """Tensors of the local graph; edge vectors (given, or computed here) are float64, then cast."""
     edges = graph.edges
-    vectors = positions[edges.senders] - positions[edges.receivers] + edges.shifts @ structure.cell
+    if vectors is None:
+        vectors = edge_vectors(graph, structure)
     return GraphInputs(
         numbers=torch.as_tensor(structure.numbers[graph.global_index], device=device),
         vectors=torch.as_tensor(vectors, dtype=dtype, device=device),
@@ -88,31 +136,25 @@ def evaluate(
     dtype: torch.dtype,
     device: torch.device,
     compute_forces: bool = True,
+    vectors: np.ndarray | None = None,
 ) -> WorkerResult:
-    """Run the model on this worker's local graph; see the module docstring."""
+    """Run the model on this worker's local graph; see the module docstring.
+
+    ``vectors``: the graph's (E, 3) float64 edge vectors if the caller has them already.
+    """
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    inputs = graph_inputs(graph, structure, dtype, device)
+    inputs = graph_inputs(graph, structure, dtype, device, vectors)
     inputs.comm = comm
     inputs.vectors.requires_grad_(compute_forces)
     comm.reset()
-    plan = graph.plan
-
-    def exchange(owned: torch.Tensor) -> torch.Tensor:
-        return comm.exchange(owned, plan)
-
-    def ghost_rows(computed: torch.Tensor) -> torch.Tensor:
-        # Ghost baseline: nothing to fetch. The outermost ghosts only ever matter through their
-        # species (layer 0); at later layers they feed nodes whose features are already
-        # out of their exact range, so zeros serve.
-        outer = computed.new_zeros((graph.n_local - graph.n_computed, *computed.shape[1:]))
-        return torch.cat([computed, outer])
+    exchange = GhostRows(graph) if graph.ghost else AtomExchange(comm, graph.plan)
 
     timings["inputs"] = time.perf_counter() - start
 
     start = time.perf_counter()
     with torch.set_grad_enabled(compute_forces):
-        energies = model(inputs, ghost_rows if graph.ghost else exchange)
+        energies = model(inputs, exchange)
         if energies.shape != (graph.n_computed,):
             raise RuntimeError(
                 f"{type(model).__name__} returned energies of shape {tuple(energies.shape)}, "
@@ -149,7 +191,7 @@ def evaluate(
         if graph.ghost:  # the driver sums ghost rows into their owners
             forces = -gradient.double().cpu().numpy()
         else:
-            forces = -comm.reverse_sum(gradient, plan).double().cpu().numpy()
+            forces = -comm.reverse_sum(gradient, exchange.plan).double().cpu().numpy()
         virial = (edge_gradients.double().T @ inputs.vectors.detach().double()).cpu().numpy()
         timings["forces"] = time.perf_counter() - start
 

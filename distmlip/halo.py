@@ -17,7 +17,7 @@ Everything here is numpy; :mod:`distmlip.comm` moves the rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,6 +30,8 @@ __all__ = [
     "resolve_send_index",
     "build_all_local_graphs",
     "build_ghost_graph",
+    "edge_vectors",
+    "within_cutoff",
 ]
 
 
@@ -176,6 +178,37 @@ def build_local_graph(
         edges=edges,
         recv_counts=recv_counts,
     )
+
+
+def edge_vectors(graph: LocalGraph, structure: Structure) -> np.ndarray:
+    """(E, 3) float64 edge vectors v = x_sender + shift @ cell − x_receiver of ``graph``, Å."""
+    positions = structure.positions[graph.global_index]
+    edges = graph.edges
+    return positions[edges.senders] - positions[edges.receivers] + edges.shifts @ structure.cell
+
+
+def within_cutoff(
+    graph: LocalGraph, structure: Structure, cutoff: float
+) -> tuple[LocalGraph, np.ndarray]:
+    """``graph`` cut down to the edges shorter than ``cutoff`` at ``structure``'s positions.
+
+    The Verlet-skin reuse of a graph: one built with ``cutoff + skin`` still holds every edge
+    shorter than ``cutoff`` as long as no atom has moved more than ``skin / 2`` since it was
+    built (and the cell and the partition are unchanged), so re-selecting its edges gives the
+    exact graph without a neighbour search. Rows, halo and plan are kept (halo rows that lost
+    all their edges are still exchanged, harmlessly).
+
+    Returns:
+        The restricted graph (a new :class:`LocalGraph` sharing rows and plan) and its
+        (E', 3) float64 edge vectors, Å.
+    """
+    vectors = edge_vectors(graph, structure)
+    kept = np.flatnonzero(np.einsum("ij,ij->i", vectors, vectors) < cutoff * cutoff)
+    edges = graph.edges
+    restricted = EdgeList(
+        receivers=edges.receivers[kept], senders=edges.senders[kept], shifts=edges.shifts[kept]
+    )
+    return replace(graph, edges=restricted), vectors[kept]
 
 
 def rows_of(owned_keys: np.ndarray, requests_from_peers: list[np.ndarray], rank: int) -> list:

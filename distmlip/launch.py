@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection, wait
 
 import numpy as np
 
-__all__ = ["WorkerPool", "WorkerError", "WorkerConfig"]
+__all__ = ["WorkerPool", "WorkerError", "WorkerConfig", "EvaluationRequest"]
 
 
 STARTUP_TIMEOUT = 300.0
@@ -44,6 +44,28 @@ STARTUP_TIMEOUT = 300.0
 
 class WorkerError(RuntimeError):
     """A worker died, raised, or did not answer within the timeout. The pool is closed."""
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """What the driver sends every worker for one evaluation.
+
+    Attributes:
+        structure: the replicated :class:`~distmlip.graph.Structure`.
+        owner: (N,) int64 owning rank of each atom.
+        compute_forces: also forces and virial.
+        halo: ``"exchange"`` or ``"ghost"``.
+        skin: Å added to the cutoff when a graph is built, so it can be reused.
+        reuse: re-select the edges of the graph built at the last rebuild instead of building
+            one (the driver checked that it still holds; ``owner`` is then the same as then).
+    """
+
+    structure: object
+    owner: np.ndarray
+    compute_forces: bool = True
+    halo: str = "exchange"
+    skin: float = 0.0
+    reuse: bool = False
 
 
 @dataclass(frozen=True)
@@ -124,8 +146,16 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
 
     from distmlip.comm import Communicator
     from distmlip.engine import evaluate
-    from distmlip.halo import build_ghost_graph, build_local_graph, resolve_send_index
+    from distmlip.halo import (
+        build_ghost_graph,
+        build_local_graph,
+        resolve_send_index,
+        within_cutoff,
+    )
 
+    # The graph built with cutoff + skin at the last rebuild; the driver says when it still
+    # holds (no atom moved more than skin / 2, same cell and partition) by sending reuse=True.
+    skin_graph = None
     while True:
         try:
             command, payload = connection.recv()
@@ -134,33 +164,52 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
         if command == "stop":
             return
         try:
-            structure, owner, compute_forces, halo = pickle.loads(payload)
+            request: EvaluationRequest = pickle.loads(payload)
+            structure = request.structure
             start = time.perf_counter()
             comm = Communicator(config.rank, config.world_size, device, config.timeout)
-            if halo == "ghost":
+            vectors = None
+            if request.halo == "ghost":
+                skin_graph = None
                 graph = build_ghost_graph(
                     structure,
-                    owner,
+                    request.owner,
                     config.rank,
                     config.world_size,
                     model.cutoff,
                     model.num_layers,
                 )
             else:
-                graph = build_local_graph(
-                    structure, owner, config.rank, config.world_size, model.cutoff
-                )
-                resolve_send_index(graph, comm.exchange_requests(graph.requests()))
+                if not request.reuse:
+                    skin_graph = build_local_graph(
+                        structure,
+                        request.owner,
+                        config.rank,
+                        config.world_size,
+                        model.cutoff + request.skin,
+                    )
+                    resolve_send_index(skin_graph, comm.exchange_requests(skin_graph.requests()))
+                elif skin_graph is None:
+                    raise RuntimeError("asked to reuse a graph this worker has not built")
+                graph = skin_graph
+                if request.skin > 0:
+                    graph, vectors = within_cutoff(skin_graph, structure, model.cutoff)
+                else:
+                    skin_graph = None
             graph_time = time.perf_counter() - start
-            result = evaluate(model, graph, structure, comm, dtype, device, compute_forces)
+            result = evaluate(
+                model, graph, structure, comm, dtype, device, request.compute_forces, vectors
+            )
             result.timings = {"graph": graph_time, **result.timings}
+            result.stats["graph_reused"] = int(request.reuse)
+            result.stats["skin_edges"] = len(skin_graph.edges) if skin_graph is not None else 0
             # ru_maxrss is in KiB on Linux: the worker's high-water mark since it started.
             result.stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             if device.type == "cuda":
                 result.stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             connection.send(("ok", result))
             # Free this call's graph and tensors before the next request arrives, not during it.
-            del graph, comm, result
+            del graph, comm, result, vectors
         except Exception:
             connection.send(("error", traceback.format_exc()))
 
@@ -234,6 +283,8 @@ class WorkerPool:
         self._processes: list = []
         self._connections: list[Connection] = []
         self._finalizer = None
+        self.generation = 0
+        """Incremented at every start: graphs cached by workers belong to one generation."""
 
     @property
     def running(self) -> bool:
@@ -246,6 +297,7 @@ class WorkerPool:
     def start(self) -> None:
         if self.running:
             return
+        self.generation += 1
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         environment = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
         available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
@@ -323,16 +375,25 @@ class WorkerPool:
         raise WorkerError(f"{what}: worker {rank} failed:\n{message}")
 
     def evaluate(
-        self, structure, owner: np.ndarray, compute_forces: bool = True, halo: str = "exchange"
+        self,
+        structure,
+        owner: np.ndarray,
+        compute_forces: bool = True,
+        halo: str = "exchange",
+        skin: float = 0.0,
+        reuse: bool = False,
     ) -> list:
         """Send one structure to every worker; their :class:`~distmlip.engine.WorkerResult` s.
 
         ``halo``: ``"exchange"`` (zero redundancy) or ``"ghost"`` (the recomputing baseline).
+        ``skin`` and ``reuse``: see :class:`EvaluationRequest`; ``reuse`` is only honoured while
+        the workers that built the graph are still running (same :attr:`generation`).
         """
+        if reuse and not self.running:
+            raise RuntimeError("cannot reuse graphs: the workers that built them have stopped")
         self.start()
-        payload = pickle.dumps(
-            (structure, owner, compute_forces, halo), protocol=pickle.HIGHEST_PROTOCOL
-        )
+        request = EvaluationRequest(structure, owner, compute_forces, halo, float(skin), reuse)
+        payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
         for rank, connection in enumerate(self._connections):
             try:
                 connection.send(("evaluate", payload))

@@ -95,13 +95,21 @@ class PoolCache:
         dtype: str = "float64",
         halo: str = "exchange",
         model=None,
+        skin: float = 0.0,
     ):
         model = self.model if model is None else model
-        key = (id(model) if not isinstance(model, str) else model, nprocs, partitioner, dtype, halo)
+        name = id(model) if not isinstance(model, str) else model
+        key = (name, nprocs, partitioner, dtype, halo, skin)
         if key != self.key:
             self.close()
             self.calc = DistributedCalculator(
-                model, nprocs=nprocs, partitioner=partitioner, dtype=dtype, halo=halo, timeout=120
+                model,
+                nprocs=nprocs,
+                partitioner=partitioner,
+                dtype=dtype,
+                halo=halo,
+                timeout=120,
+                skin=skin,
             )
             self.key = key
         return self.calc
@@ -126,6 +134,20 @@ def evaluate(calc, atoms: Atoms) -> dict:
     properties = ["energy", "forces", "energies"] + (["stress"] if atoms.cell.volume > 0 else [])
     calc.calculate(atoms, properties)
     return {key: np.array(calc.results[key], copy=True) for key in properties}
+
+
+def trajectory(atoms: Atoms, steps: int, step_size: float, seed: int = 0) -> list[Atoms]:
+    """``steps`` configurations, each atom moving ``step_size`` Å in a random direction per step
+    (a random walk, so displacements since any rebuild grow as in MD)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    atoms = atoms.copy()
+    for _ in range(steps):
+        direction = rng.normal(size=(len(atoms), 3))
+        direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+        atoms.positions += step_size * direction
+        frames.append(atoms.copy())
+    return frames
 
 
 @pytest.fixture(scope="session")

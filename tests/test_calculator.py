@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 from ase.calculators.calculator import PropertyNotImplementedError
-from conftest import SYSTEMS, evaluate, small_cell, triclinic
+from conftest import SYSTEMS, bulk_cu, evaluate, small_cell, trajectory, triclinic
+
+from distmlip import DistributedCalculator, WorkerError
 
 RTOL = 1e-10
 
@@ -140,3 +145,85 @@ def test_ghost_needs_layer_count():
 
     with pytest.raises(ValueError, match="halo='ghost' needs the model's number"):
         DistributedCalculator(NoLayers(), nprocs=2, halo="ghost")
+
+
+SKIN = 0.6
+
+
+def skin_frames() -> dict[str, list[tuple]]:
+    """Per system, (atoms, graph expected to be reused) for MD-like steps with ``SKIN``.
+
+    Random-walk steps of 0.08 Å: after the first build the next three steps move no atom more
+    than 0.24 Å (< SKIN / 2), so they must reuse the graph; later steps may rebuild. The bulk
+    system then probes each rebuild rule once.
+    """
+    frames = {}
+    for name in ("bulk", "small_cell", "slab", "cluster"):
+        walk = trajectory(SYSTEMS[name](), steps=6, step_size=0.08, seed=7)
+        frames[name] = [(walk[0], False)] + [(a, True) for a in walk[1:4]]
+        frames[name] += [(a, None) for a in walk[4:]]
+    base = bulk_cu()
+    moved = base.copy()
+    moved.positions[17] += [0.29, 0.0, 0.0]  # 2 × 0.29 < 0.6: reuse
+    moved_more = base.copy()
+    moved_more.positions[17] += [0.0, 0.31, 0.0]  # 2 × 0.31 > 0.6: rebuild
+    wrapped = base.copy()  # the same physical system, one atom stored one lattice vector away
+    wrapped.positions[3] += wrapped.cell[0]
+    strained = base.copy()
+    strained.set_cell(base.cell.array * 1.001, scale_atoms=True)
+    substituted = base.copy()
+    substituted.numbers[4] = 47
+    frames["bulk_rules"] = [
+        (base, False),
+        (moved, True),
+        (moved_more, False),
+        (base, False),
+        (wrapped, False),
+        (base, False),
+        (strained, False),
+        (substituted, False),
+    ]
+    return frames
+
+
+@pytest.mark.parametrize(("nprocs", "partitioner"), [(3, "rcb"), (2, "metis")])
+def test_skin_reuse_equals_fresh_graphs(nprocs, partitioner, pools):
+    """Verlet-skin graph reuse gives the single-process results of a fresh graph every step,
+    reuses exactly when no atom moved more than skin / 2 and nothing else changed."""
+    frames = skin_frames()
+    single = pools.get(1)
+    expected = {name: [evaluate(single, atoms) for atoms, _ in f] for name, f in frames.items()}
+    calc = pools.get(nprocs, partitioner, skin=SKIN)
+    for name, steps in frames.items():
+        for step, ((atoms, reuse), reference) in enumerate(zip(steps, expected[name], strict=True)):
+            got = evaluate(calc, atoms)
+            for key in reference:
+                error = relative_error(got[key], reference[key])
+                assert error <= RTOL, f"{name} step {step}: {key} relative error {error:.2e}"
+            reused = {s["graph_reused"] for s in calc.last_stats}
+            assert len(reused) == 1, "workers disagree on reusing their graphs"
+            if reuse is not None:
+                assert reused == {int(reuse)}, f"{name} step {step}: reused {reused}"
+            # Graphs were built with cutoff + skin: more candidate edges than real ones.
+            assert all(s["skin_edges"] > s["edges"] for s in calc.last_stats)
+    assert calc.graph_reuses >= 3 * 4 + 1
+
+
+def test_skin_is_validated(reference_model):
+    with pytest.raises(ValueError, match="skin must be"):
+        DistributedCalculator(reference_model, nprocs=1, skin=-0.1)
+    with pytest.raises(ValueError, match="skin must be"):
+        DistributedCalculator(reference_model, nprocs=1, skin=float("nan"))
+
+
+def test_skin_after_worker_death_rebuilds(reference_model):
+    """A graph cached by workers that died is never reused: the restarted pool rebuilds."""
+    atoms = small_cell()
+    with DistributedCalculator(reference_model, nprocs=2, skin=0.5, timeout=60) as calc:
+        first = evaluate(calc, atoms)
+        os.kill(calc.pool.pids[1], signal.SIGKILL)
+        with pytest.raises(WorkerError):
+            evaluate(calc, atoms)
+        again = evaluate(calc, atoms)
+        assert {s["graph_reused"] for s in calc.last_stats} == {0}
+        assert relative_error(again["forces"], first["forces"]) <= RTOL

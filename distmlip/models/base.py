@@ -23,7 +23,11 @@ if TYPE_CHECKING:
 __all__ = ["GraphInputs", "DistributedModel", "Exchange"]
 
 Exchange = Callable[[torch.Tensor], torch.Tensor]
-"""``exchange(owned_rows) -> local_rows``: (n_owned, ...) → (n_owned + n_halo, ...)."""
+"""``exchange(owned_rows) -> local_rows``: (n_owned, ...) → (n_owned + n_halo, ...).
+
+The object the engine passes (:class:`distmlip.engine.AtomExchange`) also has
+``exchange.start(owned_rows) -> (owned_rows, pending)`` and ``pending.finish() -> halo_rows``, to
+overlap the transfer with work that needs only owned rows."""
 
 
 @dataclass

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distmlip.halo import HaloPlan, rows_of
+from distmlip.halo import HaloPlan, edge_vectors, rows_of
 from distmlip.models.base import DistributedModel, Exchange, GraphInputs
 
 __all__ = ["CHGNetAdapter", "BondGraph", "build_bond_graph", "load_chgnet"]
@@ -122,8 +122,7 @@ def build_bond_graph(inputs: GraphInputs, bond_cutoff: float) -> BondGraph:
     edges = graph.edges
     n_edges = len(edges)
     gidx = graph.global_index
-    positions = structure.positions[gidx]
-    vectors = positions[edges.senders] - positions[edges.receivers] + edges.shifts @ structure.cell
+    vectors = edge_vectors(graph, structure)
     lengths = np.linalg.norm(vectors, axis=1)
     # CHGNet: a bond enters the bond graph if its length <= cutoff, a partner if < cutoff.
     short = lengths <= bond_cutoff
