@@ -137,7 +137,7 @@ def demo(args) -> int:
     ]
     report: dict = {"atoms": len(atoms), "model": args.model, "nprocs": args.nprocs, "steps": []}
     with DistributedCalculator(
-        args.model, nprocs=args.nprocs, partitioner=args.partitioner, **settings
+        args.model, nprocs=args.nprocs, partitioner=args.partitioner, skin=args.skin, **settings
     ) as calc:
         atoms.calc = calc
         dynamics = VelocityVerlet(atoms, timestep=args.timestep * units.fs)
@@ -167,12 +167,14 @@ def demo(args) -> int:
         worker_memory = [
             max(a, s["peak_rss_mb"]) for a, s in zip(worker_memory, calc.last_stats, strict=True)
         ]
+        graphs = (calc.graph_builds, calc.graph_reuses)
     step_times = [s["time_s"] for s in report["steps"]]
     drift = report["steps"][-1]["total_energy_eV"] - report["steps"][0]["total_energy_eV"]
     rows += [
         ("first evaluation", f"{first_time:.2f} s, E = {first_energy:.4f} eV"),
         ("MD", f"{args.steps} steps of {args.timestep} fs, velocity Verlet, {args.temperature} K"),
         ("time per step", f"{np.mean(step_times):.2f} s (min {np.min(step_times):.2f} s)"),
+        ("graphs", f"{graphs[0]} built, {graphs[1]} reused (skin {args.skin} Å)"),
         ("final temperature", f"{report['steps'][-1]['temperature_K']:.1f} K"),
         ("total energy drift", f"{drift:+.2e} eV over {args.steps - 1} steps"),
         ("peak memory / worker", " ".join(f"{m:.0f}" for m in worker_memory) + " MB"),
@@ -181,6 +183,8 @@ def demo(args) -> int:
         first_energy_eV=first_energy,
         first_evaluation_s=first_time,
         worker_peak_rss_mb=worker_memory,
+        graph_builds=graphs[0],
+        graph_reuses=graphs[1],
     )
     if args.compare:
         with DistributedCalculator(args.model, nprocs=1, **settings) as single:
@@ -267,6 +271,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=5, help="MD steps")
     d.add_argument("--timestep", type=float, default=1.0, help="fs")
     d.add_argument("--temperature", type=float, default=300.0, help="initial K")
+    d.add_argument(
+        "--skin", type=float, default=1.0, help="Å; reuse graphs until atoms move skin/2"
+    )
     _worker_options(d, dtype="float32", timeout=1800.0)
     d.add_argument(
         "--no-compare",

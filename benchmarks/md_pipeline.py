@@ -1,0 +1,225 @@
+"""Per-step costs of MD: graph reuse (Verlet skin) and overlapped halo exchange, side by side.
+
+Two comparisons, each between configurations run one after the other in one process:
+
+* **skin**: velocity-Verlet MD (1 fs, 300 K) with ``skin=0`` (new neighbour list, partition and
+  halo plan every step) vs ``skin=S`` (graphs reused until an atom moved S/2). Reported: wall
+  time per MD step, the part spent building graphs (driver partition + worker graph), the
+  number of rebuilds.
+* **overlap**: the reference model with ``overlap=False`` (wait for each halo, then all
+  messages) vs ``overlap=True`` (messages along interior edges while the halo travels).
+  Reported: time per evaluation and the seconds workers spent waiting on exchanges.
+
+    python benchmarks/md_pipeline.py --out docs/benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def fcc_cu(n_atoms: int):
+    from ase.build import bulk
+
+    repeat = max(1, round((n_atoms / 4) ** (1 / 3)))
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
+    atoms.rattle(0.02, seed=0)
+    return atoms
+
+
+def zincblende_gaas(n_atoms: int):
+    from ase.build import bulk
+
+    repeat = max(1, round((n_atoms / 8) ** (1 / 3)))
+    atoms = bulk("GaAs", "zincblende", a=5.653, cubic=True).repeat(repeat)
+    atoms.rattle(0.02, seed=0)
+    return atoms
+
+
+def md_steps(model, atoms, nprocs: int, skin: float, steps: int, threads: int) -> dict:
+    """Run ``steps`` velocity-Verlet steps; per-step wall time and graph-building time."""
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
+
+    from distmlip import DistributedCalculator
+
+    atoms = atoms.copy()
+    MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
+    with DistributedCalculator(
+        model, nprocs=nprocs, dtype="float32", skin=skin, threads_per_worker=threads, timeout=3600
+    ) as calc:
+        atoms.calc = calc
+        atoms.get_forces()  # the first evaluation builds the graphs in every configuration
+        dynamics = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+        step_times, graph_times = [], []
+        for _ in range(steps):
+            start = time.perf_counter()
+            dynamics.run(1)
+            step_times.append(time.perf_counter() - start)
+            timings = calc.last_timings
+            graph_times.append(max(t["partition"] + t["graph"] for t in timings))
+        builds, reuses = calc.graph_builds, calc.graph_reuses
+    return {
+        "atoms": len(atoms),
+        "nprocs": nprocs,
+        "skin": skin,
+        "steps": steps,
+        "step_s": float(np.median(step_times)),
+        "graph_s": float(np.median(graph_times)),
+        "graph_builds": builds,
+        "graph_reuses": reuses,
+    }
+
+
+def evaluations(model, atoms, nprocs: int, repeats: int, threads: int) -> dict:
+    """Fastest of ``repeats`` energy+forces+stress evaluations; communication wait seconds."""
+    from distmlip import DistributedCalculator
+
+    with DistributedCalculator(
+        model, nprocs=nprocs, dtype="float32", threads_per_worker=threads, timeout=3600
+    ) as calc:
+        best = None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            calc.calculate(atoms.copy(), ["energy", "forces", "stress"])
+            elapsed = time.perf_counter() - start
+            if best is None or elapsed < best[0]:
+                best = (elapsed, [dict(t) for t in calc.last_timings])
+    elapsed, timings = best
+    return {
+        "atoms": len(atoms),
+        "nprocs": nprocs,
+        "overlap": bool(model.overlap),
+        "time_s": elapsed,
+        "communication_s": max(t["communication"] for t in timings),
+        "forward_s": max(t["forward"] for t in timings),
+        "backward_s": max(t["backward"] for t in timings),
+    }
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "md_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# MD step pipeline: graph reuse and overlapped exchange", ""]
+    lines += [
+        f"Machine: {result['machine']}. One torch thread per worker. Configurations of a table "
+        "ran one after the other in one run; ratios compare them.",
+        "",
+        "## Graph reuse (Verlet skin), velocity Verlet 1 fs at 300 K, float32",
+        "",
+        "| model | atoms | P | skin (Å) | time/step (s) | graph time/step (s) | builds | reuses "
+        "| step time vs skin 0 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["skin"]:
+        base = next(
+            r
+            for r in result["skin"]
+            if r["model"] == row["model"] and r["atoms"] == row["atoms"] and r["skin"] == 0
+        )
+        lines.append(
+            f"| {row['model']} | {row['atoms']:,} | {row['nprocs']} | {row['skin']:g} "
+            f"| {row['step_s']:.3f} | {row['graph_s']:.3f} | {row['graph_builds']} "
+            f"| {row['graph_reuses']} | {row['step_s'] / base['step_s']:.2f} |"
+        )
+    lines += [
+        "",
+        "## Overlapped halo exchange (reference model, 3 layers, 5 Å, Cu), float32",
+        "",
+        "| atoms | P | overlap | time/eval (s) | waiting on exchanges (s) | comm share "
+        "| time vs no overlap |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in result["overlap"]:
+        base = next(
+            r
+            for r in result["overlap"]
+            if r["atoms"] == row["atoms"] and r["nprocs"] == row["nprocs"] and not r["overlap"]
+        )
+        lines.append(
+            f"| {row['atoms']:,} | {row['nprocs']} | {'yes' if row['overlap'] else 'no'} "
+            f"| {row['time_s']:.3f} | {row['communication_s']:.3f} "
+            f"| {100 * row['communication_s'] / row['time_s']:.1f}% "
+            f"| {row['time_s'] / base['time_s']:.2f} |"
+        )
+    (out / "md_pipeline.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['model']}\nskin {r['skin']:g}" for r in result["skin"]]
+    graph = [r["graph_s"] for r in result["skin"]]
+    rest = [r["step_s"] - r["graph_s"] for r in result["skin"]]
+    left.bar(labels, graph, label="graph (partition + neighbours + plan)")
+    left.bar(labels, rest, bottom=graph, label="model, exchange, transfer")
+    left.set_ylabel("seconds per MD step")
+    left.set_title("graph reuse")
+    left.legend(fontsize=8)
+    labels = [
+        f"P={r['nprocs']}\n{'overlap' if r['overlap'] else 'blocking'}" for r in result["overlap"]
+    ]
+    comm = [r["communication_s"] for r in result["overlap"]]
+    rest = [r["time_s"] - r["communication_s"] for r in result["overlap"]]
+    right.bar(labels, comm, label="waiting on exchanges")
+    right.bar(labels, rest, bottom=comm, label="everything else")
+    right.set_ylabel("seconds per evaluation")
+    right.set_title(f"overlap, {result['overlap'][0]['atoms']:,} Cu atoms")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "md_pipeline.png", dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference-atoms", type=int, default=32000)
+    parser.add_argument("--chgnet-atoms", type=int, default=5832)
+    parser.add_argument("--skin", type=float, default=1.0)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--nprocs", type=int, nargs="+", default=[2])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    args = parser.parse_args()
+
+    import os
+    import platform
+
+    from distmlip import ReferenceMPNN
+    from distmlip.models import resolve_model
+
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only (gloo)",
+        "skin": [],
+        "overlap": [],
+    }
+    systems = [
+        ("reference", ReferenceMPNN(), fcc_cu(args.reference_atoms)),
+        ("chgnet", resolve_model("chgnet"), zincblende_gaas(args.chgnet_atoms)),
+    ]
+    for name, model, atoms in systems:
+        for nprocs in args.nprocs:
+            for skin in (0.0, args.skin):
+                row = {"model": name, **md_steps(model, atoms, nprocs, skin, args.steps, 1)}
+                result["skin"].append(row)
+                print(json.dumps(row), flush=True)
+    atoms = fcc_cu(args.reference_atoms)
+    for nprocs in args.nprocs:
+        for overlap in (False, True):
+            model = ReferenceMPNN(overlap=overlap)
+            row = evaluations(model, atoms, nprocs, args.repeats, 1)
+            result["overlap"].append(row)
+            print(json.dumps(row), flush=True)
+    write_outputs(result, args.out)
+    print((args.out / "md_pipeline.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
