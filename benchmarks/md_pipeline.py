@@ -65,6 +65,7 @@ def md_steps(model, atoms, nprocs: int, skin: float, steps: int, threads: int) -
             timings = calc.last_timings
             graph_times.append(max(t["partition"] + t["graph"] for t in timings))
         builds, reuses = calc.graph_builds, calc.graph_reuses
+        peak = max(s["peak_rss_mb"] for s in calc.last_stats)
     return {
         "atoms": len(atoms),
         "nprocs": nprocs,
@@ -74,6 +75,7 @@ def md_steps(model, atoms, nprocs: int, skin: float, steps: int, threads: int) -
         "graph_s": float(np.median(graph_times)),
         "graph_builds": builds,
         "graph_reuses": reuses,
+        "peak_rss_mb": peak,
     }
 
 

@@ -77,6 +77,7 @@ def neighbor_list(
     pbc: np.ndarray,
     cutoff: float,
     receiver_mask: np.ndarray | None = None,
+    senders_in_mask_first: bool = False,
 ) -> EdgeList:
     """All directed edges with |v| < cutoff (full list, both directions), via vesin.
 
@@ -88,6 +89,8 @@ def neighbor_list(
         receiver_mask: optional (n,) bool; keep only the edges whose receiver it selects
             (the same edges in the same order as filtering the full list afterwards, but only
             the kept ones are copied and converted).
+        senders_in_mask_first: with ``receiver_mask``, list the kept edges whose sender the
+            mask also selects first, then the others (each group in search order).
     """
     if len(positions) == 0:
         empty = np.zeros(0, dtype=np.int64)
@@ -111,7 +114,11 @@ def neighbor_list(
             senders=j.astype(np.int64),
             shifts=shifts.astype(np.int64),
         )
-    kept = np.flatnonzero(np.asarray(receiver_mask, dtype=bool)[i])
+    receiver_mask = np.asarray(receiver_mask, dtype=bool)
+    kept = np.flatnonzero(receiver_mask[i])
+    if senders_in_mask_first:
+        inside = receiver_mask[j.take(kept)]
+        kept = np.concatenate([kept[inside], kept[~inside]])
     return EdgeList(
         receivers=_take_int64(i, kept),
         senders=_take_int64(j, kept),

@@ -6,8 +6,9 @@ Worker p holds
 * its *halo* H_p: atoms owned elsewhere that send an edge into V_p, after the owned rows,
   grouped by owner rank (ascending) and by global index within a group, so the rows arriving
   from each peer are one contiguous slice;
-* exactly the edges whose receiver is owned. Every edge of the global graph is therefore
-  computed by exactly one worker, and every node update too (zero redundancy).
+* exactly the edges whose receiver is owned, those with an owned sender (interior) first. Every
+  edge of the global graph is therefore computed by exactly one worker, and every node update
+  too (zero redundancy).
 
 After each message-passing layer, worker q sends the rows of its owned atoms that p requested
 (``send_index[p]``) and p overwrites its halo slice from q. The plan is resolved once per graph:
@@ -142,12 +143,15 @@ def build_local_graph(
     owned_in_region = owned_mask[region_atoms]
     # Only edges into owned atoms, in region indices (R ≈ N/P + shell). All bookkeeping below
     # is gathers from R-sized tables: no search or sort over the edges.
+    # Interior edges (sender owned) come first: models that overlap the halo exchange with
+    # interior work take them as one slice.
     local_edges = neighbor_list(
         structure.positions[region_atoms],
         structure.cell,
         structure.pbc,
         cutoff,
         receiver_mask=owned_in_region,
+        senders_in_mask_first=True,
     )
     receivers, senders = local_edges.receivers, local_edges.senders
 

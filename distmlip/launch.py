@@ -42,6 +42,16 @@ STARTUP_TIMEOUT = 300.0
 """Seconds allowed for workers to start, unless the call timeout is longer."""
 
 
+WORKER_MALLOC_ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+"""glibc settings of every worker (unless the caller's environment sets them): serve all
+allocations from the heap and never give freed memory back to the kernel. A worker's tensors
+have the same sizes at every MD step; by default glibc maps the large ones afresh and unmaps
+them when freed, so every step pays a page fault per 4 KiB touched (measured: CHGNet, 5,832
+atoms, P=2: 4.8 s per step by default, 3.1 s with these, peak memory unchanged). The cost: a
+worker keeps its high-water mark of memory until it stops. ``DISTMLIP_GLIBC_MALLOC=default`` in the
+caller's environment leaves glibc's defaults (for comparisons)."""
+
+
 class WorkerError(RuntimeError):
     """A worker died, raised, or did not answer within the timeout. The pool is closed."""
 
@@ -299,7 +309,9 @@ class WorkerPool:
             return
         self.generation += 1
         init_method = f"tcp://127.0.0.1:{_free_port()}"
-        environment = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        keep_mapped = os.environ.get("DISTMLIP_GLIBC_MALLOC") != "default"
+        environment = dict(WORKER_MALLOC_ENVIRONMENT if keep_mapped else {}, **os.environ)
+        environment["OMP_NUM_THREADS"] = str(self.threads)
         available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         pin = len(available) >= self.nprocs * self.threads
         for rank in range(self.nprocs):

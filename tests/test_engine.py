@@ -6,6 +6,7 @@ import gc
 import weakref
 
 import numpy as np
+import pytest
 import torch
 from conftest import small_cell
 
@@ -17,30 +18,50 @@ from distmlip.models import ReferenceMPNN
 
 
 class Recording(ReferenceMPNN):
-    """Keeps weak references to every exchanged tensor."""
+    """Keeps weak references to every exchanged tensor (and pending overlapped exchange)."""
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, overlap: bool):
+        super().__init__(overlap=overlap)
         self.seen: list[weakref.ref] = []
 
     def forward(self, inputs, exchange):
-        def recording_exchange(rows):
-            local = exchange(rows)
-            self.seen.append(weakref.ref(local))
-            return local
+        seen = self.seen
 
-        return super().forward(inputs, recording_exchange)
+        class RecordingExchange:
+            def __call__(self, rows):
+                local = exchange(rows)
+                seen.append(weakref.ref(local))
+                return local
+
+            def start(self, rows):
+                owned, pending = exchange.start(rows)
+                seen.extend([weakref.ref(owned), weakref.ref(pending)])
+                return owned, RecordingPending(pending)
+
+        class RecordingPending:
+            def __init__(self, pending):
+                self.pending = pending
+
+            def finish(self):
+                halo = self.pending.finish()
+                seen.append(weakref.ref(halo))
+                return halo
+
+        return super().forward(inputs, RecordingExchange())
 
 
-def test_exchanged_tensors_are_freed_after_the_call():
-    model = Recording().double()
+@pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlapped"])
+def test_exchanged_tensors_are_freed_after_the_call(overlap):
+    model = Recording(overlap).double()
     structure = Structure.from_ase(small_cell())
     owner = np.zeros(structure.n_atoms, dtype=np.int64)
     graph = build_local_graph(structure, owner, 0, 1, model.cutoff)
     comm = Communicator(0, 1, torch.device("cpu"))
     resolve_send_index(graph, comm.exchange_requests(graph.requests()))
     result = evaluate(model, graph, structure, comm, torch.float64, torch.device("cpu"))
-    assert np.isfinite(result.energy) and len(model.seen) == model.num_layers - 1
+    per_exchange = 3 if overlap else 1
+    assert np.isfinite(result.energy)
+    assert len(model.seen) == per_exchange * (model.num_layers - 1)
     gc.collect()
     # The autograd node of an exchange references the communicator, which held its output:
     # a cycle through C++ that leaked one call's tensors per call until the engine broke it.

@@ -60,6 +60,9 @@ def test_plan_covers_every_edge_once_and_every_halo_row_has_one_sender(
         receivers = graph.global_index[graph.edges.receivers]
         senders = graph.global_index[graph.edges.senders]
         assert (owner[receivers] == p).all()
+        # Interior edges (owned sender) first, then boundary edges: a prefix, then the rest.
+        interior = graph.edges.senders < graph.n_owned
+        assert not (np.diff(interior.astype(np.int8)) > 0).any()
         pieces.append(edge_keys(receivers, senders, graph.edges.shifts))
     got = sorted_rows(np.concatenate(pieces))
     np.testing.assert_array_equal(got, expected)

@@ -122,3 +122,16 @@ def test_no_orphans_when_parent_is_killed(tmp_path):
     parent.wait()
     assert len(pids) == 2
     assert_all_gone(pids)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs Linux /proc")
+def test_workers_keep_their_memory_mapped(calculator):
+    """Workers serve allocations from the heap and do not unmap freed memory (no page faults
+    per MD step)."""
+    for pid in calculator.pool.pids:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            environment = dict(
+                item.split(b"=", 1) for item in handle.read().split(b"\0") if b"=" in item
+            )
+        assert environment[b"MALLOC_MMAP_MAX_"] == b"0"
+        assert int(environment[b"MALLOC_TRIM_THRESHOLD_"]) >= 1 << 40

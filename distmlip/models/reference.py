@@ -102,31 +102,39 @@ class ReferenceMPNN(DistributedModel):
         senders, receivers = inputs.senders, inputs.receivers
         overlap = self.overlap and hasattr(exchange, "start")
         if overlap:
-            # Interior edges need only owned rows: they are computed while the halo travels.
-            interior = torch.nonzero(senders < n_owned).squeeze(-1)
-            boundary = torch.nonzero(senders >= n_owned).squeeze(-1)
-            interior_senders, interior_receivers = senders[interior], receivers[interior]
+            # Interior edges (sender owned) need only owned rows: their messages are computed
+            # while the halo travels. Local graphs list them first (halo.build_local_graph), so
+            # the split is two slices; any other order is sorted once here.
+            n_interior = int((senders < n_owned).sum())
+            if not bool((senders[:n_interior] < n_owned).all()):
+                order = torch.argsort((senders >= n_owned).to(torch.int8), stable=True)
+                senders, receivers = senders[order], receivers[order]
+                radial, envelope = radial[order], envelope[order]
+            interior = slice(0, n_interior)
+            boundary = slice(n_interior, None)
+            radial_parts = (radial[interior], radial[boundary])
+            envelope_parts = (envelope[interior], envelope[boundary])
             boundary_senders = senders[boundary] - n_owned
-            boundary_receivers = receivers[boundary]
         # Layer 0 needs only species, which every worker has for its halo: no exchange.
         local = self.embedding(inputs.numbers)
         owned = local[:n_owned]
         for layer in range(self.num_layers):
-            weights = self.filters[layer](radial) * envelope
             if layer > 0 and overlap:
                 owned, pending = exchange.start(owned)
+                weights = self.filters[layer](radial_parts[0]) * envelope_parts[0]
+                messages = weights * self._node_message(layer, owned)[senders[interior]]
                 aggregated = owned.new_zeros(owned.shape).index_add(
-                    0,
-                    interior_receivers,
-                    weights[interior] * self._node_message(layer, owned)[interior_senders],
+                    0, receivers[interior], messages
                 )
                 halo = self._node_message(layer, pending.finish())
+                weights = self.filters[layer](radial_parts[1]) * envelope_parts[1]
                 aggregated = aggregated.index_add(
-                    0, boundary_receivers, weights[boundary] * halo[boundary_senders]
+                    0, receivers[boundary], weights * halo[boundary_senders]
                 )
             else:
                 if layer > 0:
                     local = exchange(owned)
+                weights = self.filters[layer](radial) * envelope
                 messages = weights * self._node_message(layer, local)[senders]
                 aggregated = owned.new_zeros(owned.shape).index_add(0, receivers, messages)
             owned = owned + self.update[layer](
