@@ -2,10 +2,12 @@
 
 Two comparisons, each between configurations run one after the other in one process:
 
-* **skin**: velocity-Verlet MD (1 fs, 300 K) with ``skin=0`` (new neighbour list, partition and
-  halo plan every step) vs ``skin=S`` (graphs reused until an atom moved S/2). Reported: wall
-  time per MD step, the part spent building graphs (driver partition + worker graph), the
-  number of rebuilds.
+* **skin and allocator**: velocity-Verlet MD (1 fs, 300 K) with ``skin=0`` (new neighbour list,
+  partition and halo plan every step) vs ``skin=S`` (graphs reused until an atom moved S/2),
+  and with the workers' glibc malloc kept mapped (distmlip's default) vs glibc's defaults
+  (``DISTMLIP_GLIBC_MALLOC=default``: large blocks unmapped when freed, faulted in again at the
+  next step). Reported: wall time per MD step (median), the part spent building graphs (driver
+  partition + worker graph), rebuilds, peak RSS per worker.
 * **overlap**: the reference model with ``overlap=False`` (wait for each halo, then all
   messages) vs ``overlap=True`` (messages along interior edges while the halo travels).
   Reported: time per evaluation and the seconds workers spent waiting on exchanges.
@@ -41,8 +43,15 @@ def zincblende_gaas(n_atoms: int):
     return atoms
 
 
-def md_steps(model, atoms, nprocs: int, skin: float, steps: int, threads: int) -> dict:
-    """Run ``steps`` velocity-Verlet steps; per-step wall time and graph-building time."""
+def md_steps(
+    model, atoms, nprocs: int, skin: float, steps: int, threads: int, malloc: str = "kept"
+) -> dict:
+    """Run ``steps`` velocity-Verlet steps; per-step wall time and graph-building time.
+
+    ``malloc``: ``"kept"`` (distmlip's worker default) or ``"default"`` (glibc's own).
+    """
+    import os
+
     from ase import units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from ase.md.verlet import VelocityVerlet
@@ -51,9 +60,14 @@ def md_steps(model, atoms, nprocs: int, skin: float, steps: int, threads: int) -
 
     atoms = atoms.copy()
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
-    with DistributedCalculator(
+    os.environ.pop("DISTMLIP_GLIBC_MALLOC", None)
+    if malloc == "default":
+        os.environ["DISTMLIP_GLIBC_MALLOC"] = "default"  # read when the workers start
+    calc = DistributedCalculator(
         model, nprocs=nprocs, dtype="float32", skin=skin, threads_per_worker=threads, timeout=3600
-    ) as calc:
+    )
+    os.environ.pop("DISTMLIP_GLIBC_MALLOC", None)
+    with calc:
         atoms.calc = calc
         atoms.get_forces()  # the first evaluation builds the graphs in every configuration
         dynamics = VelocityVerlet(atoms, timestep=1.0 * units.fs)
@@ -70,6 +84,7 @@ def md_steps(model, atoms, nprocs: int, skin: float, steps: int, threads: int) -
         "atoms": len(atoms),
         "nprocs": nprocs,
         "skin": skin,
+        "malloc": malloc,
         "steps": steps,
         "step_s": float(np.median(step_times)),
         "graph_s": float(np.median(graph_times)),
@@ -113,39 +128,47 @@ def write_outputs(result: dict, out: Path) -> None:
         f"Machine: {result['machine']}. One torch thread per worker. Configurations of a table "
         "ran one after the other in one run; ratios compare them.",
         "",
-        "## Graph reuse (Verlet skin), velocity Verlet 1 fs at 300 K, float32",
+        "## Graph reuse (Verlet skin) and worker allocator, velocity Verlet 1 fs at 300 K, float32",
         "",
-        "| model | atoms | P | skin (Å) | time/step (s) | graph time/step (s) | builds | reuses "
-        "| step time vs skin 0 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Each configuration ran in every round (even rounds run them in reverse order); the "
+        "ratio is against the same round's glibc-default, skin 0 run.",
+        "",
+        "| model | atoms | P | round | malloc | skin (Å) | time/step (s) | graph time/step (s) "
+        "| builds | reuses | peak RSS/worker (MB) | step time ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["skin"]:
         base = next(
             r
             for r in result["skin"]
-            if r["model"] == row["model"] and r["atoms"] == row["atoms"] and r["skin"] == 0
+            if r["model"] == row["model"]
+            and r["round"] == row["round"]
+            and r["skin"] == 0
+            and r["malloc"] == "default"
         )
         lines.append(
-            f"| {row['model']} | {row['atoms']:,} | {row['nprocs']} | {row['skin']:g} "
-            f"| {row['step_s']:.3f} | {row['graph_s']:.3f} | {row['graph_builds']} "
-            f"| {row['graph_reuses']} | {row['step_s'] / base['step_s']:.2f} |"
+            f"| {row['model']} | {row['atoms']:,} | {row['nprocs']} | {row['round']} "
+            f"| {row['malloc']} | {row['skin']:g} | {row['step_s']:.3f} | {row['graph_s']:.3f} "
+            f"| {row['graph_builds']} | {row['graph_reuses']} | {row['peak_rss_mb']:.0f} "
+            f"| {row['step_s'] / base['step_s']:.2f} |"
         )
     lines += [
         "",
         "## Overlapped halo exchange (reference model, 3 layers, 5 Å, Cu), float32",
         "",
-        "| atoms | P | overlap | time/eval (s) | waiting on exchanges (s) | comm share "
+        "| atoms | P | round | overlap | time/eval (s) | waiting on exchanges (s) | comm share "
         "| time vs no overlap |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["overlap"]:
         base = next(
             r
             for r in result["overlap"]
-            if r["atoms"] == row["atoms"] and r["nprocs"] == row["nprocs"] and not r["overlap"]
+            if r["nprocs"] == row["nprocs"] and r["round"] == row["round"] and not r["overlap"]
         )
         lines.append(
-            f"| {row['atoms']:,} | {row['nprocs']} | {'yes' if row['overlap'] else 'no'} "
+            f"| {row['atoms']:,} | {row['nprocs']} | {row['round']} "
+            f"| {'yes' if row['overlap'] else 'no'} "
             f"| {row['time_s']:.3f} | {row['communication_s']:.3f} "
             f"| {100 * row['communication_s'] / row['time_s']:.1f}% "
             f"| {row['time_s'] / base['time_s']:.2f} |"
@@ -157,17 +180,23 @@ def write_outputs(result: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    labels = [f"{r['model']}\nskin {r['skin']:g}" for r in result["skin"]]
+    figure, (left, right) = plt.subplots(
+        1, 2, figsize=(15, 4.5), gridspec_kw={"width_ratios": [3, 1]}
+    )
+    labels = [
+        f"{r['model'][:4]} r{r['round']}\n{r['malloc']}\nskin {r['skin']:g}" for r in result["skin"]
+    ]
     graph = [r["graph_s"] for r in result["skin"]]
     rest = [r["step_s"] - r["graph_s"] for r in result["skin"]]
     left.bar(labels, graph, label="graph (partition + neighbours + plan)")
     left.bar(labels, rest, bottom=graph, label="model, exchange, transfer")
     left.set_ylabel("seconds per MD step")
-    left.set_title("graph reuse")
+    left.set_title("graph reuse and allocator")
+    left.tick_params(axis="x", labelsize=7)
     left.legend(fontsize=8)
     labels = [
-        f"P={r['nprocs']}\n{'overlap' if r['overlap'] else 'blocking'}" for r in result["overlap"]
+        f"P={r['nprocs']} r{r['round']}\n{'overlap' if r['overlap'] else 'blocking'}"
+        for r in result["overlap"]
     ]
     comm = [r["communication_s"] for r in result["overlap"]]
     rest = [r["time_s"] - r["communication_s"] for r in result["overlap"]]
@@ -185,8 +214,9 @@ def main() -> None:
     parser.add_argument("--reference-atoms", type=int, default=32000)
     parser.add_argument("--chgnet-atoms", type=int, default=5832)
     parser.add_argument("--skin", type=float, default=1.0)
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--nprocs", type=int, nargs="+", default=[2])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--nprocs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = parser.parse_args()
@@ -206,17 +236,20 @@ def main() -> None:
         ("reference", ReferenceMPNN(), fcc_cu(args.reference_atoms)),
         ("chgnet", resolve_model("chgnet"), zincblende_gaas(args.chgnet_atoms)),
     ]
+    configurations = [("default", 0.0), ("kept", 0.0), ("kept", args.skin)]
     for name, model, atoms in systems:
-        for nprocs in args.nprocs:
-            for skin in (0.0, args.skin):
-                row = {"model": name, **md_steps(model, atoms, nprocs, skin, args.steps, 1)}
+        for round_ in range(1, args.rounds + 1):
+            order = configurations if round_ % 2 else configurations[::-1]
+            for malloc, skin in order:
+                row = md_steps(model, atoms, args.nprocs, skin, args.steps, 1, malloc)
+                row = {"model": name, "round": round_, **row}
                 result["skin"].append(row)
                 print(json.dumps(row), flush=True)
     atoms = fcc_cu(args.reference_atoms)
-    for nprocs in args.nprocs:
-        for overlap in (False, True):
+    for round_ in range(1, args.rounds + 1):
+        for overlap in (False, True) if round_ % 2 else (True, False):
             model = ReferenceMPNN(overlap=overlap)
-            row = evaluations(model, atoms, nprocs, args.repeats, 1)
+            row = {"round": round_, **evaluations(model, atoms, args.nprocs, args.repeats, 1)}
             result["overlap"].append(row)
             print(json.dumps(row), flush=True)
     write_outputs(result, args.out)
