@@ -5,8 +5,8 @@ Two comparisons, each between configurations run one after the other in one proc
 * **skin and allocator**: velocity-Verlet MD (1 fs, 300 K) with ``skin=0`` (new neighbour list,
   partition and halo plan every step) vs ``skin=S`` (graphs reused until an atom moved S/2),
   and with the workers' glibc malloc kept mapped (distmlip's default) vs glibc's defaults
-  (``DISTMLIP_GLIBC_MALLOC=default``: large blocks unmapped when freed, faulted in again at the
-  next step). Reported: wall time per MD step (median), the part spent building graphs (driver
+  (``allocator="system"``: large blocks unmapped when freed, faulted in again at the next
+  step). Reported: wall time per MD step (median), the part spent building graphs (driver
   partition + worker graph), rebuilds, peak RSS per worker.
 * **overlap**: the reference model with ``overlap=False`` (wait for each halo, then all
   messages) vs ``overlap=True`` (messages along interior edges while the halo travels).
@@ -48,9 +48,9 @@ def md_steps(
 ) -> dict:
     """Run ``steps`` velocity-Verlet steps; per-step wall time and graph-building time.
 
-    ``malloc``: ``"kept"`` (distmlip's worker default) or ``"default"`` (glibc's own).
+    ``malloc``: ``"kept"`` (``allocator="keep"``, the default) or ``"default"``
+    (``allocator="system"``: glibc's own settings).
     """
-    import os
 
     from ase import units
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
@@ -60,14 +60,15 @@ def md_steps(
 
     atoms = atoms.copy()
     MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=np.random.default_rng(0))
-    os.environ.pop("DISTMLIP_GLIBC_MALLOC", None)
-    if malloc == "default":
-        os.environ["DISTMLIP_GLIBC_MALLOC"] = "default"  # read when the workers start
-    calc = DistributedCalculator(
-        model, nprocs=nprocs, dtype="float32", skin=skin, threads_per_worker=threads, timeout=3600
-    )
-    os.environ.pop("DISTMLIP_GLIBC_MALLOC", None)
-    with calc:
+    with DistributedCalculator(
+        model,
+        nprocs=nprocs,
+        dtype="float32",
+        skin=skin,
+        threads_per_worker=threads,
+        timeout=3600,
+        allocator="keep" if malloc == "kept" else "system",
+    ) as calc:
         atoms.calc = calc
         atoms.get_forces()  # the first evaluation builds the graphs in every configuration
         dynamics = VelocityVerlet(atoms, timestep=1.0 * units.fs)

@@ -111,6 +111,9 @@ class DistributedCalculator(Calculator):
             pbc and species are unchanged (a Verlet list): MD steps then skip the neighbour
             search, the partition and the halo-plan handshake. Results are the same as without
             it. ``graph_builds`` and ``graph_reuses`` count what happened. Exchange mode only.
+        allocator: ``"keep"`` (default): workers keep freed memory mapped, so repeated calls
+            (MD) do not pay page faults again (faster steps, up to ~1/3 higher peak memory for
+            cheap models); ``"system"``: the C library's defaults (lowest peak memory).
 
     Properties: ``energy``, ``free_energy``, ``energies`` (eV), ``forces`` (eV/Å) and ``stress``
     (eV/Å³, Voigt xx yy zz yz xz xy; needs a cell of nonzero volume). After each call
@@ -134,6 +137,7 @@ class DistributedCalculator(Calculator):
         threads_per_worker: int | None = None,
         halo: str = "exchange",
         skin: float = 0.0,
+        allocator: str = "keep",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -179,6 +183,7 @@ class DistributedCalculator(Calculator):
             dtype=dtype,
             timeout=timeout,
             threads_per_worker=threads_per_worker,
+            allocator=allocator,
         )
         self.last_timings: list[dict[str, float]] = []
         self.last_stats: list[dict[str, int]] = []

@@ -184,15 +184,28 @@ def build_local_graph(
     )
 
 
-def edge_vectors(graph: LocalGraph, structure: Structure) -> np.ndarray:
-    """(E, 3) float64 edge vectors v = x_sender + shift @ cell − x_receiver of ``graph``, Å."""
+def edge_vectors(
+    graph: LocalGraph, structure: Structure, shift_vectors: np.ndarray | None = None
+) -> np.ndarray:
+    """(E, 3) float64 edge vectors v = x_sender + shift @ cell − x_receiver of ``graph``, Å.
+
+    ``shift_vectors``: ``graph.edges.shifts @ structure.cell`` if the caller has it already.
+    """
     positions = structure.positions[graph.global_index]
     edges = graph.edges
-    return positions[edges.senders] - positions[edges.receivers] + edges.shifts @ structure.cell
+    if shift_vectors is None:
+        shift_vectors = edges.shifts @ structure.cell
+    vectors = positions[edges.senders]
+    vectors -= positions[edges.receivers]
+    vectors += shift_vectors
+    return vectors
 
 
 def within_cutoff(
-    graph: LocalGraph, structure: Structure, cutoff: float
+    graph: LocalGraph,
+    structure: Structure,
+    cutoff: float,
+    shift_vectors: np.ndarray | None = None,
 ) -> tuple[LocalGraph, np.ndarray]:
     """``graph`` cut down to the edges shorter than ``cutoff`` at ``structure``'s positions.
 
@@ -202,11 +215,14 @@ def within_cutoff(
     exact graph without a neighbour search. Rows, halo and plan are kept (halo rows that lost
     all their edges are still exchanged, harmlessly).
 
+    ``shift_vectors``: as for :func:`edge_vectors` (the cell is the same at every reuse, so a
+    caller can keep them).
+
     Returns:
         The restricted graph (a new :class:`LocalGraph` sharing rows and plan) and its
         (E', 3) float64 edge vectors, Å.
     """
-    vectors = edge_vectors(graph, structure)
+    vectors = edge_vectors(graph, structure, shift_vectors)
     kept = np.flatnonzero(np.einsum("ij,ij->i", vectors, vectors) < cutoff * cutoff)
     edges = graph.edges
     restricted = EdgeList(

@@ -42,14 +42,16 @@ STARTUP_TIMEOUT = 300.0
 """Seconds allowed for workers to start, unless the call timeout is longer."""
 
 
-WORKER_MALLOC_ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
-"""glibc settings of every worker (unless the caller's environment sets them): serve all
-allocations from the heap and never give freed memory back to the kernel. A worker's tensors
-have the same sizes at every MD step; by default glibc maps the large ones afresh and unmaps
-them when freed, so every step pays a page fault per 4 KiB touched (measured: CHGNet, 5,832
-atoms, P=2: 4.8 s per step by default, 3.1 s with these, peak memory unchanged). The cost: a
-worker keeps its high-water mark of memory until it stops. ``DISTMLIP_GLIBC_MALLOC=default`` in the
-caller's environment leaves glibc's defaults (for comparisons)."""
+KEEP_MEMORY_ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+"""glibc settings of workers with ``allocator="keep"`` (unless the caller's environment sets
+them): serve all allocations from the heap and never give freed memory back to the kernel.
+A worker's tensors have about the same sizes at every MD step; with glibc's defaults the large
+ones are mapped afresh and unmapped when freed, so every step pays a page fault per 4 KiB it
+touches. Measured (docs/benchmarks/md_pipeline.md, P=2): reference model, 32k atoms, 3.2-3.3 s
+→ 1.2-1.4 s per step, peak RSS +25-35 % (heap fragmentation, bounded after ~8 steps); CHGNet,
+5,832 atoms, 4.5-4.8 s → 3.3-3.9 s, peak RSS unchanged."""
+
+ALLOCATORS = ("keep", "system")
 
 
 class WorkerError(RuntimeError):
@@ -151,21 +153,63 @@ def _worker_main(connection: Connection) -> None:
             dist.destroy_process_group()
 
 
+class _WorkerGraphs:
+    """This worker's graph for each request: built, or re-selected from the last build.
+
+    With ``skin > 0`` the graph built with ``cutoff + skin`` is kept; the driver says when it
+    still holds (no atom moved more than skin / 2, same cell and owners) by sending
+    ``reuse=True``, and its edges shorter than the cutoff are re-selected.
+    """
+
+    def __init__(self, config: WorkerConfig, model):
+        self.config, self.model = config, model
+        self.skin_graph = None
+        self.shift_vectors = None  # skin_graph's shifts @ cell (the cell is fixed while reused)
+
+    def get(self, request: EvaluationRequest, comm):
+        """(local graph, its edge vectors or None) for ``request``; collective on a rebuild."""
+        from distmlip.halo import (
+            build_ghost_graph,
+            build_local_graph,
+            resolve_send_index,
+            within_cutoff,
+        )
+
+        config, model, structure = self.config, self.model, request.structure
+        if request.halo == "ghost":
+            self.skin_graph = self.shift_vectors = None
+            graph = build_ghost_graph(
+                structure,
+                request.owner,
+                config.rank,
+                config.world_size,
+                model.cutoff,
+                model.num_layers,
+            )
+            return graph, None
+        if request.reuse and self.skin_graph is None:
+            raise RuntimeError("asked to reuse a graph this worker has not built")
+        if not request.reuse:
+            cutoff = model.cutoff + request.skin
+            graph = build_local_graph(
+                structure, request.owner, config.rank, config.world_size, cutoff
+            )
+            resolve_send_index(graph, comm.exchange_requests(graph.requests()))
+            if request.skin == 0:
+                self.skin_graph = self.shift_vectors = None
+                return graph, None
+            self.skin_graph = graph
+            self.shift_vectors = graph.edges.shifts @ structure.cell
+        return within_cutoff(self.skin_graph, structure, model.cutoff, self.shift_vectors)
+
+
 def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> None:
     import torch
 
     from distmlip.comm import Communicator
     from distmlip.engine import evaluate
-    from distmlip.halo import (
-        build_ghost_graph,
-        build_local_graph,
-        resolve_send_index,
-        within_cutoff,
-    )
 
-    # The graph built with cutoff + skin at the last rebuild; the driver says when it still
-    # holds (no atom moved more than skin / 2, same cell and partition) by sending reuse=True.
-    skin_graph = None
+    graphs = _WorkerGraphs(config, model)
     while True:
         try:
             command, payload = connection.recv()
@@ -178,40 +222,14 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
             structure = request.structure
             start = time.perf_counter()
             comm = Communicator(config.rank, config.world_size, device, config.timeout)
-            vectors = None
-            if request.halo == "ghost":
-                skin_graph = None
-                graph = build_ghost_graph(
-                    structure,
-                    request.owner,
-                    config.rank,
-                    config.world_size,
-                    model.cutoff,
-                    model.num_layers,
-                )
-            else:
-                if not request.reuse:
-                    skin_graph = build_local_graph(
-                        structure,
-                        request.owner,
-                        config.rank,
-                        config.world_size,
-                        model.cutoff + request.skin,
-                    )
-                    resolve_send_index(skin_graph, comm.exchange_requests(skin_graph.requests()))
-                elif skin_graph is None:
-                    raise RuntimeError("asked to reuse a graph this worker has not built")
-                graph = skin_graph
-                if request.skin > 0:
-                    graph, vectors = within_cutoff(skin_graph, structure, model.cutoff)
-                else:
-                    skin_graph = None
+            graph, vectors = graphs.get(request, comm)
             graph_time = time.perf_counter() - start
             result = evaluate(
                 model, graph, structure, comm, dtype, device, request.compute_forces, vectors
             )
             result.timings = {"graph": graph_time, **result.timings}
             result.stats["graph_reused"] = int(request.reuse)
+            skin_graph = graphs.skin_graph
             result.stats["skin_edges"] = len(skin_graph.edges) if skin_graph is not None else 0
             # ru_maxrss is in KiB on Linux: the worker's high-water mark since it started.
             result.stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -271,6 +289,9 @@ class WorkerPool:
         threads_per_worker: torch threads per worker (default: cores // P, at least 1).
             Where the cores suffice, each worker is pinned to its own ``threads_per_worker``
             cores.
+        allocator: ``"keep"`` (workers keep freed memory mapped: no page faults at every step,
+            somewhat higher peak memory; see :data:`KEEP_MEMORY_ENVIRONMENT`) or ``"system"``
+            (the C library's defaults: lowest peak memory).
     """
 
     def __init__(
@@ -281,9 +302,13 @@ class WorkerPool:
         dtype: str = "float64",
         timeout: float = 600.0,
         threads_per_worker: int | None = None,
+        allocator: str = "keep",
     ):
         if nprocs < 1:
             raise ValueError(f"nprocs must be at least 1, got {nprocs}")
+        if allocator not in ALLOCATORS:
+            raise ValueError(f"allocator must be one of {ALLOCATORS}, got {allocator!r}")
+        self.allocator = allocator
         self.nprocs = int(nprocs)
         self.device = device
         self.dtype = dtype
@@ -309,8 +334,8 @@ class WorkerPool:
             return
         self.generation += 1
         init_method = f"tcp://127.0.0.1:{_free_port()}"
-        keep_mapped = os.environ.get("DISTMLIP_GLIBC_MALLOC") != "default"
-        environment = dict(WORKER_MALLOC_ENVIRONMENT if keep_mapped else {}, **os.environ)
+        keep = self.allocator == "keep"
+        environment = dict(KEEP_MEMORY_ENVIRONMENT if keep else {}, **os.environ)
         environment["OMP_NUM_THREADS"] = str(self.threads)
         available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         pin = len(available) >= self.nprocs * self.threads

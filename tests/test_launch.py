@@ -124,14 +124,24 @@ def test_no_orphans_when_parent_is_killed(tmp_path):
     assert_all_gone(pids)
 
 
+def _environment(pid: int) -> dict[bytes, bytes]:
+    with open(f"/proc/{pid}/environ", "rb") as handle:
+        return dict(item.split(b"=", 1) for item in handle.read().split(b"\0") if b"=" in item)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs Linux /proc")
-def test_workers_keep_their_memory_mapped(calculator):
-    """Workers serve allocations from the heap and do not unmap freed memory (no page faults
-    per MD step)."""
+def test_workers_keep_their_memory_mapped(calculator, reference_model, monkeypatch):
+    """allocator="keep" (default): workers serve allocations from the heap and do not unmap
+    freed memory (no page faults per MD step); "system" leaves the C library's defaults."""
     for pid in calculator.pool.pids:
-        with open(f"/proc/{pid}/environ", "rb") as handle:
-            environment = dict(
-                item.split(b"=", 1) for item in handle.read().split(b"\0") if b"=" in item
-            )
+        environment = _environment(pid)
         assert environment[b"MALLOC_MMAP_MAX_"] == b"0"
         assert int(environment[b"MALLOC_TRIM_THRESHOLD_"]) >= 1 << 40
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with DistributedCalculator(reference_model, nprocs=1, allocator="system") as system:
+        environment = _environment(system.pool.pids[0])
+        assert b"MALLOC_MMAP_MAX_" not in environment
+        assert b"MALLOC_TRIM_THRESHOLD_" not in environment
+    with pytest.raises(ValueError, match="allocator must be one of"):
+        DistributedCalculator(reference_model, nprocs=1, allocator="jemalloc")
