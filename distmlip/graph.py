@@ -95,7 +95,9 @@ def neighbor_list(
     if len(positions) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return EdgeList(empty, empty, np.zeros((0, 3), dtype=np.int64))
-    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+    # vesin's half list holds each pair once, (i, j, S); the other direction is (j, i, −S).
+    # Searching each pair once and mirroring it is cheaper than vesin's full list.
+    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=False)
     # vesin wants a zero box when nothing is periodic; its own cell check rejects degenerate
     # periodic boxes, which callers validate earlier with a clearer message.
     box = cell if np.any(pbc) else np.zeros((3, 3))
@@ -108,22 +110,36 @@ def neighbor_list(
         quantities="ijS",
         copy=False,
     )
+    # Groups of (pair indices, mirrored?), concatenated in order.
     if receiver_mask is None:
-        return EdgeList(
-            receivers=i.astype(np.int64),
-            senders=j.astype(np.int64),
-            shifts=shifts.astype(np.int64),
-        )
-    receiver_mask = np.asarray(receiver_mask, dtype=bool)
-    kept = np.flatnonzero(receiver_mask[i])
-    if senders_in_mask_first:
-        inside = receiver_mask[j.take(kept)]
-        kept = np.concatenate([kept[inside], kept[~inside]])
-    return EdgeList(
-        receivers=_take_int64(i, kept),
-        senders=_take_int64(j, kept),
-        shifts=shifts.take(kept, axis=0).astype(np.int64),
-    )
+        every = np.arange(len(i))
+        groups = [(every, False), (every, True)]
+    else:
+        receiver_mask = np.asarray(receiver_mask, dtype=bool)
+        forward = np.flatnonzero(receiver_mask[i])  # edge j -> i
+        backward = np.flatnonzero(receiver_mask[j])  # edge i -> j
+        if senders_in_mask_first:
+            forward_in = receiver_mask[j.take(forward)]
+            backward_in = receiver_mask[i.take(backward)]
+            groups = [
+                (forward[forward_in], False),
+                (backward[backward_in], True),
+                (forward[~forward_in], False),
+                (backward[~backward_in], True),
+            ]
+        else:
+            groups = [(forward, False), (backward, True)]
+    receivers = np.concatenate([_take_int64(j if m else i, index) for index, m in groups])
+    senders = np.concatenate([_take_int64(i if m else j, index) for index, m in groups])
+    edge_shifts = np.empty((len(receivers), 3), dtype=np.int64)
+    start = 0
+    for index, mirrored in groups:
+        part = edge_shifts[start : start + len(index)]
+        part[:] = shifts.take(index, axis=0)
+        if mirrored:
+            np.negative(part, out=part)
+        start += len(index)
+    return EdgeList(receivers=receivers, senders=senders, shifts=edge_shifts)
 
 
 def _take_int64(values: np.ndarray, index: np.ndarray) -> np.ndarray:

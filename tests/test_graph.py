@@ -26,6 +26,44 @@ def test_edge_vectors_are_within_cutoff_and_symmetric(name):
     assert not np.any(edges.shifts[:, ~structure.pbc])
 
 
+def _rows(receivers, senders, shifts) -> np.ndarray:
+    return np.column_stack([receivers, senders, shifts]).astype(np.int64)
+
+
+@pytest.mark.parametrize("name", list(SYSTEMS))
+def test_edges_equal_vesin_full_list_with_and_without_receiver_mask(name):
+    """The mirrored half list is vesin's full list, self-images and repeated pairs included;
+    with a receiver mask, exactly the masked receivers' edges, interior senders first."""
+    import vesin
+
+    structure = Structure.from_ase(SYSTEMS[name]())
+    box = structure.cell if structure.pbc.any() else np.zeros((3, 3))
+    i, j, shifts = vesin.NeighborList(cutoff=5.0, full_list=True).compute(
+        structure.positions, box, structure.pbc.tolist(), quantities="ijS"
+    )
+    expected = _rows(i, j, shifts)
+    edges = neighbor_list(structure.positions, structure.cell, structure.pbc, 5.0)
+    got = _rows(edges.receivers, edges.senders, edges.shifts)
+    assert len(got) == len(expected)
+    np.testing.assert_array_equal(np.unique(got, axis=0), np.unique(expected, axis=0))
+
+    mask = np.random.default_rng(0).random(structure.n_atoms) < 0.4
+    edges = neighbor_list(
+        structure.positions,
+        structure.cell,
+        structure.pbc,
+        5.0,
+        receiver_mask=mask,
+        senders_in_mask_first=True,
+    )
+    got = _rows(edges.receivers, edges.senders, edges.shifts)
+    kept = expected[mask[expected[:, 0]]]
+    assert len(got) == len(kept)
+    np.testing.assert_array_equal(np.unique(got, axis=0), np.unique(kept, axis=0))
+    inside = mask[edges.senders].astype(np.int8)
+    assert not (np.diff(inside) > 0).any()
+
+
 def test_small_cell_has_self_images_and_repeated_pairs():
     structure = Structure.from_ase(SYSTEMS["small_cell"]())
     edges = neighbor_list(structure.positions, structure.cell, structure.pbc, 5.0)
