@@ -273,11 +273,15 @@ class PendingExchange:
         self.halo = owned.new_empty((plan.n_local - plan.n_owned, *owned.shape[1:]))
         if comm.world_size == 1:
             return
-        send_index, recv_slices = comm._indices(plan)
+        send_index, _ = comm._indices(plan)
         sends = [(q, owned[send_index[q]].contiguous()) for q in comm._peers(plan.send_counts)]
-        halo_slices = [slice(r.start - plan.n_owned, r.stop - plan.n_owned) for r in recv_slices]
-        receives = [(q, self.halo[halo_slices[q]]) for q in comm._peers(plan.recv_counts)]
+        receives = [(q, self.halo[self._halo_slice(q)]) for q in comm._peers(plan.recv_counts)]
         self.posted = comm._post(sends, receives, self.tag, "halo exchange (overlapped)")
+
+    def _halo_slice(self, peer: int) -> slice:
+        """Rows of ``peer``'s atoms within the (n_halo, ...) halo block."""
+        rows = self.comm._indices(self.plan)[1][peer]
+        return slice(rows.start - self.plan.n_owned, rows.stop - self.plan.n_owned)
 
     def wait_forward(self) -> torch.Tensor:
         if self.posted is not None:
@@ -290,13 +294,9 @@ class PendingExchange:
         comm, plan = self.comm, self.plan
         if comm.world_size == 1:
             return
-        send_index, recv_slices = comm._indices(plan)
+        send_index, _ = comm._indices(plan)
         grad_halo = grad_halo.contiguous()
-        sends = [
-            (q, grad_halo[r.start - plan.n_owned : r.stop - plan.n_owned])
-            for q, r in enumerate(recv_slices)
-            if q in comm._peers(plan.recv_counts)
-        ]
+        sends = [(q, grad_halo[self._halo_slice(q)]) for q in comm._peers(plan.recv_counts)]
         buffers = {
             q: grad_halo.new_empty((len(send_index[q]), *grad_halo.shape[1:]))
             for q in comm._peers(plan.send_counts)
