@@ -90,8 +90,14 @@ def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: Benc
             calc.calculate(atoms.copy(), ["energy", "forces", "stress"])
             elapsed = time.perf_counter() - start
             if best is None or elapsed < best[0]:
-                best = (elapsed, calc.last_timings, calc.last_stats, calc.last_exchanges)
-    elapsed, timings, stats, exchanges = best
+                best = (
+                    elapsed,
+                    calc.last_timings,
+                    calc.last_stats,
+                    calc.last_exchanges,
+                    calc.last_forward_segments,
+                )
+    elapsed, timings, stats, exchanges, segments = best
     slowest = max(
         range(nprocs), key=lambda r: sum(v for k, v in timings[r].items() if k != "communication")
     )
@@ -106,6 +112,7 @@ def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: Benc
         "time_s": elapsed,
         "preprocess_s": worker.get("partition", 0) + worker.get("graph", 0),
         "forward_s": worker.get("forward", 0),
+        "forward_segments_s": segments[slowest],
         "backward_s": worker.get("backward", 0) + worker.get("forces", 0),
         "communication_s": worker.get("communication", 0),
         "communication_fraction": worker.get("communication", 0) / elapsed,
@@ -148,8 +155,8 @@ def _markdown(rows: list[dict], caps: dict, config: BenchConfig) -> str:
         "",
         "| atoms | P | partitioner | halo | time (s) | ×single | preprocess (s) | forward (s) "
         "| backward (s) | comm (s) | comm % | peak/worker (MB) | ×single | computed atoms/worker "
-        "| edges/worker | halo/worker | bytes/exchange |",
-        "|" + "---|" * 17,
+        "| edges/worker | halo/worker | bytes/exchange | forward compute between exchanges (s) |",
+        "|" + "---|" * 18,
     ]
     for r in rows:
         single = by_size.get(r["atoms"])
@@ -163,7 +170,7 @@ def _markdown(rows: list[dict], caps: dict, config: BenchConfig) -> str:
             f"| {r['backward_s']:.2f} | {r['communication_s']:.3f} "
             f"| {100 * r['communication_fraction']:.1f} | {max(r['peak_rss_mb']):.0f} | {m_ratio} "
             f"| {max(r['computed_atoms'])} | {max(r['edges'])} | {max(r['halo_atoms'])} "
-            f"| {mean_bytes} |"
+            f"| {mean_bytes} | {' / '.join(f'{t:.3f}' for t in r['forward_segments_s'])} |"
         )
     if caps:
         lines += [

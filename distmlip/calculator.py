@@ -119,7 +119,9 @@ class DistributedCalculator(Calculator):
     (eV/Å³, Voigt xx yy zz yz xz xy; needs a cell of nonzero volume). After each call
     ``last_timings`` (seconds per phase; ``communication`` is the part of forward, backward
     and forces spent waiting on exchanges), ``last_stats`` (sizes, bytes, peak RSS) and
-    ``last_exchanges`` (one entry per exchange) hold per-worker records.
+    ``last_exchanges`` (one entry per exchange) and ``last_forward_segments`` (forward compute
+    between exchanges: per layer for models with one exchange per layer) hold per-worker
+    records.
 
     Use as a context manager or call :meth:`close`; workers also stop at interpreter exit.
     """
@@ -188,6 +190,7 @@ class DistributedCalculator(Calculator):
         self.last_timings: list[dict[str, float]] = []
         self.last_stats: list[dict[str, int]] = []
         self.last_exchanges: list[list[dict]] = []
+        self.last_forward_segments: list[list[float]] = []
         self.pool.start()
 
     def compute(self, structure: Structure, forces: bool = True) -> dict:
@@ -214,6 +217,7 @@ class DistributedCalculator(Calculator):
         self.last_timings = [{"partition": partition_time, **r.timings} for r in results]
         self.last_stats = [r.stats for r in results]
         self.last_exchanges = [r.exchanges for r in results]
+        self.last_forward_segments = [r.forward_segments for r in results]
         return assemble(results, structure.n_atoms, structure.volume)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):

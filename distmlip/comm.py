@@ -81,6 +81,7 @@ class Communicator:
         self.reset()
 
     def reset(self) -> None:
+        self.epoch = time.perf_counter()  # log times ("posted_at", "done_at") count from here
         self.calls = 0
         self.bytes_sent = 0
         self.seconds = 0.0
@@ -102,7 +103,13 @@ class Communicator:
         start = time.perf_counter()
         works = _post(sends, receives, tag)
         sent = sum(t.numel() * t.element_size() for _, t in sends)
-        entry = {"what": what, "tag": tag, "bytes_sent": sent, "seconds": 0.0}
+        entry = {
+            "what": what,
+            "tag": tag,
+            "bytes_sent": sent,
+            "seconds": 0.0,
+            "posted_at": start - self.epoch,
+        }
         self.bytes_sent += sent
         self.log.append(entry)
         return works, entry, time.perf_counter() - start
@@ -113,6 +120,7 @@ class Communicator:
         _wait_all(works, self.timeout, entry["what"])
         elapsed = post_seconds + time.perf_counter() - start
         entry["seconds"] = elapsed
+        entry["done_at"] = time.perf_counter() - self.epoch
         self.seconds += elapsed
 
     def _peers(self, counts) -> list[int]:

@@ -42,7 +42,10 @@ class WorkerResult:
         virial: (3, 3) Σ_e g_e ⊗ v_e over local edges, eV (symmetrised by the caller), or None.
         timings: seconds spent per phase.
         stats: sizes (atoms, halo, edges, bytes exchanged).
-        exchanges: one entry per halo exchange (what, bytes sent, seconds waited), in order.
+        exchanges: one entry per halo exchange (what, bytes sent, seconds waited, when posted
+            and done), in order.
+        forward_segments: seconds of forward computation between exchanges (per layer for
+            models with one exchange per layer), see :func:`compute_segments`.
         site_properties: extra per-owned-atom outputs of the model, name → (n_owned, ...)
             array (e.g. CHGNet's ``magmoms``); see ``DistributedModel.site_properties``.
     """
@@ -57,6 +60,7 @@ class WorkerResult:
     stats: dict[str, int] = field(default_factory=dict)
     site_properties: dict[str, np.ndarray] = field(default_factory=dict)
     exchanges: list[dict] = field(default_factory=list)
+    forward_segments: list[float] = field(default_factory=list)
 
 
 class AtomExchange:
@@ -104,6 +108,23 @@ class _Ready:
 
     def finish(self) -> torch.Tensor:
         return self.rows
+
+
+def compute_segments(log: list[dict], begin: float, end: float) -> list[float]:
+    """Seconds of computation between consecutive exchanges completed in [begin, end].
+
+    ``log`` entries carry ``posted_at``/``done_at`` (communicator clock) and ``seconds`` spent
+    posting and waiting; work done while an overlapped exchange was in flight counts as
+    computation. For a model with one atom exchange per layer the segments are its layers
+    (the last one includes the readout).
+    """
+    segments, cursor = [], begin
+    for entry in log:
+        if begin <= entry["posted_at"] and entry["done_at"] <= end:
+            segments.append(max(entry["done_at"] - cursor - entry["seconds"], 0.0))
+            cursor = entry["done_at"]
+    segments.append(end - cursor)
+    return segments
 
 
 def graph_inputs(
@@ -167,6 +188,9 @@ def evaluate(
         for name, value in (getattr(model, "last_site_properties", None) or {}).items()
     }
     timings["forward"] = time.perf_counter() - start
+    forward_segments = compute_segments(
+        comm.log, start - comm.epoch, start - comm.epoch + timings["forward"]
+    )
 
     forces = virial = None
     if compute_forces:
@@ -221,4 +245,5 @@ def evaluate(
         stats=stats,
         site_properties=site_properties,
         exchanges=comm.log,
+        forward_segments=forward_segments,
     )

@@ -67,5 +67,11 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     exchange = next(r for r in rows if r["nprocs"] == 2 and r["halo"] == "exchange")
     assert sum(exchange["owned_atoms"]) == 108
     assert len(exchange["bytes_per_exchange"][0]) >= 2  # one forward exchange per layer > 0
+    # The reference model exchanges once per layer after the first: one segment per layer.
+    segments = exchange["forward_segments_s"]
+    assert len(segments) == 3 and all(t >= 0 for t in segments)
+    assert sum(segments) <= exchange["forward_s"] + 1e-9
+    single = next(r for r in rows if r["nprocs"] == 1)
+    assert len(single["forward_segments_s"]) == 1
     assert "| 108 | 2 | slab | ghost |" in (tmp_path / "bench_reference_cu.md").read_text()
     assert (tmp_path / "bench_reference_cu.png").stat().st_size > 0
