@@ -112,7 +112,7 @@ class DistributedCalculator(Calculator):
             search, the partition and the halo-plan handshake. Results are the same as without
             it. ``graph_builds`` and ``graph_reuses`` count what happened. Exchange mode only.
         allocator: ``"keep"`` (default): workers keep freed memory mapped, so repeated calls
-            (MD) do not pay page faults again (faster steps, up to ~1/3 higher peak memory for
+            (MD) do not pay page faults again (faster steps, up to ~40 % higher peak memory for
             cheap models); ``"system"``: the C library's defaults (lowest peak memory).
 
     Properties: ``energy``, ``free_energy``, ``energies`` (eV), ``forces`` (eV/Å) and ``stress``
