@@ -87,8 +87,8 @@ def neighbor_list(
         pbc: (3,) bool.
         cutoff: Å.
         receiver_mask: optional (n,) bool; keep only the edges whose receiver it selects
-            (the same edges in the same order as filtering the full list afterwards, but only
-            the kept ones are copied and converted).
+            (the same edges as filtering the full list afterwards, but only the kept ones are
+            copied and converted).
         senders_in_mask_first: with ``receiver_mask``, list the kept edges whose sender the
             mask also selects first, then the others (each group in search order).
     """
