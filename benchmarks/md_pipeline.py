@@ -121,6 +121,16 @@ def evaluations(model, atoms, nprocs: int, repeats: int, threads: int) -> dict:
     }
 
 
+def _baseline(rows: list[dict], row: dict, same: tuple[str, ...], **setting) -> dict:
+    """The row that shares ``row``'s values of ``same`` and has the baseline ``setting``."""
+    return next(
+        r
+        for r in rows
+        if all(r[key] == row[key] for key in same)
+        and all(r[key] == value for key, value in setting.items())
+    )
+
+
 def write_outputs(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "md_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -139,14 +149,7 @@ def write_outputs(result: dict, out: Path) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["skin"]:
-        base = next(
-            r
-            for r in result["skin"]
-            if r["model"] == row["model"]
-            and r["round"] == row["round"]
-            and r["skin"] == 0
-            and r["malloc"] == "default"
-        )
+        base = _baseline(result["skin"], row, ("model", "round"), skin=0, malloc="default")
         lines.append(
             f"| {row['model']} | {row['atoms']:,} | {row['nprocs']} | {row['round']} "
             f"| {row['malloc']} | {row['skin']:g} | {row['step_s']:.3f} | {row['graph_s']:.3f} "
@@ -162,11 +165,7 @@ def write_outputs(result: dict, out: Path) -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["overlap"]:
-        base = next(
-            r
-            for r in result["overlap"]
-            if r["nprocs"] == row["nprocs"] and r["round"] == row["round"] and not r["overlap"]
-        )
+        base = _baseline(result["overlap"], row, ("nprocs", "round"), overlap=False)
         lines.append(
             f"| {row['atoms']:,} | {row['nprocs']} | {row['round']} "
             f"| {'yes' if row['overlap'] else 'no'} "
