@@ -1,9 +1,13 @@
 """``python -m distmlip._worker FD``: the process a :class:`~distmlip.launch.WorkerPool` starts."""
 
+import signal
 import sys
-from multiprocessing.connection import Connection
-
-from distmlip.launch import _worker_main
 
 if __name__ == "__main__":
-    _worker_main(Connection(int(sys.argv[1])))
+    # Before any import: a Ctrl-C that reaches the whole process group is the driver's to handle.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from multiprocessing.connection import Connection
+
+    from distmlip.worker import worker_main
+
+    worker_main(Connection(int(sys.argv[1])))

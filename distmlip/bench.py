@@ -50,7 +50,7 @@ STRUCTURES = {"cu": _fcc_cu, "si": _diamond_si, "gaas": _zincblende_gaas}
 @dataclass
 class BenchConfig:
     model: str = "reference"
-    structure: str = "cu"
+    crystal: str = "cu"
     sizes: tuple[int, ...] = (1000, 4000)
     nprocs: tuple[int, ...] = (1, 2)
     partitioners: tuple[str, ...] = ("slab",)
@@ -64,7 +64,7 @@ class BenchConfig:
 
 
 def _structure(config: BenchConfig, n_atoms: int):
-    atoms = STRUCTURES[config.structure](n_atoms)
+    atoms = STRUCTURES[config.crystal](n_atoms)
     atoms.rattle(0.02, seed=0)
     return atoms
 
@@ -150,7 +150,7 @@ def _markdown(rows: list[dict], caps: dict, config: BenchConfig) -> str:
         if row["nprocs"] == 1 and row["halo"] == "exchange":
             by_size[row["atoms"]] = row
     lines = [
-        f"# distmlip bench: {config.model} on {config.structure}, {config.dtype}, "
+        f"# distmlip bench: {config.model} on {config.crystal}, {config.dtype}, "
         f"{config.total_threads} threads in total per configuration",
         "",
         "| atoms | P | partitioner | halo | time (s) | ×single | preprocess (s) | forward (s) "
@@ -269,7 +269,7 @@ def run_bench(config: BenchConfig, progress=print) -> list[dict]:
     if config.out is not None:
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"bench_{config.model}_{config.structure}"
+        stem = f"bench_{config.model}_{config.crystal}"
         payload = {
             "config": {k: str(v) for k, v in vars(config).items()},
             "rows": rows,
@@ -277,5 +277,5 @@ def run_bench(config: BenchConfig, progress=print) -> list[dict]:
         }
         (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
         (out / f"{stem}.md").write_text(_markdown(rows, caps, config))
-        _plots(rows, caps, out / f"{stem}.png", f"{config.model} on {config.structure}")
+        _plots(rows, caps, out / f"{stem}.png", f"{config.model} on {config.crystal}")
     return rows

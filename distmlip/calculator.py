@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -12,12 +13,12 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from distmlip.graph import Structure
 from distmlip.launch import WorkerPool
 from distmlip.models import resolve_model
+from distmlip.options import WorkerOptions
 from distmlip.partition import check_partitioner, partition
 from distmlip.validate import validate_structure
 
 __all__ = ["DistributedCalculator", "assemble"]
 
-_DTYPES = ("float32", "float64")
 HALO_MODES = ("exchange", "ghost")
 
 
@@ -142,21 +143,23 @@ class DistributedCalculator(Calculator):
         allocator: str = "keep",
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        # Every option is checked before the model loads or a worker starts.
+        options = WorkerOptions(
+            nprocs=nprocs,
+            device=device,
+            dtype=dtype,
+            timeout=timeout,
+            threads_per_worker=threads_per_worker,
+            allocator=allocator,
+        )
         check_partitioner(partitioner)
         if halo not in HALO_MODES:
             raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
-        if device not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if device == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError("device='cuda' but torch sees no GPU; use device='cpu'")
-        if int(nprocs) < 1:
-            raise ValueError(f"nprocs must be at least 1, got {nprocs}")
+        if not np.isfinite(skin) or skin < 0:
+            raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
+        super().__init__(**kwargs)
+        # ASE serves one call at a time per calculator: calls from several threads queue here.
+        self._lock = threading.RLock()
         self.model = resolve_model(model)
         if halo == "ghost" and not self.model.num_layers:
             raise ValueError(
@@ -164,8 +167,6 @@ class DistributedCalculator(Calculator):
                 f"{type(self.model).__name__} does not declare; use halo='exchange'"
             )
         self.halo = halo
-        if not np.isfinite(skin) or skin < 0:
-            raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
         self.skin = float(skin) if halo == "exchange" else 0.0
         self.graph_builds = 0
         self.graph_reuses = 0
@@ -176,17 +177,9 @@ class DistributedCalculator(Calculator):
             for name in getattr(self.model, "site_properties", ())
             if name not in type(self).implemented_properties
         ]
-        self.nprocs = int(nprocs)
+        self.nprocs = options.nprocs
         self.partitioner = partitioner
-        self.pool = WorkerPool(
-            self.model,
-            self.nprocs,
-            device=device,
-            dtype=dtype,
-            timeout=timeout,
-            threads_per_worker=threads_per_worker,
-            allocator=allocator,
-        )
+        self.pool = WorkerPool(self.model, options)
         self.last_timings: list[dict[str, float]] = []
         self.last_stats: list[dict[str, int]] = []
         self.last_exchanges: list[list[dict]] = []
@@ -195,6 +188,10 @@ class DistributedCalculator(Calculator):
 
     def compute(self, structure: Structure, forces: bool = True) -> dict:
         """Evaluate a :class:`~distmlip.graph.Structure`; returns the properties dictionary."""
+        with self._lock:
+            return self._compute(structure, forces)
+
+    def _compute(self, structure: Structure, forces: bool) -> dict:
         validate_structure(structure, self.nprocs, self.model)
         start = time.perf_counter()
         built, self._built_for = self._built_for, None  # a failed call leaves no cache behind
@@ -220,16 +217,29 @@ class DistributedCalculator(Calculator):
         self.last_forward_segments = [r.forward_segments for r in results]
         return assemble(results, structure.n_atoms, structure.volume)
 
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        # ASE's check_state → reset → calculate → read self.results must not interleave with
+        # another thread's call on this calculator.
+        with self._lock:
+            return super().get_property(name, atoms, allow_calculation)
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
-        super().calculate(atoms, properties, system_changes)
-        structure = Structure.from_ase(self.atoms)
-        results = self.compute(structure, forces=True)
-        if "stress" in properties and "stress" not in results:
-            raise PropertyNotImplementedError(
-                "stress needs a cell with nonzero volume; set atoms.cell (e.g. atoms.center("
-                "vacuum=10)) or do not ask for stress"
-            )
-        self.results = results
+        with self._lock:
+            self.results = {}
+            super().calculate(atoms, properties, system_changes)
+            structure = Structure.from_ase(self.atoms)
+            results = self._compute(structure, forces=True)
+            if "stress" in properties and "stress" not in results:
+                raise PropertyNotImplementedError(
+                    "stress needs a cell with nonzero volume; set atoms.cell (e.g. atoms.center("
+                    "vacuum=10)) or do not ask for stress"
+                )
+            self.results = results
+
+    def get_spin_polarized(self) -> bool:
+        # Defined here so ASE's Calculator does not store a bound method on the instance: that
+        # reference cycle kept dropped calculators (and their workers) alive until a gc run.
+        return False
 
     def close(self) -> None:
         """Stop the worker processes (the calculator restarts them if used again)."""

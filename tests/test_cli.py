@@ -8,7 +8,7 @@ from distmlip.cli import main
 
 
 def test_predict_json(capsys):
-    assert main(["predict", "--size", "3", "--nprocs", "2", "--json"]) == 0
+    assert main(["predict", "--model", "reference", "--size", "3", "--nprocs", "2", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["atoms"] == 108
     assert result["nprocs"] == 2 and len(result["workers"]) == 2
@@ -17,13 +17,16 @@ def test_predict_json(capsys):
 
 
 def test_predict_table_and_errors(capsys, tmp_path):
-    assert main(["predict", "--size", "2", "--nprocs", "2", "--partitioner", "rcb"]) == 0
+    argv = ["predict", "--model", "reference", "--size", "2", "--partitioner", "rcb"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "energy" in out and "max |force|" in out and "stress (GPa)" in out
     path = tmp_path / "one.xyz"
     path.write_text("1\n\nCu 0 0 0\n")
-    assert main(["predict", "--structure", str(path), "--nprocs", "2"]) == 2
-    assert "larger than the number of atoms" in capsys.readouterr().err
+    assert main(["predict", "--model", "reference", "--structure", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("distmlip: error: nprocs=2 is larger than the number of atoms")
+    assert len(error.splitlines()) == 1
 
 
 def test_demo_json_runs_md_and_compares_with_single_process(capsys):
@@ -43,6 +46,8 @@ def test_demo_json_runs_md_and_compares_with_single_process(capsys):
 def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     argv = [
         "bench",
+        "--crystal",
+        "cu",
         "--sizes",
         "108",
         "--nprocs",

@@ -7,10 +7,12 @@ from pathlib import Path
 from distmlip.models.base import DistributedModel, GraphInputs
 from distmlip.models.reference import ReferenceMPNN
 
-__all__ = ["DistributedModel", "GraphInputs", "ReferenceMPNN", "resolve_model"]
+__all__ = ["DistributedModel", "GraphInputs", "MODEL_NAMES", "ReferenceMPNN", "resolve_model"]
 
 
-_NAMES = ("reference", "chgnet")
+MODEL_NAMES = ("reference", "chgnet", "chgnet-0.3.0", "chgnet-0.2.0", "chgnet-r2scan")
+"""Names :func:`resolve_model` accepts (case-insensitive); anything else must be a model object
+or a model file."""
 _MACE_SUFFIXES = (".model", ".pt", ".pth")
 
 
@@ -37,7 +39,7 @@ def _mace_file(model) -> Path | None:
         return Path(model)
     if isinstance(model, str):
         name = model.lower()
-        if name in _NAMES or name.startswith("chgnet-"):
+        if name in MODEL_NAMES or name.startswith("chgnet-"):
             return None
         if "/" in model or os.sep in model or name.endswith(_MACE_SUFFIXES) or Path(model).exists():
             return Path(model)

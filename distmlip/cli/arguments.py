@@ -1,0 +1,121 @@
+"""Argument types of the command line: each rejects a bad value with one readable line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+__all__ = [
+    "UsageError",
+    "Parser",
+    "positive_int",
+    "positive_float",
+    "non_negative_float",
+    "model_argument",
+    "structure_file",
+    "frame_index",
+]
+
+
+class UsageError(Exception):
+    """A command line that cannot work as written (exit status 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (``distmlip: error: …``), raised, not printed."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (unless it is None or a flag's False); keeps the
+    descriptions' line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or "%(default)" in text:
+            return text
+        if action.option_strings or action.nargs in ("?", "*"):
+            default = action.default
+            if isinstance(default, list):
+                default = " ".join(map(str, default))
+            text += f" (default: {default})"
+        return text
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def model_argument(text: str) -> str:
+    """A model name distmlip knows, or the path of an existing model file."""
+    from distmlip.models import MODEL_NAMES
+
+    if text.lower() in MODEL_NAMES:
+        return text.lower()
+    looks_like_path = os.sep in text or "/" in text or Path(text).suffix or Path(text).exists()
+    if looks_like_path and not text.lower().startswith("chgnet"):
+        path = Path(text)
+        if path.is_dir():
+            raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a model file")
+        if not path.is_file():
+            raise argparse.ArgumentTypeError(f"no model file {text!r}")
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown model {text!r}; choose one of {', '.join(MODEL_NAMES)} or give a MACE model file"
+    )
+
+
+def structure_file(text: str) -> Path:
+    """An existing, non-empty file (its contents are read, and checked, by the job)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a structure file")
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"no such file {text!r}")
+    if path.stat().st_size == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty")
+    return path
+
+
+def frame_index(text: str):
+    """ASE's index syntax: ``0``, ``-1``, ``2:10:2``, ``:`` (all frames)."""
+    from ase.io.formats import string2index
+
+    try:
+        index = string2index(text)
+    except ValueError:
+        index = None
+    if not isinstance(index, int | slice):
+        raise argparse.ArgumentTypeError(
+            f"must be a frame number or a slice such as 0, -1, 2:10 or ':', got {text!r}"
+        )
+    return index

@@ -1,0 +1,153 @@
+"""``distmlip predict``: energy, forces and stress of the frames of a file, or of a generated
+crystal."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+from distmlip.cli.arguments import UsageError
+
+__all__ = ["predict", "read_frames", "GPA_PER_EV_PER_A3"]
+
+GPA_PER_EV_PER_A3 = 160.21766208
+
+
+class ReadError(Exception):
+    """A structure file that exists but cannot be read as structures."""
+
+
+def read_frames(path, index) -> list:
+    """The frames of ``path`` selected by ``index`` (ASE's syntax), as a list of Atoms."""
+    from ase.io import read
+
+    try:
+        frames = read(path, index=index)
+    except (StopIteration, IndexError) as error:
+        raise ReadError(f"{str(path)!r} has no frame at index {index}") from error
+    except Exception as error:  # ASE raises many types for truncated or corrupt files
+        text = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+        raise ReadError(f"cannot read structures from {str(path)!r} ({reason})") from error
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise ReadError(f"{str(path)!r} has no frame at index {index}")
+    return frames
+
+
+def _generated(size: int):
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(size)
+    atoms.rattle(0.05, seed=0)
+    return atoms
+
+
+def _evaluate(atoms, calc) -> dict:
+    atoms.calc = calc
+    start = time.perf_counter()
+    energy = atoms.get_potential_energy()
+    forces = atoms.get_forces()
+    stress = atoms.get_stress() if atoms.cell.volume > 0 else None
+    elapsed = time.perf_counter() - start
+    return {
+        "atoms": len(atoms),
+        "formula": atoms.get_chemical_formula(),
+        "energy_eV": energy,
+        "energy_per_atom_eV": energy / len(atoms),
+        "max_force_eV_per_A": float(np.linalg.norm(forces, axis=1).max()),
+        "stress_GPa": None if stress is None else (stress * GPA_PER_EV_PER_A3).tolist(),
+        "evaluation_s": elapsed,
+        "workers": [
+            {"timings_s": t, **s} for t, s in zip(calc.last_timings, calc.last_stats, strict=True)
+        ],
+    }
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def _print_frame(result: dict, args) -> None:
+    energy, n = result["energy_eV"], result["atoms"]
+    rows = [
+        ("structure", f"{result['formula']} ({n} atoms)"),
+        ("model", f"{args.model} ({args.dtype})"),
+        ("workers", f"{args.nprocs} × {args.device}, partitioner {args.partitioner}"),
+        ("energy", f"{energy:.6f} eV  ({energy / n:.6f} eV/atom)"),
+        ("max |force|", f"{result['max_force_eV_per_A']:.6f} eV/Å"),
+    ]
+    if result["stress_GPa"] is not None:
+        voigt = " ".join(f"{value:+.4f}" for value in result["stress_GPa"])
+        rows.append(("stress (GPa)", f"[{voigt}]  xx yy zz yz xz xy"))
+    rows.append(("evaluation", f"{result['evaluation_s']:.3f} s (energy + forces + stress)"))
+    print(_table(rows))
+    print("\n  rank  owned  halo   edges    graph_s  forward_s  backward_s")
+    for rank, worker in enumerate(result["workers"]):
+        t = worker["timings_s"]
+        print(
+            f"  {rank:>4}  {worker['owned_atoms']:>5}  {worker['halo_atoms']:>5}"
+            f"  {worker['edges']:>7}  {t.get('graph', 0):>7.3f}  {t.get('forward', 0):>9.3f}"
+            f"  {t.get('backward', 0):>10.3f}"
+        )
+
+
+def predict(args) -> int:
+    from tqdm import tqdm
+
+    from distmlip import DistributedCalculator
+
+    if args.structure is not None:
+        frames = read_frames(args.structure, slice(None) if args.index is None else args.index)
+        source = str(args.structure)
+    else:
+        if args.index is not None:
+            raise UsageError("--index selects frames of --structure; give --structure FILE")
+        frames = [_generated(args.size)]
+        source = f"generated fcc Cu, {args.size}³ cells"
+    start = time.perf_counter()
+    results = []
+    with DistributedCalculator(
+        args.model,
+        nprocs=args.nprocs,
+        partitioner=args.partitioner,
+        device=args.device,
+        dtype=args.dtype,
+        timeout=args.timeout,
+    ) as calc:
+        startup = time.perf_counter() - start
+        quiet = args.json or len(frames) == 1 or not sys.stderr.isatty()
+        for number, atoms in enumerate(tqdm(frames, desc="frames", disable=quiet)):
+            results.append({"frame": number, **_evaluate(atoms, calc)})
+    common = {
+        "source": source,
+        "model": str(args.model),
+        "nprocs": args.nprocs,
+        "partitioner": args.partitioner,
+        "dtype": args.dtype,
+        "startup_s": startup,
+    }
+    if args.json:
+        if len(results) == 1:
+            payload = {**common, **results[0]}
+        else:
+            payload = {**common, "frames": results}
+        json.dump(payload, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"  {source}: {len(frames)} frame(s); worker start-up {startup:.2f} s")
+    if len(results) == 1:
+        _print_frame(results[0], args)
+        return 0
+    print("\n  frame  atoms  energy (eV)        eV/atom      max |F| (eV/Å)  seconds")
+    for result in results:
+        print(
+            f"  {result['frame']:>5}  {result['atoms']:>5}  {result['energy_eV']:>17.6f}"
+            f"  {result['energy_per_atom_eV']:>11.6f}  {result['max_force_eV_per_A']:>14.6f}"
+            f"  {result['evaluation_s']:>7.3f}"
+        )
+    return 0

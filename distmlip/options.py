@@ -1,0 +1,70 @@
+"""Options of the worker processes, checked before anything starts (one ``ValueError`` each)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+
+__all__ = ["WorkerOptions", "ALLOCATORS", "DTYPES", "DEVICES"]
+
+ALLOCATORS = ("keep", "system")
+DTYPES = ("float32", "float64")
+DEVICES = ("cpu", "cuda")
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How the workers run; every field is checked here, before anything starts.
+
+    Attributes:
+        nprocs: number of workers P (a positive integer).
+        device: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL, worker r on GPU r mod #GPUs).
+        dtype: ``"float64"`` or ``"float32"``.
+        timeout: seconds (finite, > 0); bounds every collective and every call.
+        threads_per_worker: torch threads per worker (default: cores // P, at least 1). Where
+            the cores suffice, each worker is pinned to its own cores.
+        allocator: ``"keep"`` (workers keep freed memory mapped: no page faults at every
+            step, somewhat higher peak memory; see :data:`KEEP_MEMORY_ENVIRONMENT`) or
+            ``"system"`` (the C library's defaults: lowest peak memory).
+    """
+
+    nprocs: int = 2
+    device: str = "cpu"
+    dtype: str = "float64"
+    timeout: float = 600.0
+    threads_per_worker: int | None = None
+    allocator: str = "keep"
+
+    def __post_init__(self):
+        object.__setattr__(self, "nprocs", _positive_int("nprocs", self.nprocs))
+        if self.threads_per_worker is not None:
+            threads = _positive_int("threads_per_worker", self.threads_per_worker)
+            object.__setattr__(self, "threads_per_worker", threads)
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, numbers.Real):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout}")
+        object.__setattr__(self, "timeout", float(self.timeout))
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("device='cuda' but torch sees no GPU; use device='cpu'")
+
+    @property
+    def threads(self) -> int:
+        return self.threads_per_worker or max(1, (os.cpu_count() or 1) // self.nprocs)

@@ -1,0 +1,231 @@
+"""One worker process: set-up, then a loop that answers the driver's requests.
+
+The driver (:mod:`distmlip.launch`) starts ``python -m distmlip._worker FD``. Messages on the
+socket are tuples ``(kind, request_id, payload)``:
+
+* driver → worker: ``("evaluate", id, pickled EvaluationRequest)``, ``("stop", 0, None)``;
+* worker → driver: ``("ready", 0, pid)`` once after set-up, then per request
+  ``("ok", id, WorkerResult)`` or ``("error", id, (summary, traceback))``.
+
+Every reply echoes its request's id, so the driver can tell a reply to the request it is
+waiting for from one to a request it abandoned (see :func:`distmlip.launch.collect_replies`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import os
+import pickle
+import resource
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+__all__ = ["EvaluationRequest", "WorkerConfig", "STARTUP_ID", "STARTUP_TIMEOUT", "worker_main"]
+
+STARTUP_ID = 0
+"""Request id of the ``ready`` message; evaluation requests count from 1."""
+
+STARTUP_TIMEOUT = 300.0
+"""Seconds allowed for workers to start, unless the call timeout is longer."""
+
+
+@dataclass(frozen=True)
+class EvaluationRequest:
+    """What the driver sends every worker for one evaluation.
+
+    Attributes:
+        structure: the replicated :class:`~distmlip.graph.Structure`.
+        owner: (N,) int64 owning rank of each atom.
+        compute_forces: also forces and virial.
+        halo: ``"exchange"`` or ``"ghost"``.
+        skin: Å added to the cutoff when a graph is built, so it can be reused.
+        reuse: re-select the edges of the graph built at the last rebuild instead of building
+            one (the driver checked that it still holds; ``owner`` is then the same as then).
+    """
+
+    structure: object
+    owner: np.ndarray
+    compute_forces: bool = True
+    halo: str = "exchange"
+    skin: float = 0.0
+    reuse: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    rank: int
+    world_size: int
+    init_method: str
+    device: str
+    dtype: str
+    timeout: float
+    threads: int
+    parent_pid: int
+    cores: tuple[int, ...] = ()
+
+
+def error_summary(error: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line error report shows."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_device(config: WorkerConfig):
+    import torch
+
+    if config.device == "cuda":
+        local = config.rank % max(torch.cuda.device_count(), 1)
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device(config.device)
+
+
+def worker_main(connection: Connection) -> None:
+    """Entry point of one worker process: set up, then serve requests until told to stop."""
+    # Ctrl-C in a terminal signals the whole process group: the driver handles it (and stops
+    # the workers), so workers must not print a KeyboardInterrupt traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    config, model_bytes = connection.recv()
+    _die_with_parent(config.parent_pid)
+    os.environ["OMP_NUM_THREADS"] = str(config.threads)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(config.threads)
+    if config.cores and hasattr(os, "sched_setaffinity"):
+        # One disjoint set of cores per worker: no two workers' threads fight over a core.
+        os.sched_setaffinity(0, config.cores)
+    try:
+        device = _worker_device(config)
+        dtype = getattr(torch, config.dtype)
+        model = pickle.loads(model_bytes)
+        model = model.to(device=device, dtype=dtype).eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        if config.world_size > 1:
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo",
+                init_method=config.init_method,
+                rank=config.rank,
+                world_size=config.world_size,
+                # Start-up (importing torch, rendezvous) can be slow on a loaded machine; each
+                # exchange still waits at most `config.timeout` (see distmlip.comm).
+                timeout=datetime.timedelta(seconds=max(config.timeout, STARTUP_TIMEOUT)),
+            )
+        connection.send(("ready", STARTUP_ID, os.getpid()))
+    except Exception as error:
+        connection.send(("error", STARTUP_ID, (error_summary(error), traceback.format_exc())))
+        return
+    try:
+        _serve(config, model, device, dtype, connection)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _WorkerGraphs:
+    """This worker's graph for each request: built, or re-selected from the last build.
+
+    With ``skin > 0`` the graph built with ``cutoff + skin`` is kept; the driver says when it
+    still holds (no atom moved more than skin / 2, same cell and owners) by sending
+    ``reuse=True``, and its edges shorter than the cutoff are re-selected.
+    """
+
+    def __init__(self, config: WorkerConfig, model):
+        self.config, self.model = config, model
+        self.skin_graph = None
+        self.shift_vectors = None  # skin_graph's shifts @ cell (the cell is fixed while reused)
+
+    def get(self, request: EvaluationRequest, comm):
+        """(local graph, its edge vectors or None) for ``request``; collective on a rebuild."""
+        from distmlip.halo import (
+            build_ghost_graph,
+            build_local_graph,
+            resolve_send_index,
+            within_cutoff,
+        )
+
+        config, model, structure = self.config, self.model, request.structure
+        if request.halo == "ghost":
+            self.skin_graph = self.shift_vectors = None
+            graph = build_ghost_graph(
+                structure,
+                request.owner,
+                config.rank,
+                config.world_size,
+                model.cutoff,
+                model.num_layers,
+            )
+            return graph, None
+        if request.reuse and self.skin_graph is None:
+            raise RuntimeError("asked to reuse a graph this worker has not built")
+        if not request.reuse:
+            # A failure below must not leave the previous graph to be reused.
+            self.skin_graph = self.shift_vectors = None
+            cutoff = model.cutoff + request.skin
+            graph = build_local_graph(
+                structure, request.owner, config.rank, config.world_size, cutoff
+            )
+            resolve_send_index(graph, comm.exchange_requests(graph.requests()))
+            if request.skin == 0:
+                return graph, None
+            self.skin_graph = graph
+            self.shift_vectors = graph.edges.shifts @ structure.cell
+        return within_cutoff(self.skin_graph, structure, model.cutoff, self.shift_vectors)
+
+
+def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> None:
+    import torch
+
+    from distmlip.comm import Communicator
+    from distmlip.engine import evaluate
+
+    graphs = _WorkerGraphs(config, model)
+    while True:
+        try:
+            command, request_id, payload = connection.recv()
+        except EOFError:  # the driver is gone
+            return
+        if command == "stop":
+            return
+        try:
+            request: EvaluationRequest = pickle.loads(payload)
+            structure = request.structure
+            start = time.perf_counter()
+            comm = Communicator(config.rank, config.world_size, device, config.timeout)
+            graph, vectors = graphs.get(request, comm)
+            graph_time = time.perf_counter() - start
+            result = evaluate(
+                model, graph, structure, comm, dtype, device, request.compute_forces, vectors
+            )
+            result.timings = {"graph": graph_time, **result.timings}
+            result.stats["graph_reused"] = int(request.reuse)
+            skin_graph = graphs.skin_graph
+            result.stats["skin_edges"] = len(skin_graph.edges) if skin_graph is not None else 0
+            # ru_maxrss is in KiB on Linux: the worker's high-water mark since it started.
+            result.stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            if device.type == "cuda":
+                result.stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            connection.send(("ok", request_id, result))
+            # Free this call's graph and tensors before the next request arrives, not during it.
+            del graph, comm, result, vectors
+        except Exception as error:
+            report = (error_summary(error), traceback.format_exc())
+            connection.send(("error", request_id, report))
