@@ -38,12 +38,16 @@ def _wait_all(works, timeout: float, what: str) -> None:
         try:
             completed = work.wait(datetime.timedelta(seconds=timeout))
         except Exception as error:  # gloo raises on timeout and on closed connections
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise CommunicationError(
-                f"{what} failed: {error}. A peer worker probably died or is stuck; "
+                f"{what} failed ({reason}): a peer worker may have died or be stuck; "
                 "increase `timeout` if the system is just slow"
             ) from error
         if completed is False:
-            raise CommunicationError(f"{what} timed out after {timeout:.0f} s")
+            raise CommunicationError(
+                f"{what} timed out after {timeout:.0f} s: a peer worker may be stuck (stopped "
+                "or deadlocked) or dead; increase `timeout` if the system is just slow"
+            )
 
 
 def _post(sends, receives, tag: int) -> list:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from ase.build import bulk
+from ase.io import write
+
 from distmlip.cli import main
 
 
@@ -80,3 +84,100 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     assert len(single["forward_segments_s"]) == 1
     assert "| 108 | 2 | slab | ghost |" in (tmp_path / "bench_reference_cu.md").read_text()
     assert (tmp_path / "bench_reference_cu.png").stat().st_size > 0
+
+
+def _write(path, text: str | bytes):
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def _one_line_error(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("distmlip: error: ")
+    assert captured.out == ""
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "says"),
+    [
+        (["predict", "--structure", "{tmp}/missing.xyz"], 2, "no such file"),
+        (["predict", "--structure", "{empty}"], 2, "is empty"),
+        (["predict", "--structure", "{tmp}"], 2, "is a directory"),
+        (["predict", "--model", "reference", "--structure", "{truncated}"], 1, "cannot read"),
+        (["predict", "--model", "reference", "--structure", "{corrupt}"], 1, "cannot read"),
+        (["predict", "--model", "reference", "--structure", "{garbled_cif}"], 1, "cannot read"),
+        (
+            ["predict", "--model", "reference", "--structure", "{two}", "--index", "5"],
+            1,
+            "no frame",
+        ),
+        (["predict", "--model", "nosuch"], 2, "unknown model 'nosuch'"),
+        (["predict", "--model", "chgnet-9.9"], 2, "unknown model"),
+        (["predict", "--model", "{tmp}/missing.model"], 2, "no model file"),
+        (["predict", "--index", "1"], 2, "--index selects frames of --structure"),
+        (["predict", "--index", "abc", "--structure", "{two}"], 2, "--index"),
+        (["predict", "--size", "-2"], 2, "--size: must be a positive integer, got '-2'"),
+        (["predict", "--nprocs", "1.7"], 2, "--nprocs: must be a positive integer"),
+        (["predict", "--timeout", "0"], 2, "--timeout: must be a positive number"),
+        (["demo", "--steps", "0"], 2, "--steps: must be a positive integer, got '0'"),
+        (["demo", "--skin", "-1"], 2, "--skin: must be a number >= 0"),
+        (["bench", "--nprocs", "0"], 2, "--nprocs: must be a positive integer, got '0'"),
+        (["bench", "--crystal", "nacl"], 2, "--crystal: invalid choice"),
+        (["bench", "--structure", "si"], 2, "unrecognized arguments: --structure"),
+        ([], 2, "required: COMMAND"),
+        (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_errors_are_one_line_with_exit_status(argv, status, says, tmp_path, capsys):
+    files = {
+        "tmp": str(tmp_path),
+        "empty": _write(tmp_path / "empty.xyz", ""),
+        "truncated": _write(tmp_path / "truncated.xyz", "5\n\nCu 0 0 0\nCu 1.8 1.8 0\n"),
+        "corrupt": _write(tmp_path / "corrupt.xyz", bytes(range(256)) * 4),
+        "garbled_cif": _write(tmp_path / "garbled.cif", "data_x\n_cell_length_a oops\n"),
+        "two": _write(tmp_path / "two.xyz", "1\n\nCu 0 0 0\n1\n\nCu 0 0 0.5\n"),
+    }
+    argv = [arg.format(**files) for arg in argv]
+    assert main(argv) == status
+    assert says in _one_line_error(capsys)
+
+
+def test_predict_evaluates_every_frame_of_a_file(tmp_path, capsys):
+    """Several frames: all are evaluated (not silently the last), each as --index alone."""
+    frames = []
+    for seed in range(3):
+        atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+        atoms.rattle(0.1, seed=seed)
+        frames.append(atoms)
+    path = tmp_path / "frames.extxyz"
+    write(path, frames)
+    common = ["predict", "--model", "reference", "--structure", str(path), "--json"]
+    assert main(common) == 0
+    every = json.loads(capsys.readouterr().out)["frames"]
+    assert [frame["frame"] for frame in every] == [0, 1, 2]
+    energies = [frame["energy_eV"] for frame in every]
+    assert len(set(energies)) == 3
+    assert main([*common, "--index", "1"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["energy_eV"] == pytest.approx(energies[1], rel=1e-12)
+    assert main(common[:-1]) == 0
+    table = capsys.readouterr().out
+    assert "3 frame(s)" in table and f"{energies[2]:.6f}" in table
+
+
+def test_help_shows_defaults_and_plain_description(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "``" not in text and ":mod:" not in text
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "5,832 atoms" in text and "(default: 9)" in text and "(default: 1.0)" in text

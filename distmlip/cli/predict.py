@@ -34,7 +34,7 @@ def read_frames(path, index) -> list:
         raise ReadError(f"cannot read structures from {str(path)!r} ({reason})") from error
     frames = frames if isinstance(frames, list) else [frames]
     if not frames:
-        raise ReadError(f"{str(path)!r} has no frame at index {index}")
+        raise ReadError(f"cannot read structures from {str(path)!r} (no frames found)")
     return frames
 
 

@@ -1,0 +1,244 @@
+"""Interrupted calls, threads and dropped calculators: never a stale or wrong result.
+
+A call can be abandoned at any point by an exception raised from a signal handler (Ctrl-C, an
+alarm). Every test evaluates *distinct* structures and compares with fresh single-process
+results, so a reply that belonged to an earlier structure cannot pass.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing import Pipe
+
+import numpy as np
+import psutil
+import pytest
+from ase.build import bulk
+from conftest import small_cell
+from test_launch import assert_all_gone
+
+from distmlip import DistributedCalculator
+from distmlip.launch import _NoAnswer, collect_replies
+
+pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX signals")
+
+
+def structure(seed: int, repeat: int = 11):
+    """fcc Cu (4·repeat³ atoms), rattled differently for every seed."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
+    atoms.rattle(0.08, seed=seed)
+    return atoms
+
+
+class Interrupted(Exception):
+    """What the test's signal handler raises, like a user's alarm handler would."""
+
+
+class Alarm:
+    """Raise :class:`Interrupted` in the main thread ``delay`` seconds after arming, once."""
+
+    def __enter__(self):
+        self.armed = False
+        self.fired = False
+        self.previous = signal.signal(signal.SIGALRM, self._handler)
+        return self
+
+    def _handler(self, *_):
+        if self.armed:
+            self.armed = False
+            self.fired = True
+            raise Interrupted
+
+    def arm(self, delay: float) -> None:
+        self.fired = False
+        self.armed = True
+        signal.setitimer(signal.ITIMER_REAL, delay)
+
+    def disarm(self) -> None:
+        self.armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def __exit__(self, *exc):
+        self.disarm()
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def energy_and_forces(calc, atoms):
+    atoms = atoms.copy()
+    atoms.calc = calc
+    return atoms.get_potential_energy(), atoms.get_forces()
+
+
+@pytest.fixture(scope="module")
+def fresh(reference_model):
+    """Single-process results of structures 0..11 (computed by a separate calculator)."""
+    with DistributedCalculator(reference_model, nprocs=1, timeout=120) as single:
+        return {seed: energy_and_forces(single, structure(seed)) for seed in range(12)}
+
+
+def assert_fresh(calc, seed, fresh):
+    energy, forces = energy_and_forces(calc, structure(seed))
+    expected_energy, expected_forces = fresh[seed]
+    assert energy == pytest.approx(expected_energy, rel=1e-10, abs=1e-9), f"structure {seed}"
+    np.testing.assert_allclose(forces, expected_forces, rtol=0, atol=1e-9)
+
+
+def test_collect_replies_discards_replies_to_abandoned_requests():
+    driver_ends, worker_ends = zip(*(Pipe() for _ in range(2)), strict=True)
+    # Worker 0 still answers request 6, abandoned; then both answer request 7.
+    worker_ends[0].send(("ok", 6, "stale"))
+    worker_ends[0].send(("ok", 7, "rank 0"))
+    worker_ends[1].send(("ok", 7, "rank 1"))
+    assert collect_replies(list(driver_ends), 7, timeout=5) == ["rank 0", "rank 1"]
+    # Only a stale reply: that is no answer, not a result.
+    worker_ends[1].send(("ok", 7, "stale"))
+    with pytest.raises(_NoAnswer):
+        collect_replies(list(driver_ends), 8, timeout=0.5)
+
+
+def test_exception_from_signal_handler_at_any_point_of_a_call(reference_model, fresh):
+    """Interrupt before the workers answer, while they compute and while they restart; every
+    later call on another structure equals a fresh single-process result."""
+    checks = iter(range(1, 12))
+    with DistributedCalculator(reference_model, nprocs=2, timeout=120) as calc, Alarm() as alarm:
+        assert_fresh(calc, 0, fresh)
+        durations = []
+        for _ in range(2):  # warm calls: the first call after a restart takes longer
+            calc.reset()
+            start = time.perf_counter()
+            assert_fresh(calc, 0, fresh)
+            durations.append(time.perf_counter() - start)
+        duration = min(durations)
+        # In the driver before sending, while the workers compute, late in their computation.
+        for attempt, delay in enumerate((1e-4, 0.15 * duration, 0.35 * duration, 0.6 * duration)):
+            pids = calc.pool.pids
+            alarm.arm(delay)
+            try:
+                energy_and_forces(calc, structure(100 + attempt))
+            except Interrupted:
+                pass
+            finally:
+                alarm.disarm()
+            if delay > 0.1 * duration:  # the request was out: the abandoned call stopped them
+                assert alarm.fired and not calc.pool.running
+                assert_all_gone(pids)
+            assert_fresh(calc, next(checks), fresh)
+            assert_fresh(calc, next(checks), fresh)
+        # During a restart: the workers start (seconds) after the previous call was abandoned.
+        for attempt, delay in enumerate((0.05, 1.0)):
+            calc.pool.close()
+            alarm.arm(delay)
+            with pytest.raises(Interrupted):
+                energy_and_forces(calc, structure(200 + attempt))
+            alarm.disarm()
+            assert_fresh(calc, next(checks), fresh)
+
+
+def test_caught_keyboard_interrupt_then_correct_call(reference_model, fresh):
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with DistributedCalculator(reference_model, nprocs=2, timeout=120) as calc:
+            assert_fresh(calc, 0, fresh)
+            timer = threading.Timer(0.2, os.kill, args=(os.getpid(), signal.SIGINT))
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                energy_and_forces(calc, structure(9, repeat=12))  # seconds per call
+            timer.join()
+            assert_fresh(calc, 10, fresh)
+            assert_fresh(calc, 11, fresh)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_two_threads_share_a_calculator(pools):
+    frames = []
+    for seed in range(40):
+        atoms = small_cell()
+        atoms.rattle(0.05, seed=100 + seed)
+        frames.append(atoms)
+    single = pools.get(1)
+    expected = [energy_and_forces(single, atoms) for atoms in frames]
+    calc = pools.get(2)
+    results: dict[int, tuple] = {}
+    errors: list[BaseException] = []
+
+    def run(indices):
+        try:
+            for index in indices:
+                results[index] = energy_and_forces(calc, frames[index])
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(range(k, 40, 2),)) for k in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert sorted(results) == list(range(40))
+    for index, (energy, forces) in results.items():
+        assert energy == pytest.approx(expected[index][0], rel=1e-10), f"frame {index}"
+        np.testing.assert_allclose(forces, expected[index][1], rtol=0, atol=1e-9)
+
+
+def test_dropped_calculators_stop_their_workers(reference_model):
+    """A calculator dropped without close() stops its workers when its last reference goes,
+    without waiting for the garbage collector (no reference cycle)."""
+
+    def use_once(seed):
+        calc = DistributedCalculator(reference_model, nprocs=2, timeout=60)
+        atoms = small_cell()
+        atoms.calc = calc
+        atoms.get_potential_energy()
+        return calc.pool.pids
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for seed in range(3):
+            pids = use_once(seed)
+            assert_all_gone(pids, within=15)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _workers_of(process: psutil.Process) -> list[psutil.Process]:
+    return [child for child in process.children() if "distmlip._worker" in child.cmdline()]
+
+
+@pytest.mark.parametrize("after", [0.5, 3.0])
+def test_ctrl_c_in_a_terminal_prints_one_line(after):
+    """SIGINT to the command's whole process group (what Ctrl-C does): one line on stderr,
+    exit status 130, no worker left; ``after`` seconds once the workers exist (starting up or
+    computing)."""
+    command = [sys.executable, "-m", "distmlip", "predict", "--model", "reference"]
+    command += ["--size", "14", "--nprocs", "2", "--timeout", "300"]
+    driver = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    parent = psutil.Process(driver.pid)
+    deadline = time.monotonic() + 120
+    workers = []
+    while len(workers) < 2 and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.05)
+        workers = _workers_of(parent)
+    assert len(workers) == 2, "the workers did not start"
+    time.sleep(after)
+    assert driver.poll() is None, "the call ended before the interrupt"
+    os.killpg(driver.pid, signal.SIGINT)
+    stdout, stderr = driver.communicate(timeout=60)
+    assert driver.returncode == 130
+    assert stderr.strip().splitlines() == ["distmlip: interrupted"]
+    assert stdout == ""
+    assert_all_gone([worker.pid for worker in workers])

@@ -1,0 +1,48 @@
+"""Every option is checked in the constructor: one ValueError line each, before any work."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from distmlip import DistributedCalculator
+
+BAD_OPTIONS = [
+    ({"nprocs": None}, "nprocs must be a positive integer, got None"),
+    ({"nprocs": 1.7}, "nprocs must be a positive integer, got 1.7"),
+    ({"nprocs": 2.0}, "nprocs must be a positive integer, got 2.0"),
+    ({"nprocs": 0}, "nprocs must be a positive integer, got 0"),
+    ({"nprocs": True}, "nprocs must be a positive integer, got True"),
+    ({"nprocs": "2"}, "nprocs must be a positive integer, got '2'"),
+    ({"timeout": 0}, "timeout must be a finite number of seconds > 0"),
+    ({"timeout": -5.0}, "timeout must be a finite number of seconds > 0"),
+    ({"timeout": float("nan")}, "timeout must be a finite number of seconds > 0"),
+    ({"timeout": float("inf")}, "timeout must be a finite number of seconds > 0"),
+    ({"timeout": "60"}, "timeout must be a number of seconds > 0"),
+    ({"threads_per_worker": 0}, "threads_per_worker must be a positive integer, got 0"),
+    ({"threads_per_worker": 1.5}, "threads_per_worker must be a positive integer, got 1.5"),
+    ({"dtype": "float16"}, "dtype must be one of"),
+    ({"device": "tpu"}, "device must be 'cpu' or 'cuda'"),
+    ({"allocator": "jemalloc"}, "allocator must be one of"),
+    ({"partitioner": "voronoi"}, "partitioner"),
+    ({"halo": "full"}, "halo must be one of"),
+    ({"skin": -1.0}, "skin must be"),
+]
+
+
+@pytest.mark.parametrize(("options", "message"), BAD_OPTIONS, ids=lambda v: str(v)[:30])
+def test_bad_option_is_one_value_error_before_anything_starts(options, message):
+    start = time.perf_counter()
+    # "chgnet" would take seconds to load: the check must come before the model.
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")) as error:
+        DistributedCalculator("chgnet", **options)
+    assert "\n" not in str(error.value)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_integral_options_of_other_integer_types_are_accepted(reference_model):
+    import numpy as np
+
+    with DistributedCalculator(reference_model, nprocs=np.int64(1), threads_per_worker=1) as calc:
+        assert calc.nprocs == 1 and isinstance(calc.nprocs, int)
