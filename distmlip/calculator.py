@@ -124,7 +124,10 @@ class DistributedCalculator(Calculator):
     between exchanges: per layer for models with one exchange per layer) hold per-worker
     records.
 
-    Use as a context manager or call :meth:`close`; workers also stop at interpreter exit.
+    Use as a context manager or call :meth:`close`; workers also stop when the calculator is
+    dropped and at interpreter exit. Calls from several threads are serialised. A call that is
+    abandoned (Ctrl-C, an exception from a signal handler) kills its workers; the next call
+    starts new ones, so no result of an abandoned call is ever returned.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]

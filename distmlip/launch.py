@@ -125,9 +125,15 @@ class _Processes:
     def __init__(self):
         self.processes: list[subprocess.Popen] = []
         self.connections: list[Connection] = []
+        self.owner_pid = os.getpid()
 
     def stop(self, grace: float) -> None:
         """Ask idle workers to leave, wait ``grace`` s, kill the rest, reap all."""
+        if os.getpid() != self.owner_pid:
+            # A forked copy of the driver: the workers are its parent's; only drop our sockets.
+            for connection in self.connections:
+                connection.close()
+            return
         if grace > 0:
             for connection in self.connections:
                 try:
@@ -316,6 +322,12 @@ class WorkerPool:
         :attr:`generation`).
         """
         with self._lock:
+            workers = self._workers
+            if workers is not None and workers.owner_pid != os.getpid():
+                raise RuntimeError(
+                    f"this calculator's workers belong to process {workers.owner_pid}, not to "
+                    "this forked copy; create a DistributedCalculator in each process"
+                )
             if reuse and not self.running:
                 raise RuntimeError("cannot reuse graphs: the workers that built them have stopped")
             self.start()

@@ -146,3 +146,45 @@ def test_workers_keep_their_memory_mapped(calculator, reference_model, monkeypat
         assert b"MALLOC_TRIM_THRESHOLD_" not in environment
     with pytest.raises(ValueError, match="allocator must be one of"):
         DistributedCalculator(reference_model, nprocs=1, allocator="jemalloc")
+
+
+def test_worker_exception_is_one_line_worker_error_with_traceback(calculator):
+    from distmlip import Structure
+    from distmlip.partition import partition
+
+    structure = Structure.from_ase(small_cell())
+    owner = partition(structure, 2, "slab", 5.0)
+    pids = calculator.pool.pids
+    # Workers that never built a graph are asked to reuse one: each raises.
+    with pytest.raises(WorkerError) as error:
+        calculator.pool.evaluate(structure, owner, reuse=True)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "worker" in message and "raised" in message and "restart on the next call" in message
+    assert "Traceback" in error.value.worker_traceback
+    assert_all_gone(pids)
+    assert abs(evaluate(calculator, small_cell())["energy"]) > 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_copy_refuses_to_use_its_parents_workers(calculator):
+    atoms = small_cell()
+    before = evaluate(calculator, atoms)
+    pids = calculator.pool.pids
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        code = 3
+        try:
+            try:
+                evaluate(calculator, atoms)
+                code = 1
+            except RuntimeError as error:
+                code = 0 if "forked copy" in str(error) else 2
+            calculator.close()  # must leave the parent's workers alone
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert calculator.pool.pids == pids and calculator.pool.running
+    calculator.reset()
+    assert evaluate(calculator, atoms)["energy"] == before["energy"]
