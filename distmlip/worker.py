@@ -102,7 +102,10 @@ def worker_main(connection: Connection) -> None:
     # Ctrl-C in a terminal signals the whole process group: the driver handles it (and stops
     # the workers), so workers must not print a KeyboardInterrupt traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    config, model_bytes = connection.recv()
+    try:
+        config, model_bytes = connection.recv()
+    except EOFError:  # the driver gave up on this worker before sending its configuration
+        return
     _die_with_parent(config.parent_pid)
     os.environ["OMP_NUM_THREADS"] = str(config.threads)
     import torch
