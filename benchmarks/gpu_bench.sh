@@ -16,5 +16,5 @@ for p in 1 2 4 8; do [ "$p" -le "$NGPU" ] && NPROCS="$NPROCS $p"; done
 # NCCL exactness first (the CUDA tests skip themselves with too few devices).
 "$PY" -m pytest -q tests/test_cuda.py | tee "$OUT/test_cuda.txt"
 "$PY" -m distmlip bench --model "$MODEL" --device cuda --crystal si \
-  --sizes 2000 10000 50000 100000 --nprocs $NPROCS --partitioners slab rcb \
+  --atoms 2000 10000 50000 100000 --nprocs $NPROCS --partitioners slab rcb \
   --halo exchange ghost --dtype float32 --total-threads 8 --out "$OUT"

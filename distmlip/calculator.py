@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from dataclasses import dataclass
@@ -158,7 +159,7 @@ class DistributedCalculator(Calculator):
         check_partitioner(partitioner)
         if halo not in HALO_MODES:
             raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
-        if not np.isfinite(skin) or skin < 0:
+        if not isinstance(skin, numbers.Real) or not np.isfinite(skin) or skin < 0:
             raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
         super().__init__(**kwargs)
         # ASE serves one call at a time per calculator: calls from several threads queue here.
@@ -195,6 +196,9 @@ class DistributedCalculator(Calculator):
             return self._compute(structure, forces)
 
     def _compute(self, structure: Structure, forces: bool) -> dict:
+        # A failed or interrupted call must not leave the previous structure's records.
+        self.last_timings, self.last_stats, self.last_exchanges = [], [], []
+        self.last_forward_segments = []
         validate_structure(structure, self.nprocs, self.model)
         start = time.perf_counter()
         built, self._built_for = self._built_for, None  # a failed call leaves no cache behind
@@ -225,6 +229,10 @@ class DistributedCalculator(Calculator):
         # another thread's call on this calculator.
         with self._lock:
             return super().get_property(name, atoms, allow_calculation)
+
+    def calculate_properties(self, atoms, properties):
+        with self._lock:
+            return super().calculate_properties(atoms, properties)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         with self._lock:

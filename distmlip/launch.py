@@ -184,7 +184,7 @@ _LIVE_POOLS: weakref.WeakSet = weakref.WeakSet()
 @atexit.register
 def _close_all_pools() -> None:
     for pool in list(_LIVE_POOLS):
-        pool.close()
+        pool.close(wait=1.0)
 
 
 class WorkerPool:
@@ -299,7 +299,7 @@ class WorkerPool:
             states = "; ".join(workers.describe(rank) for rank in silence.ranks)
             self._discard(grace=0.0)
             raise WorkerError(
-                f"{what}: no answer from worker(s) {silence.ranks} within {timeout:.0f} s "
+                f"{what}: no answer from worker(s) {silence.ranks} within {timeout:g} s "
                 f"({states}). A worker may be stuck (stopped, deadlocked or swapping), or the "
                 "system needs more time: then increase `timeout`. All workers were stopped "
                 "and restart on the next call"
@@ -367,10 +367,18 @@ class WorkerPool:
         self._state = "stopped"
         _LIVE_POOLS.discard(self)
 
-    def close(self) -> None:
-        """Stop all workers (idempotent)."""
-        with self._lock:
-            self._discard(grace=STOP_GRACE if self._state == "ready" else 0.0)
+    def close(self, wait: float | None = None) -> None:
+        """Stop all workers (idempotent). A call in progress in another thread is waited for,
+        at most ``wait`` seconds if given; then the workers are killed under it."""
+        if self._lock.acquire(timeout=-1 if wait is None else wait):
+            try:
+                self._discard(grace=STOP_GRACE if self._state == "ready" else 0.0)
+            finally:
+                self._lock.release()
+        else:  # e.g. interpreter exit while a daemon thread waits for the workers
+            workers = self._workers
+            if workers is not None:
+                workers.stop(0.0)
 
     def __enter__(self) -> WorkerPool:
         self.start()

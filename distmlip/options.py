@@ -12,6 +12,8 @@ __all__ = ["WorkerOptions", "ALLOCATORS", "DTYPES", "DEVICES"]
 ALLOCATORS = ("keep", "system")
 DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "cuda")
+MAX_WORKERS_PER_CORE = 16
+"""More CPU workers than this per core is a typo, not a plan (each one is a Python process)."""
 
 
 def _positive_int(name: str, value) -> int:
@@ -64,6 +66,17 @@ class WorkerOptions:
 
             if not torch.cuda.is_available():
                 raise ValueError("device='cuda' but torch sees no GPU; use device='cpu'")
+            if self.nprocs > torch.cuda.device_count():
+                raise ValueError(
+                    f"nprocs={self.nprocs} workers need as many GPUs, but torch sees "
+                    f"{torch.cuda.device_count()}; use nprocs <= {torch.cuda.device_count()}"
+                )
+        cores = os.cpu_count() or 1
+        if self.device == "cpu" and self.nprocs > MAX_WORKERS_PER_CORE * cores:
+            raise ValueError(
+                f"nprocs={self.nprocs} is more than {MAX_WORKERS_PER_CORE} worker processes per "
+                f"core ({cores} cores here); use nprocs <= {MAX_WORKERS_PER_CORE * cores}"
+            )
 
     @property
     def threads(self) -> int:

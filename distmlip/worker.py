@@ -102,6 +102,7 @@ def worker_main(connection: Connection) -> None:
     # Ctrl-C in a terminal signals the whole process group: the driver handles it (and stops
     # the workers), so workers must not print a KeyboardInterrupt traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(os.getppid())  # also while waiting for the configuration
     try:
         config, model_bytes = connection.recv()
     except EOFError:  # the driver gave up on this worker before sending its configuration

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from ase.build import bulk
@@ -52,7 +54,7 @@ def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
         "bench",
         "--crystal",
         "cu",
-        "--sizes",
+        "--atoms",
         "108",
         "--nprocs",
         "1",
@@ -168,7 +170,7 @@ def test_predict_evaluates_every_frame_of_a_file(tmp_path, capsys):
     assert second["energy_eV"] == pytest.approx(energies[1], rel=1e-12)
     assert main(common[:-1]) == 0
     table = capsys.readouterr().out
-    assert "3 frame(s)" in table and f"{energies[2]:.6f}" in table
+    assert "3 frames" in table and f"{energies[2]:.6f}" in table
 
 
 def test_help_shows_defaults_and_plain_description(capsys):
@@ -181,3 +183,31 @@ def test_help_shows_defaults_and_plain_description(capsys):
         main(["demo", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "5,832 atoms" in text and "(default: 9)" in text and "(default: 1.0)" in text
+
+
+def test_predict_defaults_to_the_shipped_pretrained_model():
+    from distmlip.cli import _parser
+
+    assert _parser().parse_args(["predict"]).model == "chgnet"
+    assert _parser().parse_args(["predict", "--structure", __file__]).model == "chgnet"
+
+
+@pytest.mark.parametrize(
+    ("argv", "status"),
+    [
+        (["predict", "--structure", "/nonexistent/file.xyz"], 2),
+        (["demo", "--steps", "0"], 2),
+        (["predict", "--model", "reference", "--structure", "{corrupt}"], 1),
+    ],
+)
+def test_errors_as_a_process_print_one_line(argv, status, tmp_path):
+    """The same as a real command: nothing else (warnings, tracebacks) on stderr or stdout."""
+    corrupt = _write(tmp_path / "corrupt.xyz", bytes(range(256)) * 4)
+    argv = [arg.format(corrupt=corrupt) for arg in argv]
+    run = subprocess.run(
+        [sys.executable, "-m", "distmlip", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == status
+    assert run.stdout == ""
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distmlip: error: "), run.stderr

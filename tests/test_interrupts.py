@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 import pytest
 from ase.build import bulk
+from ase.io import write
 from conftest import small_cell
 from test_launch import assert_all_gone
 
@@ -41,7 +42,12 @@ class Interrupted(Exception):
 
 
 class Alarm:
-    """Raise :class:`Interrupted` in the main thread ``delay`` seconds after arming, once."""
+    """Raise :class:`Interrupted` in the main thread ``delay`` seconds after arming, once;
+    ``seen`` is what ``probe()`` returned then (where the call was)."""
+
+    def __init__(self, probe=lambda: None):
+        self.probe = probe
+        self.seen = None
 
     def __enter__(self):
         self.armed = False
@@ -53,6 +59,7 @@ class Alarm:
         if self.armed:
             self.armed = False
             self.fired = True
+            self.seen = self.probe()
             raise Interrupted
 
     def arm(self, delay: float) -> None:
@@ -102,11 +109,35 @@ def test_collect_replies_discards_replies_to_abandoned_requests():
         collect_replies(list(driver_ends), 8, timeout=0.5)
 
 
+def worker_children() -> set[int]:
+    """pids of this process's distmlip workers, of every calculator."""
+    children = psutil.Process().children()
+    return {p.pid for p in children if p.status() != psutil.STATUS_ZOMBIE and is_worker(p)}
+
+
+def is_worker(process: psutil.Process) -> bool:
+    try:
+        return "distmlip._worker" in process.cmdline()
+    except psutil.Error:  # it just exited
+        return False
+
+
+def assert_no_stray_workers(calc, others: set[int]) -> None:
+    """Every worker of this process belongs to ``calc``'s live pool or to another calculator."""
+    strays = worker_children() - others - set(calc.pool.pids)
+    assert_all_gone(sorted(strays))
+
+
 def test_exception_from_signal_handler_at_any_point_of_a_call(reference_model, fresh):
     """Interrupt before the workers answer, while they compute and while they restart; every
-    later call on another structure equals a fresh single-process result."""
+    later call on another structure equals a fresh single-process result, and no worker of an
+    abandoned call is left."""
     checks = iter(range(1, 12))
-    with DistributedCalculator(reference_model, nprocs=2, timeout=120) as calc, Alarm() as alarm:
+    others = worker_children()
+    start = time.perf_counter()
+    calc = DistributedCalculator(reference_model, nprocs=2, timeout=120)
+    startup = time.perf_counter() - start
+    with calc, Alarm(probe=lambda: calc.pool._state) as alarm:
         assert_fresh(calc, 0, fresh)
         durations = []
         for _ in range(2):  # warm calls: the first call after a restart takes longer
@@ -126,17 +157,23 @@ def test_exception_from_signal_handler_at_any_point_of_a_call(reference_model, f
             finally:
                 alarm.disarm()
             if delay > 0.1 * duration:  # the request was out: the abandoned call stopped them
-                assert alarm.fired and not calc.pool.running
+                assert alarm.fired and alarm.seen == "busy"
+                assert not calc.pool.running
                 assert_all_gone(pids)
+            else:
+                assert alarm.fired and alarm.seen == "ready"  # before anything was sent
+            assert_no_stray_workers(calc, others)
             assert_fresh(calc, next(checks), fresh)
             assert_fresh(calc, next(checks), fresh)
         # During a restart: the workers start (seconds) after the previous call was abandoned.
-        for attempt, delay in enumerate((0.05, 1.0)):
+        for attempt, delay in enumerate((0.3 * startup, 0.7 * startup)):
             calc.pool.close()
             alarm.arm(delay)
             with pytest.raises(Interrupted):
                 energy_and_forces(calc, structure(200 + attempt))
             alarm.disarm()
+            assert alarm.seen == "starting"
+            assert_no_stray_workers(calc, others)
             assert_fresh(calc, next(checks), fresh)
 
 
@@ -210,16 +247,12 @@ def test_dropped_calculators_stop_their_workers(reference_model):
 
 
 def _workers_of(process: psutil.Process) -> list[psutil.Process]:
-    return [child for child in process.children() if "distmlip._worker" in child.cmdline()]
+    return [child for child in process.children() if is_worker(child)]
 
 
-@pytest.mark.parametrize("after", [0.5, 3.0])
-def test_ctrl_c_in_a_terminal_prints_one_line(after):
-    """SIGINT to the command's whole process group (what Ctrl-C does): one line on stderr,
-    exit status 130, no worker left; ``after`` seconds once the workers exist (starting up or
-    computing)."""
-    command = [sys.executable, "-m", "distmlip", "predict", "--model", "reference"]
-    command += ["--size", "14", "--nprocs", "2", "--timeout", "300"]
+def _interrupt_after(marker: str, command: list[str]) -> tuple[subprocess.Popen, str, str, list]:
+    """Start ``command`` in its own process group, wait for ``marker`` on its stdout, then
+    SIGINT the whole group (what Ctrl-C in a terminal does)."""
     driver = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -227,18 +260,66 @@ def test_ctrl_c_in_a_terminal_prints_one_line(after):
         text=True,
         start_new_session=True,
     )
-    parent = psutil.Process(driver.pid)
-    deadline = time.monotonic() + 120
-    workers = []
-    while len(workers) < 2 and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(0.05)
-        workers = _workers_of(parent)
-    assert len(workers) == 2, "the workers did not start"
-    time.sleep(after)
+    seen = []
+    for line in driver.stdout:
+        seen.append(line)
+        if marker in line:
+            break
+    workers = _workers_of(psutil.Process(driver.pid))
+    assert len(workers) == 2, "".join(seen)
+    time.sleep(0.5)
     assert driver.poll() is None, "the call ended before the interrupt"
     os.killpg(driver.pid, signal.SIGINT)
     stdout, stderr = driver.communicate(timeout=60)
+    return driver, "".join(seen) + stdout, stderr, workers
+
+
+def test_ctrl_c_during_a_cli_call_prints_one_line(tmp_path):
+    """SIGINT to the command's process group while the workers compute the second frame:
+    one line on stderr, exit status 130, no worker left."""
+    frames = [structure(0, repeat=2), structure(1, repeat=15)]  # 32 atoms, then 13,500
+    path = tmp_path / "frames.extxyz"
+    write(path, frames)
+    command = [sys.executable, "-m", "distmlip", "predict", "--model", "reference"]
+    command += ["--structure", str(path), "--nprocs", "2", "--timeout", "300"]
+    driver, stdout, stderr, workers = _interrupt_after("      0     32", command)
     assert driver.returncode == 130
     assert stderr.strip().splitlines() == ["distmlip: interrupted"]
-    assert stdout == ""
+    assert "      1  13500" not in stdout  # the second frame was interrupted, not finished
+    assert_all_gone([worker.pid for worker in workers])
+
+
+SCRIPT = """
+import sys
+from ase.build import bulk
+from ase.io import write
+from distmlip import DistributedCalculator
+
+def crystal(seed, repeat):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
+    atoms.rattle(0.08, seed=seed)
+    return atoms
+
+with DistributedCalculator("reference", nprocs=1) as single:
+    expected = single.get_potential_energy(crystal(7, 3))
+with DistributedCalculator("reference", nprocs=2, timeout=300) as calc:
+    calc.get_potential_energy(crystal(6, 3))
+    print("calling", flush=True)
+    try:
+        calc.get_potential_energy(crystal(5, 15))
+    except KeyboardInterrupt:
+        print("caught", file=sys.stderr)
+    print(calc.get_potential_energy(crystal(7, 3)) - expected, flush=True)
+"""
+
+
+def test_script_that_catches_ctrl_c_goes_on_correctly(tmp_path):
+    """Ctrl-C in a terminal while a script's call runs: the workers print nothing, the script
+    catches the interrupt and its next call is correct."""
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    driver, stdout, stderr, workers = _interrupt_after("calling", [sys.executable, str(script)])
+    assert driver.returncode == 0, stderr
+    assert stderr.strip().splitlines() == ["caught"]
+    assert abs(float(stdout.split()[-1])) < 1e-9
     assert_all_gone([worker.pid for worker in workers])

@@ -15,14 +15,17 @@ from conftest import evaluate, small_cell
 from distmlip import DistributedCalculator, WorkerError
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def assert_all_gone(pids, within: float = 10.0):
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        alive = [
-            pid
-            for pid in pids
-            if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        ]
+        alive = [pid for pid in pids if _alive(pid)]
         if not alive:
             return
         time.sleep(0.1)

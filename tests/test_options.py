@@ -28,6 +28,9 @@ BAD_OPTIONS = [
     ({"partitioner": "voronoi"}, "partitioner"),
     ({"halo": "full"}, "halo must be one of"),
     ({"skin": -1.0}, "skin must be"),
+    ({"skin": "1"}, "skin must be"),
+    ({"skin": None}, "skin must be"),
+    ({"nprocs": 2**40}, "worker processes per core"),
 ]
 
 

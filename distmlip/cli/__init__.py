@@ -28,7 +28,7 @@ __all__ = ["main"]
 DESCRIPTION = """\
 Run pretrained machine-learning interatomic potentials (CHGNet, MACE, ...) with the atom graph
 partitioned over P worker processes: same energies, forces and stress as one process, less
-memory per worker. `distmlip COMMAND --help` describes each command."""
+memory per worker. "distmlip COMMAND --help" describes each command."""
 
 
 def bench(args) -> int:
@@ -39,7 +39,7 @@ def bench(args) -> int:
     config = BenchConfig(
         model=args.model,
         crystal=args.crystal,
-        sizes=tuple(args.sizes),
+        sizes=tuple(args.atoms),
         nprocs=tuple(args.nprocs),
         partitioners=tuple(args.partitioners),
         halos=tuple(args.halo),
@@ -165,7 +165,13 @@ def _parser() -> Parser:
     b.add_argument(
         "--crystal", default="cu", choices=["cu", "si", "gaas"], help="generated crystal"
     )
-    b.add_argument("--sizes", type=positive_int, nargs="+", default=[1000, 4000], help="atoms")
+    b.add_argument(
+        "--atoms",
+        type=positive_int,
+        nargs="+",
+        default=[1000, 4000],
+        help="approximate atom counts of the generated crystals",
+    )
     b.add_argument("--nprocs", type=positive_int, nargs="+", default=[1, 2], help="values of P")
     b.add_argument(
         "--partitioners",

@@ -97,8 +97,6 @@ def _print_frame(result: dict, args) -> None:
 
 
 def predict(args) -> int:
-    from tqdm import tqdm
-
     from distmlip import DistributedCalculator
 
     if args.structure is not None:
@@ -111,6 +109,8 @@ def predict(args) -> int:
         source = f"generated fcc Cu, {args.size}³ cells"
     start = time.perf_counter()
     results = []
+    # Several frames as a table: a row as soon as each frame is done, so long jobs show progress.
+    streaming = not args.json and len(frames) > 1
     with DistributedCalculator(
         args.model,
         nprocs=args.nprocs,
@@ -120,34 +120,34 @@ def predict(args) -> int:
         timeout=args.timeout,
     ) as calc:
         startup = time.perf_counter() - start
-        quiet = args.json or len(frames) == 1 or not sys.stderr.isatty()
-        for number, atoms in enumerate(tqdm(frames, desc="frames", disable=quiet)):
+        if streaming:
+            print(f"  {source}: {len(frames)} frames; worker start-up {startup:.2f} s\n")
+            print("  frame  atoms  energy (eV)        eV/atom      max |F| (eV/Å)  seconds")
+        for number, atoms in enumerate(frames):
             results.append({"frame": number, **_evaluate(atoms, calc)})
-    common = {
-        "source": source,
-        "model": str(args.model),
-        "nprocs": args.nprocs,
-        "partitioner": args.partitioner,
-        "dtype": args.dtype,
-        "startup_s": startup,
-    }
+            if streaming:
+                print(_frame_row(results[-1]), flush=True)
     if args.json:
-        if len(results) == 1:
-            payload = {**common, **results[0]}
-        else:
-            payload = {**common, "frames": results}
+        common = {
+            "source": source,
+            "model": str(args.model),
+            "nprocs": args.nprocs,
+            "partitioner": args.partitioner,
+            "dtype": args.dtype,
+            "startup_s": startup,
+        }
+        payload = {**common, **results[0]} if len(results) == 1 else {**common, "frames": results}
         json.dump(payload, sys.stdout, indent=2)
         print()
-        return 0
-    print(f"  {source}: {len(frames)} frame(s); worker start-up {startup:.2f} s")
-    if len(results) == 1:
+    elif not streaming:
+        print(f"  {source}; worker start-up {startup:.2f} s")
         _print_frame(results[0], args)
-        return 0
-    print("\n  frame  atoms  energy (eV)        eV/atom      max |F| (eV/Å)  seconds")
-    for result in results:
-        print(
-            f"  {result['frame']:>5}  {result['atoms']:>5}  {result['energy_eV']:>17.6f}"
-            f"  {result['energy_per_atom_eV']:>11.6f}  {result['max_force_eV_per_A']:>14.6f}"
-            f"  {result['evaluation_s']:>7.3f}"
-        )
     return 0
+
+
+def _frame_row(result: dict) -> str:
+    return (
+        f"  {result['frame']:>5}  {result['atoms']:>5}  {result['energy_eV']:>17.6f}"
+        f"  {result['energy_per_atom_eV']:>11.6f}  {result['max_force_eV_per_A']:>14.6f}"
+        f"  {result['evaluation_s']:>7.3f}"
+    )
