@@ -136,6 +136,7 @@ class DistributedCalculator(Calculator):
     def __init__(
         self,
         model="reference",
+        *,
         nprocs: int = 2,
         partitioner: str = "slab",
         device: str = "cpu",
@@ -230,6 +231,23 @@ class DistributedCalculator(Calculator):
         with self._lock:
             return super().get_property(name, atoms, allow_calculation)
 
+    def get_properties(self, properties, atoms=None) -> dict:
+        """Several properties from one evaluation (cached like ASE's ``get_property``).
+
+        ``calc.get_properties(["energy", "forces", "stress"], atoms)`` costs one call, where
+        ``get_potential_energy()`` then ``get_forces()`` would evaluate twice (energy alone
+        runs no backward pass).
+        """
+        with self._lock:
+            if atoms is None:
+                atoms = self.atoms
+            elif self.check_state(atoms):
+                self.reset()
+            missing = [name for name in properties if name not in self.results]
+            if missing:
+                self.calculate(atoms, list(properties), all_changes)
+            return {name: self.get_property(name, atoms) for name in properties}
+
     def calculate_properties(self, atoms, properties):
         with self._lock:
             return super().calculate_properties(atoms, properties)
@@ -239,7 +257,9 @@ class DistributedCalculator(Calculator):
             self.results = {}
             super().calculate(atoms, properties, system_changes)
             structure = Structure.from_ase(self.atoms)
-            results = self._compute(structure, forces=True)
+            # Energy alone needs no backward pass; stress comes with forces (same gradients).
+            wanted = {"forces", "stress"}.intersection(properties)
+            results = self._compute(structure, forces=bool(wanted))
             if "stress" in properties and "stress" not in results:
                 raise PropertyNotImplementedError(
                     "stress needs a cell with nonzero volume; set atoms.cell (e.g. atoms.center("

@@ -227,3 +227,32 @@ def test_skin_after_worker_death_rebuilds(reference_model):
         again = evaluate(calc, atoms)
         assert {s["graph_reused"] for s in calc.last_stats} == {0}
         assert relative_error(again["forces"], first["forces"]) <= RTOL
+
+
+def test_options_are_keyword_only(reference_model):
+    with pytest.raises(TypeError, match="positional"):
+        DistributedCalculator(reference_model, 2)
+
+
+def test_energy_only_runs_no_backward_then_forces_are_computed(pools):
+    """ASE asks for the energy alone: no backward pass on any worker; forces asked next for
+    the same atoms are then computed (and equal a full evaluation's)."""
+    calc = pools.get(2)
+    atoms = small_cell()
+    atoms.rattle(0.03, seed=11)
+    full = evaluate(calc, atoms)
+    atoms = atoms.copy()
+    atoms.rattle(0.0)  # same positions, new object: the calculator compares them
+    calc.reset()
+    atoms.calc = calc
+    energy = atoms.get_potential_energy()
+    assert "forces" not in calc.results
+    assert all("backward" not in timings for timings in calc.last_timings)
+    assert energy == pytest.approx(full["energy"], rel=1e-12)
+    forces = atoms.get_forces()
+    assert all("backward" in timings for timings in calc.last_timings)
+    np.testing.assert_allclose(forces, full["forces"], rtol=0, atol=1e-12)
+    # Several properties from one evaluation.
+    calc.reset()
+    properties = calc.get_properties(["energy", "forces", "stress"], atoms)
+    np.testing.assert_allclose(properties["stress"], full["stress"], rtol=0, atol=1e-12)

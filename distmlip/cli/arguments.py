@@ -76,9 +76,10 @@ def non_negative_float(text: str) -> float:
 
 def model_argument(text: str) -> str:
     """A model name distmlip knows, or the path of an existing model file."""
-    from distmlip.models import MODEL_NAMES
+    from distmlip.models import model_names
 
-    if text.lower() in MODEL_NAMES:
+    names = model_names()
+    if text.lower() in names:
         return text.lower()
     looks_like_path = os.sep in text or "/" in text or Path(text).suffix or Path(text).exists()
     if looks_like_path and not text.lower().startswith("chgnet"):
@@ -89,7 +90,7 @@ def model_argument(text: str) -> str:
             raise argparse.ArgumentTypeError(f"no model file {text!r}")
         return text
     raise argparse.ArgumentTypeError(
-        f"unknown model {text!r}; choose one of {', '.join(MODEL_NAMES)} or give a MACE model file"
+        f"unknown model {text!r}; choose one of {', '.join(names)} or give a MACE model file"
     )
 
 
