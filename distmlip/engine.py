@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from distmlip.comm import Communicator
+from distmlip.exchange import Exchange, GhostExchange, GraphTopology, RowDeclarer
 from distmlip.graph import Structure
 from distmlip.halo import HaloPlan, LocalGraph, edge_vectors
 from distmlip.models.base import DistributedModel, GraphInputs
 
-__all__ = ["WorkerResult", "evaluate", "graph_inputs", "AtomExchange", "GhostRows"]
+__all__ = ["WorkerResult", "Prepared", "prepare", "evaluate", "graph_inputs"]
 
 
 @dataclass
@@ -63,51 +65,57 @@ class WorkerResult:
     forward_segments: list[float] = field(default_factory=list)
 
 
-class AtomExchange:
-    """The ``exchange`` adapters receive: refreshes the halo rows of atom features.
+@dataclass
+class Prepared:
+    """What ``model.prepare`` derived from one graph build, and the plans of its row kinds."""
 
-    ``exchange(owned)``: (n_owned, ...) → (n_local, ...), blocking. ``exchange.start(owned)``:
-    ``(owned, pending)`` at once, ``pending.finish()`` → (n_halo, ...) halo rows later, so the
-    transfer overlaps whatever the adapter computes in between (e.g. messages along edges whose
-    sender is owned); see :meth:`~distmlip.comm.Communicator.start_exchange`.
-    """
-
-    def __init__(self, comm: Communicator, plan: HaloPlan):
-        self.comm, self.plan = comm, plan
-
-    def __call__(self, owned: torch.Tensor) -> torch.Tensor:
-        return self.comm.exchange(owned, self.plan)
-
-    def start(self, owned: torch.Tensor):
-        return self.comm.start_exchange(owned, self.plan)
+    value: Any
+    row_plans: dict[str, HaloPlan]
 
 
-class GhostRows:
-    """The ghost baseline's ``exchange``: nothing to fetch.
+def topology(
+    graph: LocalGraph,
+    structure: Structure,
+    vectors: np.ndarray | None = None,
+    owner: np.ndarray | None = None,
+    skin: float = 0.0,
+) -> GraphTopology:
+    """The numpy view of a local graph that ``prepare`` sees."""
+    if owner is not None:
+        row_owner = np.asarray(owner, dtype=np.int64)[graph.global_index]
+    else:
+        row_owner = np.concatenate(
+            [np.full(graph.n_owned, graph.rank, dtype=np.int64), graph.halo_owner]
+        ).astype(np.int64)
+    edges = graph.edges
+    return GraphTopology(
+        rank=graph.rank,
+        world_size=graph.world_size,
+        n_atoms=structure.n_atoms,
+        n_owned=graph.n_owned,
+        global_index=graph.global_index,
+        row_owner=row_owner,
+        receivers=edges.receivers,
+        senders=edges.senders,
+        shifts=edges.shifts,
+        vectors=edge_vectors(graph, structure) if vectors is None else vectors,
+        skin=float(skin),
+    )
 
-    The outermost ghosts only ever matter through their species (layer 0); at later layers they
-    feed nodes whose features are already out of their exact range, so zeros serve.
-    """
 
-    def __init__(self, graph: LocalGraph):
-        self.n_outer = graph.n_local - graph.n_computed
-
-    def _outer(self, computed: torch.Tensor) -> torch.Tensor:
-        return computed.new_zeros((self.n_outer, *computed.shape[1:]))
-
-    def __call__(self, computed: torch.Tensor) -> torch.Tensor:
-        return torch.cat([computed, self._outer(computed)])
-
-    def start(self, computed: torch.Tensor):
-        return computed, _Ready(self._outer(computed))
-
-
-class _Ready:
-    def __init__(self, rows: torch.Tensor):
-        self.rows = rows
-
-    def finish(self) -> torch.Tensor:
-        return self.rows
+def prepare(
+    model: DistributedModel,
+    graph: LocalGraph,
+    structure: Structure,
+    comm: Communicator,
+    vectors: np.ndarray | None = None,
+    owner: np.ndarray | None = None,
+    skin: float = 0.0,
+) -> Prepared:
+    """Run ``model.prepare`` on a newly built graph (collective: every rank calls it)."""
+    declarer = RowDeclarer(comm)
+    value = model.prepare(topology(graph, structure, vectors, owner, skin), declarer)
+    return Prepared(value, declarer.plans)
 
 
 def compute_segments(log: list[dict], begin: float, end: float) -> list[float]:
@@ -144,8 +152,6 @@ def graph_inputs(
         receivers=torch.as_tensor(edges.receivers, device=device),
         senders=torch.as_tensor(edges.senders, device=device),
         n_owned=graph.n_computed,
-        graph=graph,
-        structure=structure,
     )
 
 
@@ -158,24 +164,41 @@ def evaluate(
     device: torch.device,
     compute_forces: bool = True,
     vectors: np.ndarray | None = None,
+    prepared: Prepared | None = None,
+    kept_edges: np.ndarray | None = None,
 ) -> WorkerResult:
     """Run the model on this worker's local graph; see the module docstring.
 
     ``vectors``: the graph's (E, 3) float64 edge vectors if the caller has them already.
+    ``prepared``: what :func:`prepare` gave for the graph this one was selected from
+    (``kept_edges``: the index of each edge there); prepared here if not given.
     """
     timings: dict[str, float] = {}
+    if prepared is None:
+        prepared = prepare(model, graph, structure, comm, vectors)
     start = time.perf_counter()
     inputs = graph_inputs(graph, structure, dtype, device, vectors)
-    inputs.comm = comm
+    inputs.prepared = prepared.value
+    if kept_edges is not None:
+        inputs.kept_edges = torch.as_tensor(kept_edges, dtype=torch.int64, device=device)
     inputs.vectors.requires_grad_(compute_forces)
     comm.reset()
-    exchange = GhostRows(graph) if graph.ghost else AtomExchange(comm, graph.plan)
+    if graph.ghost:
+        exchange = GhostExchange(graph.n_computed, graph.n_local)
+    else:
+        exchange = Exchange(comm, graph.plan, prepared.row_plans)
 
     timings["inputs"] = time.perf_counter() - start
 
     start = time.perf_counter()
     with torch.set_grad_enabled(compute_forces):
-        energies = model(inputs, exchange)
+        output = model(inputs, exchange)
+        energies, site_outputs = output if isinstance(output, tuple) else (output, {})
+        if set(site_outputs) != set(model.site_properties):
+            raise RuntimeError(
+                f"{type(model).__name__} returned per-atom outputs {sorted(site_outputs)}, "
+                f"but declares site_properties {sorted(model.site_properties)}"
+            )
         if energies.shape != (graph.n_computed,):
             raise RuntimeError(
                 f"{type(model).__name__} returned energies of shape {tuple(energies.shape)}, "
@@ -185,7 +208,7 @@ def evaluate(
         energy = energies.sum()
     site_properties = {
         name: value[: graph.n_owned].detach().double().cpu().numpy()
-        for name, value in (getattr(model, "last_site_properties", None) or {}).items()
+        for name, value in site_outputs.items()
     }
     timings["forward"] = time.perf_counter() - start
     forward_segments = compute_segments(
@@ -215,7 +238,7 @@ def evaluate(
         if graph.ghost:  # the driver sums ghost rows into their owners
             forces = -gradient.double().cpu().numpy()
         else:
-            forces = -comm.reverse_sum(gradient, exchange.plan).double().cpu().numpy()
+            forces = -comm.reverse_sum(gradient, graph.plan).double().cpu().numpy()
         virial = (edge_gradients.double().T @ inputs.vectors.detach().double()).cpu().numpy()
         timings["forces"] = time.perf_counter() - start
 
@@ -223,8 +246,6 @@ def evaluate(
     # communicator that holds the outputs: a cycle through C++ that Python's collector cannot
     # break (it leaked ~1 MB per call). Drop the outputs and the model's per-call tensors.
     comm.outputs.clear()
-    if hasattr(model, "last_site_properties"):
-        model.last_site_properties = {}
     stats = {
         "owned_atoms": graph.n_owned,
         "halo_atoms": graph.n_halo,

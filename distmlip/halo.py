@@ -206,7 +206,7 @@ def within_cutoff(
     structure: Structure,
     cutoff: float,
     shift_vectors: np.ndarray | None = None,
-) -> tuple[LocalGraph, np.ndarray]:
+) -> tuple[LocalGraph, np.ndarray, np.ndarray]:
     """``graph`` cut down to the edges shorter than ``cutoff`` at ``structure``'s positions.
 
     The Verlet-skin reuse of a graph: one built with ``cutoff + skin`` still holds every edge
@@ -219,8 +219,8 @@ def within_cutoff(
     caller can keep them).
 
     Returns:
-        The restricted graph (a new :class:`LocalGraph` sharing rows and plan) and its
-        (E', 3) float64 edge vectors, Å.
+        The restricted graph (a new :class:`LocalGraph` sharing rows and plan), its
+        (E', 3) float64 edge vectors, Å, and the (E',) index of each kept edge in ``graph``.
     """
     vectors = edge_vectors(graph, structure, shift_vectors)
     kept = np.flatnonzero(np.einsum("ij,ij->i", vectors, vectors) < cutoff * cutoff)
@@ -228,7 +228,7 @@ def within_cutoff(
     restricted = EdgeList(
         receivers=edges.receivers[kept], senders=edges.senders[kept], shifts=edges.shifts[kept]
     )
-    return replace(graph, edges=restricted), vectors[kept]
+    return replace(graph, edges=restricted), vectors[kept], kept
 
 
 def rows_of(owned_keys: np.ndarray, requests_from_peers: list[np.ndarray], rank: int) -> list:

@@ -144,55 +144,75 @@ def worker_main(connection: Connection) -> None:
             dist.destroy_process_group()
 
 
-class _WorkerGraphs:
-    """This worker's graph for each request: built, or re-selected from the last build.
+@dataclass
+class _CallGraph:
+    """The graph of one call: its edges, their vectors, and what ``prepare`` made of the
+    graph they were selected from."""
 
-    With ``skin > 0`` the graph built with ``cutoff + skin`` is kept; the driver says when it
-    still holds (no atom moved more than skin / 2, same cell and owners) by sending
-    ``reuse=True``, and its edges shorter than the cutoff are re-selected.
+    graph: object
+    vectors: np.ndarray | None
+    prepared: object
+    kept_edges: np.ndarray | None = None
+    prepared_now: bool = True
+
+
+class _WorkerGraphs:
+    """This worker's graph for each request: built (and prepared), or re-selected from the
+    last build.
+
+    With ``skin > 0`` the graph built with ``cutoff + skin`` and the model's ``prepare`` of it
+    are kept; the driver says when they still hold (no atom moved more than skin / 2, same cell
+    and owners) by sending ``reuse=True``, and the edges shorter than the cutoff are re-selected.
     """
 
     def __init__(self, config: WorkerConfig, model):
         self.config, self.model = config, model
         self.skin_graph = None
+        self.prepared = None
         self.shift_vectors = None  # skin_graph's shifts @ cell (the cell is fixed while reused)
 
-    def get(self, request: EvaluationRequest, comm):
-        """(local graph, its edge vectors or None) for ``request``; collective on a rebuild."""
+    def get(self, request: EvaluationRequest, comm) -> _CallGraph:
+        """The graph of ``request``; collective on a rebuild."""
+        from distmlip.engine import prepare
         from distmlip.halo import (
             build_ghost_graph,
             build_local_graph,
+            edge_vectors,
             resolve_send_index,
             within_cutoff,
         )
 
         config, model, structure = self.config, self.model, request.structure
-        if request.halo == "ghost":
-            self.skin_graph = self.shift_vectors = None
-            graph = build_ghost_graph(
-                structure,
-                request.owner,
-                config.rank,
-                config.world_size,
-                model.cutoff,
-                model.num_layers,
-            )
-            return graph, None
         if request.reuse and self.skin_graph is None:
             raise RuntimeError("asked to reuse a graph this worker has not built")
         if not request.reuse:
             # A failure below must not leave the previous graph to be reused.
-            self.skin_graph = self.shift_vectors = None
-            cutoff = model.cutoff + request.skin
-            graph = build_local_graph(
-                structure, request.owner, config.rank, config.world_size, cutoff
-            )
-            resolve_send_index(graph, comm.exchange_requests(graph.requests()))
+            self.skin_graph = self.prepared = self.shift_vectors = None
+            if request.halo == "ghost":
+                graph = build_ghost_graph(
+                    structure,
+                    request.owner,
+                    config.rank,
+                    config.world_size,
+                    model.cutoff,
+                    model.num_layers,
+                )
+            else:
+                cutoff = model.cutoff + request.skin
+                graph = build_local_graph(
+                    structure, request.owner, config.rank, config.world_size, cutoff
+                )
+                resolve_send_index(graph, comm.exchange_requests(graph.requests()))
+            vectors = edge_vectors(graph, structure)
+            prepared = prepare(model, graph, structure, comm, vectors, request.owner, request.skin)
             if request.skin == 0:
-                return graph, None
-            self.skin_graph = graph
+                return _CallGraph(graph, vectors, prepared)
+            self.skin_graph, self.prepared = graph, prepared
             self.shift_vectors = graph.edges.shifts @ structure.cell
-        return within_cutoff(self.skin_graph, structure, model.cutoff, self.shift_vectors)
+        graph, vectors, kept = within_cutoff(
+            self.skin_graph, structure, model.cutoff, self.shift_vectors
+        )
+        return _CallGraph(graph, vectors, self.prepared, kept, prepared_now=not request.reuse)
 
 
 def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> None:
@@ -214,13 +234,23 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
             structure = request.structure
             start = time.perf_counter()
             comm = Communicator(config.rank, config.world_size, device, config.timeout)
-            graph, vectors = graphs.get(request, comm)
+            call = graphs.get(request, comm)
             graph_time = time.perf_counter() - start
             result = evaluate(
-                model, graph, structure, comm, dtype, device, request.compute_forces, vectors
+                model,
+                call.graph,
+                structure,
+                comm,
+                dtype,
+                device,
+                request.compute_forces,
+                call.vectors,
+                call.prepared,
+                call.kept_edges,
             )
             result.timings = {"graph": graph_time, **result.timings}
             result.stats["graph_reused"] = int(request.reuse)
+            result.stats["prepared"] = int(call.prepared_now)
             skin_graph = graphs.skin_graph
             result.stats["skin_edges"] = len(skin_graph.edges) if skin_graph is not None else 0
             # ru_maxrss is in KiB on Linux: the worker's high-water mark since it started.
@@ -229,7 +259,7 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
                 result.stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             connection.send(("ok", request_id, result))
             # Free this call's graph and tensors before the next request arrives, not during it.
-            del graph, comm, result, vectors
+            del call, comm, result
         except Exception as error:
             report = (error_summary(error), traceback.format_exc())
             connection.send(("error", request_id, report))

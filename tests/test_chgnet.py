@@ -232,7 +232,8 @@ def test_bond_graph_single_worker_counts_match_upstream(adapter):
     from pymatgen.io.ase import AseAtomsAdaptor
 
     from distmlip.comm import Communicator
-    from distmlip.engine import graph_inputs
+    from distmlip.engine import topology
+    from distmlip.exchange import RowDeclarer
     from distmlip.graph import Structure
     from distmlip.halo import build_all_local_graphs
 
@@ -242,12 +243,13 @@ def test_bond_graph_single_worker_counts_match_upstream(adapter):
         (graph,) = build_all_local_graphs(
             structure, np.zeros(len(atoms), dtype=np.int64), 1, adapter.cutoff
         )
-        inputs = graph_inputs(graph, structure, torch.float64, torch.device("cpu"))
-        inputs.comm = Communicator(0, 1, torch.device("cpu"))
-        bonds = build_bond_graph(inputs, adapter.bond_cutoff)
+        rows = RowDeclarer(Communicator(0, 1, torch.device("cpu")))
+        bonds = build_bond_graph(topology(graph, structure), rows, adapter.bond_cutoff)
         upstream = adapter.model.graph_converter(AseAtomsAdaptor.get_structure(atoms))
         assert len(graph.edges) == len(upstream.atom_graph), name
-        assert len(bonds.angle_center) == len(upstream.bond_graph), name
+        lengths = np.linalg.norm(topology(graph, structure).vectors, axis=1)
+        angle_edges = bonds.angle_edges[lengths[bonds.angle_edges[:, 1]] < adapter.bond_cutoff]
+        assert len(angle_edges) == len(upstream.bond_graph), name
         n_short_upstream = len(np.unique(upstream.bond_graph[:, 1].numpy()))
         assert bonds.n_short >= n_short_upstream, name  # bonds without partners have no angle
-        assert bonds.plan.n_owned == bonds.n_short
+        assert rows.plans["bonds"].n_owned == bonds.n_short

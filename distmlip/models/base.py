@@ -4,35 +4,26 @@ An adapter is a ``torch.nn.Module`` that wraps an upstream model (reusing its su
 weights) and computes per-owned-atom energies from one worker's local graph, calling
 ``exchange`` wherever the upstream forward reads features of neighbouring atoms that another
 worker owns. The engine owns everything else: graphs, partitions, communication, autograd for
-forces and stress.
+forces and stress. Adapters import this module and :mod:`distmlip.exchange`, nothing else of
+distmlip; see docs/adapters.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
-    from distmlip.comm import Communicator
-    from distmlip.graph import Structure
-    from distmlip.halo import LocalGraph
+    from distmlip.exchange import Exchange, GraphTopology, RowDeclarer
 
-__all__ = ["GraphInputs", "DistributedModel", "Exchange"]
-
-Exchange = Callable[[torch.Tensor], torch.Tensor]
-"""``exchange(owned_rows) -> local_rows``: (n_owned, ...) → (n_owned + n_halo, ...).
-
-The object the engine passes (:class:`distmlip.engine.AtomExchange`) also has
-``exchange.start(owned_rows) -> (owned_rows, pending)`` and ``pending.finish() -> halo_rows``, to
-overlap the transfer with work that needs only owned rows."""
+__all__ = ["GraphInputs", "DistributedModel"]
 
 
 @dataclass
 class GraphInputs:
-    """One worker's local graph as tensors.
+    """One worker's local graph as tensors, for one call.
 
     Attributes:
         numbers: (n_local,) int64 atomic numbers of owned rows then halo rows.
@@ -41,11 +32,10 @@ class GraphInputs:
         receivers: (E,) int64 local rows, all < n_owned.
         senders: (E,) int64 local rows.
         n_owned: number of owned rows.
-        graph: the numpy :class:`~distmlip.halo.LocalGraph` (global indices, shifts, plan), for
-            adapters that derive more structure (bond graphs) from it.
-        structure: the replicated :class:`~distmlip.graph.Structure`.
-        comm: the :class:`~distmlip.comm.Communicator`, for adapters that exchange rows other
-            than atoms (``comm.exchange(rows, plan)`` with a plan of their own).
+        prepared: what the adapter's ``prepare`` returned for this graph (None without one).
+        kept_edges: (E,) int64 index of each edge in the graph ``prepare`` saw, when the graph
+            was built with a Verlet skin and is being reused (only the edges shorter than the
+            cutoff are given); None when the edges are exactly those ``prepare`` saw.
     """
 
     numbers: torch.Tensor
@@ -53,9 +43,8 @@ class GraphInputs:
     receivers: torch.Tensor
     senders: torch.Tensor
     n_owned: int
-    graph: LocalGraph | None = None
-    structure: Structure | None = None
-    comm: Communicator | None = None
+    prepared: Any = None
+    kept_edges: torch.Tensor | None = None
 
     @property
     def n_local(self) -> int:
@@ -66,8 +55,8 @@ class DistributedModel(torch.nn.Module):
     """Base class of adapters.
 
     Subclasses set ``cutoff`` (Å, the atom-graph cutoff) and implement :meth:`forward`; they may
-    narrow ``supported_numbers`` (the atomic numbers the model knows) and declare extra per-atom
-    outputs in ``site_properties``.
+    narrow ``supported_numbers`` (the atomic numbers the model knows), declare extra per-atom
+    outputs in ``site_properties`` and derive per-graph structure once in :meth:`prepare`.
     """
 
     cutoff: float
@@ -76,11 +65,22 @@ class DistributedModel(torch.nn.Module):
     """Message-passing layers: the ghost depth of the ``halo="ghost"`` baseline (None: the
     adapter does not support that baseline)."""
     site_properties: tuple[str, ...] = ()
-    """Names of extra per-atom outputs; ``forward`` then sets ``self.last_site_properties``
-    to a dict name → (n_owned, ...) tensor, which the calculator returns as a property."""
+    """Names of extra per-atom outputs, which ``forward`` returns in its second value."""
 
-    def forward(self, inputs: GraphInputs, exchange: Exchange) -> torch.Tensor:
-        """Per-owned-atom energies, (n_owned,) eV."""
+    def prepare(self, topology: GraphTopology, rows: RowDeclarer) -> Any:
+        """Derive structure from a newly built graph (numpy; collective: every rank calls it).
+
+        Called once per graph build, not per call: with a Verlet skin the result serves every
+        call that reuses the graph (as ``inputs.prepared``). Declare row kinds other than atoms
+        here with ``rows.declare``. Default: nothing to prepare.
+        """
+        return None
+
+    def forward(
+        self, inputs: GraphInputs, exchange: Exchange
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-owned-atom energies, (n_owned,) eV; or ``(energies, {name: (n_owned, ...)})``
+        with the outputs named in ``site_properties``."""
         raise NotImplementedError
 
     def check_numbers(self, numbers) -> None:

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distmlip.halo import HaloPlan, edge_vectors, rows_of
-from distmlip.models.base import DistributedModel, Exchange, GraphInputs
+from distmlip.exchange import Exchange, GraphTopology, RowDeclarer, undirected_edge_keys
+from distmlip.models.base import DistributedModel, GraphInputs
 
 __all__ = ["CHGNetAdapter", "BondGraph", "build_bond_graph", "load_chgnet"]
 
@@ -62,125 +62,68 @@ def load_chgnet(model_name: str = "0.3.0"):
 
 @dataclass
 class BondGraph:
-    """One worker's bonds and angles, in local indices (numpy).
+    """One worker's candidate bonds and angles, from ``prepare`` (numpy, local indices).
 
-    Local bond rows are ``[short owned..., short halo..., long...]``: the first ``plan.n_local``
-    rows follow the bond :class:`HaloPlan` (halo rows grouped by owner rank), then one row per
-    long directed edge.
+    Candidate bonds are the edges no longer than ``bond_cutoff + skin`` when the graph was
+    built: with a Verlet skin every edge that can become a bond while the graph is reused. Each
+    undirected candidate is one row of the declared row kind ``"bonds"`` (rows
+    ``[owned..., halo...]``); long edges get one row each per call, after them.
 
     Attributes:
-        edge_bond: (E,) bond row of each directed edge.
-        bond_edge: (n_rows,) a local directed edge of each bond row (its length defines the
-            bond's basis; both directions have the same length).
-        n_short: short bond rows (owned + halo) = ``plan.n_local``.
-        angle_center: (A,) owned atom row of each angle.
-        angle_edges: (A, 2) the directed edges (i, j) of each angle.
-        angle_bonds: (A, 2) their bond rows (i collects the message).
-        plan: the bond halo plan (resolved).
+        short_row: (E,) bond row of each edge of the prepared graph, −1 if not a candidate.
+        bond_edge: (n_short,) a prepared-graph edge of each bond row (its length is the bond's).
+        n_short: bond rows (owned + halo).
+        angle_edges: (A, 2) candidate angles (i, j): distinct candidate edges with the same
+            (owned) centre; i collects the message. Filtered by current lengths per call.
     """
 
-    edge_bond: np.ndarray
+    short_row: np.ndarray
     bond_edge: np.ndarray
     n_short: int
-    angle_center: np.ndarray
     angle_edges: np.ndarray
-    angle_bonds: np.ndarray
-    plan: HaloPlan
+
+    def __post_init__(self):
+        self._tensors: dict = {}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(short_row, bond_edge, angle_edges) as int64 tensors on ``device`` (cached)."""
+        if device not in self._tensors:
+            self._tensors[device] = tuple(
+                torch.as_tensor(array, dtype=torch.int64, device=device)
+                for array in (self.short_row, self.bond_edge, self.angle_edges)
+            )
+        return self._tensors[device]
 
 
-def _bond_keys(n_atoms: int, receivers_g, senders_g, shifts, comm):
-    """Global int64 key of each undirected bond and whether the edge is its canonical direction.
+def build_bond_graph(topology: GraphTopology, rows: RowDeclarer, bond_cutoff: float) -> BondGraph:
+    """Candidate bonds (declared as the row kind ``"bonds"``) and angles of one worker."""
+    reach = bond_cutoff + topology.skin
+    lengths = np.linalg.norm(topology.vectors, axis=1)
+    candidates = np.flatnonzero(lengths <= reach)
+    keys, _, owners = undirected_edge_keys(topology, candidates, rows)
+    layout = rows.declare("bonds", keys, owners)
+    short_row = np.full(len(lengths), -1, dtype=np.int64)
+    short_row[candidates] = layout.row
 
-    The canonical direction of bond {a, b, S} has receiver min(a, b); for a self-image bond
-    (a = b) the one whose shift's first non-zero component is positive. The key packs
-    (min end, max end, canonical shift) with a shift range agreed by all ranks (collective).
-    """
-    nonzero = shifts != 0
-    first = np.argmax(nonzero, axis=1)
-    negative = shifts[np.arange(len(shifts)), first] < 0
-    flip = (receivers_g > senders_g) | ((receivers_g == senders_g) & negative)
-    low = np.where(flip, senders_g, receivers_g)
-    high = np.where(flip, receivers_g, senders_g)
-    canonical_shift = np.where(flip[:, None], -shifts, shifts)
-    local_bound = int(np.abs(canonical_shift).max()) if len(shifts) else 0
-    bound = comm.allreduce_int(local_bound, "max")
-    base = 2 * bound + 1
-    n = int(n_atoms)
-    if float(n) * n * float(base) ** 3 >= 2.0**62:
-        raise ValueError(
-            f"cannot key the CHGNet bonds of {n} atoms with image shifts up to {bound} in int64"
-        )
-    code = ((canonical_shift[:, 0] + bound) * base + canonical_shift[:, 1] + bound) * base
-    code = code + canonical_shift[:, 2] + bound
-    return (low * n + high) * base**3 + code, flip
-
-
-def build_bond_graph(inputs: GraphInputs, bond_cutoff: float) -> BondGraph:
-    """Bonds, angles and the bond halo plan of one worker (collective: every rank calls it)."""
-    graph, structure, comm = inputs.graph, inputs.structure, inputs.comm
-    rank, world = graph.rank, graph.world_size
-    edges = graph.edges
-    n_edges = len(edges)
-    gidx = graph.global_index
-    vectors = edge_vectors(graph, structure)
-    lengths = np.linalg.norm(vectors, axis=1)
-    # CHGNet: a bond enters the bond graph if its length <= cutoff, a partner if < cutoff.
-    short = lengths <= bond_cutoff
-    partner = lengths < bond_cutoff
-
-    short_edges = np.flatnonzero(short)
-    keys, flip = _bond_keys(
-        structure.n_atoms,
-        gidx[edges.receivers[short_edges]],
-        gidx[edges.senders[short_edges]],
-        edges.shifts[short_edges].astype(np.int64),
-        comm,
-    )
-    local_owner = np.concatenate(
-        [np.full(graph.n_owned, rank, dtype=np.int64), graph.halo_owner.astype(np.int64)]
-    )
-    owner = np.where(flip, local_owner[edges.senders[short_edges]], rank)
-    unique_keys, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    unique_owner = owner[first]
-    order = np.lexsort((unique_keys, unique_owner, unique_owner != rank))
-    row_of_unique = np.empty(len(order), dtype=np.int64)
-    row_of_unique[order] = np.arange(len(order))
-    ordered_keys = unique_keys[order]
-    n_owned_bonds = int(np.sum(unique_owner == rank))
-    recv_counts = np.bincount(unique_owner[unique_owner != rank], minlength=world).astype(np.int64)
-    halo_keys = ordered_keys[n_owned_bonds:]
-    requests = np.split(halo_keys, np.cumsum(recv_counts)[:-1])
-    send_index = rows_of(ordered_keys[:n_owned_bonds], comm.exchange_requests(requests), rank)
-    plan = HaloPlan(rank, world, n_owned_bonds, recv_counts, tuple(send_index))
-    n_short = len(order)
-
-    long_edges = np.flatnonzero(~short)
-    edge_bond = np.empty(n_edges, dtype=np.int64)
-    edge_bond[short_edges] = row_of_unique[inverse.reshape(-1)]
-    edge_bond[long_edges] = n_short + np.arange(len(long_edges))
-    bond_edge = np.concatenate([short_edges[first[order]], long_edges]).astype(np.int64)
-
-    # Angles: ordered pairs of distinct short edges with the same (owned) centre.
-    centers = edges.receivers[short_edges]
+    # Angles: ordered pairs of distinct candidate edges with the same (owned) centre.
+    centers = topology.receivers[candidates]
     by_center = np.argsort(centers, kind="stable")
-    sorted_edges = short_edges[by_center]
+    sorted_edges = candidates[by_center]
     _, starts, counts = np.unique(centers[by_center], return_index=True, return_counts=True)
     group = np.repeat(np.arange(len(counts)), counts)
     pairs_per = counts[group]
     first_pos = np.repeat(np.arange(len(sorted_edges)), pairs_per)
     block = np.repeat(np.cumsum(pairs_per) - pairs_per, pairs_per)
     second_pos = starts[group][first_pos] + (np.arange(int(pairs_per.sum())) - block)
-    edge_i, edge_j = sorted_edges[first_pos], sorted_edges[second_pos]
-    keep = (first_pos != second_pos) & partner[edge_j]
-    edge_i, edge_j = edge_i[keep], edge_j[keep]
+    distinct = first_pos != second_pos
+    angle_edges = np.stack(
+        [sorted_edges[first_pos[distinct]], sorted_edges[second_pos[distinct]]], axis=1
+    )
     return BondGraph(
-        edge_bond=edge_bond,
-        bond_edge=bond_edge,
-        n_short=n_short,
-        angle_center=edges.receivers[edge_i].astype(np.int64),
-        angle_edges=np.stack([edge_i, edge_j], axis=1).astype(np.int64),
-        angle_bonds=np.stack([edge_bond[edge_i], edge_bond[edge_j]], axis=1),
-        plan=plan,
+        short_row=short_row,
+        bond_edge=candidates[layout.first_key_of_row],
+        n_short=layout.n_local,
+        angle_edges=angle_edges.astype(np.int64).reshape(-1, 2),
     )
 
 
@@ -222,7 +165,6 @@ class CHGNetAdapter(DistributedModel):
         self.bond_cutoff = float(model.graph_converter.bond_graph_cutoff)
         n_elements = model.atom_embedding.embedding.num_embeddings
         self.supported_numbers = frozenset(range(1, n_elements + 1))
-        self.last_site_properties: dict[str, torch.Tensor] = {}
 
     @property
     def version(self) -> str | None:
@@ -245,31 +187,58 @@ class CHGNetAdapter(DistributedModel):
             aggregated = layer.bond_norm(aggregated)
         return aggregated
 
-    def forward(self, inputs: GraphInputs, exchange: Exchange) -> torch.Tensor:
+    def prepare(self, topology: GraphTopology, rows: RowDeclarer) -> BondGraph:
+        return build_bond_graph(topology, rows, self.bond_cutoff)
+
+    def _this_call(self, inputs: GraphInputs, lengths: torch.Tensor):
+        """(edge_bond, bond_edge, angle_edges) of this call's edges, from the prepared graph:
+        candidate bonds keep their rows, long edges get one row each, angles are the candidate
+        ones whose bond i is <= and partner j < the bond cutoff now."""
+        bonds: BondGraph = inputs.prepared
+        short_row, bond_edge, angle_edges = bonds.on(lengths.device)
+        kept = inputs.kept_edges
+        if kept is not None:  # a reused Verlet-skin graph: map prepared edges to this call's
+            position = torch.full_like(short_row, -1)
+            position[kept] = torch.arange(len(kept), device=kept.device)
+            short_row, bond_edge = short_row[kept], position[bond_edge]
+            if bool((bond_edge < 0).any()):
+                raise RuntimeError(
+                    f"a CHGNet bond left the {self.cutoff} Å graph while it was reused; use a "
+                    f"skin below {(self.cutoff - self.bond_cutoff) / 2:.1f} Å"
+                )
+            angle_edges = position[angle_edges]
+            angle_edges = angle_edges[(angle_edges >= 0).all(dim=1)]
+        current = lengths.detach()
+        angle_edges = angle_edges[
+            (current[angle_edges[:, 0]] <= self.bond_cutoff)
+            & (current[angle_edges[:, 1]] < self.bond_cutoff)
+        ]
+        long_edges = torch.nonzero(short_row < 0).view(-1)
+        edge_bond = short_row.clone()
+        edge_bond[long_edges] = bonds.n_short + torch.arange(
+            len(long_edges), device=short_row.device
+        )
+        return edge_bond, torch.cat([bond_edge, long_edges]), angle_edges
+
+    def forward(self, inputs: GraphInputs, exchange: Exchange):
         chgnet = self.model
-        comm = inputs.comm
         n_owned = inputs.n_owned
-        device = inputs.vectors.device
-        bonds = build_bond_graph(inputs, self.bond_cutoff)
-        plan = bonds.plan
-        n_short = bonds.n_short
-
-        def index(array: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(array, dtype=torch.int64, device=device)
-
-        edge_bond = index(bonds.edge_bond)
-        angle_center = index(bonds.angle_center)
-        angle_i, angle_j = index(bonds.angle_bonds[:, 0]), index(bonds.angle_bonds[:, 1])
-        bond_graph = torch.stack([angle_center, angle_i, angle_j], dim=1)
-        atom_graph = torch.stack([inputs.receivers, inputs.senders], dim=1)
-        # Upstream skips bond and angle updates when the whole structure has no angle.
-        has_angles = comm.allreduce_int(len(bonds.angle_center)) > 0
+        n_short = inputs.prepared.n_short
+        bond_rows = exchange.rows("bonds")
 
         # Geometry, from the edge vectors only. CHGNet's bond vector is centre − neighbour,
         # i.e. −v; angles use unit vectors (the sign cancels in the cosine, kept for clarity).
         lengths = torch.linalg.norm(inputs.vectors, dim=1)
         unit = -inputs.vectors / lengths.unsqueeze(1)
-        bond_lengths = lengths[index(bonds.bond_edge)]
+        edge_bond, bond_edge, angle_edges = self._this_call(inputs, lengths)
+        angle_center = inputs.receivers[angle_edges[:, 0]]
+        angle_i, angle_j = edge_bond[angle_edges[:, 0]], edge_bond[angle_edges[:, 1]]
+        bond_graph = torch.stack([angle_center, angle_i, angle_j], dim=1)
+        atom_graph = torch.stack([inputs.receivers, inputs.senders], dim=1)
+        # Upstream skips bond and angle updates when the whole structure has no angle.
+        has_angles = exchange.sum_over_ranks(len(angle_edges)) > 0
+
+        bond_lengths = lengths[bond_edge]
         encoder = chgnet.bond_basis_expansion
         bases_ag = encoder.rbf_expansion_ag(bond_lengths)
         bases_bg = encoder.rbf_expansion_bg(bond_lengths)
@@ -280,7 +249,7 @@ class CHGNetAdapter(DistributedModel):
         weights_bg = chgnet.bond_weights_bg(bases_bg)[:n_short]
         if has_angles:
             angle_bases = chgnet.angle_basis_expansion(
-                unit[index(bonds.angle_edges[:, 0])], unit[index(bonds.angle_edges[:, 1])]
+                unit[angle_edges[:, 0]], unit[angle_edges[:, 1]]
             )
             angle_feas = chgnet.angle_embedding(angle_bases)
 
@@ -316,9 +285,9 @@ class CHGNetAdapter(DistributedModel):
                 )
                 messages = messages * weights_bg[angle_i] * weights_bg[angle_j]
                 partial = short.new_zeros(short.shape).index_add(0, angle_i, messages)
-                summed = comm.reduce(partial, plan)
-                new_owned = self._bond_tail(bond_layer, summed, short[: plan.n_owned])
-                new_short = comm.exchange(new_owned, plan)
+                summed = bond_rows.reduce(partial)
+                new_owned = self._bond_tail(bond_layer, summed, short[: bond_rows.n_owned])
+                new_short = bond_rows(new_owned)
                 long = bond_feas[n_short:]
                 new_long = self._bond_tail(bond_layer, torch.zeros_like(long), long)
                 bond_feas = torch.cat([new_short, new_long], dim=0)
@@ -339,5 +308,5 @@ class CHGNetAdapter(DistributedModel):
         energies = chgnet.mlp(owned).view(-1)
         if magmoms is None:
             magmoms = energies.new_zeros(n_owned)
-        self.last_site_properties = {"magmoms": magmoms}
-        return energies + self._reference_energies(inputs.numbers[:n_owned]).to(energies.dtype)
+        energies = energies + self._reference_energies(inputs.numbers[:n_owned]).to(energies.dtype)
+        return energies, {"magmoms": magmoms}

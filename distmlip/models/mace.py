@@ -16,9 +16,9 @@ rows only after each interaction, and in every later layer pads the owned output
 wrapper ``mace.tools.utils.LAMMPS_MP``, whose backward calls ``reverse_exchange``). That is
 exactly the zero-redundancy scheme of distmlip: our local graph has owned rows first, then the
 1-hop halo, and only edges with owned receivers. So :class:`MACEAdapter` builds that input from
-:class:`~distmlip.models.base.GraphInputs`, hands the model a small shim whose exchanges are
-distmlip's point-to-point halo exchanges, and returns the model's own ``node_energy`` for the
-owned rows. No MACE code is copied; every weight is the upstream module's.
+:class:`~distmlip.models.base.GraphInputs`, passes distmlip's exchange as ``lammps_class`` (it
+offers that raw pair, see :mod:`distmlip.exchange`), and returns the model's own
+``node_energy`` for the owned rows. No MACE code is copied; every weight is the upstream module's.
 
 Conventions (checked against ``mace.calculators.MACECalculator`` in ``tests/test_mace.py``):
 
@@ -50,7 +50,8 @@ from pathlib import Path
 import mace  # noqa: F401
 import torch
 
-from distmlip.models.base import DistributedModel, Exchange, GraphInputs
+from distmlip.exchange import Exchange
+from distmlip.models.base import DistributedModel, GraphInputs
 
 __all__ = ["MACEAdapter", "is_mace_model", "load_mace_model"]
 
@@ -163,45 +164,6 @@ def _select_head(model, head: str | None) -> tuple[str, int]:
     )
 
 
-class _HaloShim:
-    """The ``lammps_class`` MACE's LAMMPS path exchanges ghost features through.
-
-    ``mace.tools.utils.LAMMPS_MP`` (the autograd wrapper) calls ``forward_exchange`` with owned
-    rows padded by zero ghost rows, and ``reverse_exchange`` with the gradient of all local rows
-    in its backward. They map onto distmlip's halo exchange (owned → owned + halo, tag t) and
-    its adjoint (halo gradients summed into their owners, tag t + 1, as
-    :class:`~distmlip.comm.Communicator` numbers them). Backward runs the exchanges in reverse
-    order on every rank, so a stack of tags pairs each reverse with its forward. Each output is
-    registered in ``comm.outputs``, so the engine ties it into the backward graph of every rank
-    (a rank whose energy does not depend on some halo row must still answer its peers).
-    """
-
-    def __init__(self, comm, plan, n_owned: int):
-        self.comm = comm
-        self.plan = plan
-        self.n_owned = int(n_owned)
-        self._tags: list[int] = []
-
-    def forward_exchange(self, feats: torch.Tensor, out: torch.Tensor, width: int) -> None:
-        owned = feats[: self.n_owned].contiguous()
-        if self.comm is None:  # a lone worker has no halo rows
-            out.copy_(feats)
-            return
-        tag = self.comm.next_tag()
-        out.copy_(self.comm.forward_rows(owned, self.plan, tag))
-        self._tags.append(tag)
-        # ``out`` becomes the output of LAMMPS_MP.apply (same tensor, with a grad_fn).
-        self.comm.outputs.append(out)
-
-    def reverse_exchange(self, grad: torch.Tensor, gout: torch.Tensor, width: int) -> None:
-        gout.zero_()
-        if self.comm is None:
-            gout[: self.n_owned] = grad[: self.n_owned]
-            return
-        tag = self._tags.pop()
-        gout[: self.n_owned] = self.comm.reverse_sum(grad.contiguous(), self.plan, tag + 1)
-
-
 class MACEAdapter(DistributedModel):
     """Distributed evaluation of a ``mace.modules`` energy model (MACE, ScaleShiftMACE, ...).
 
@@ -254,10 +216,6 @@ class MACEAdapter(DistributedModel):
         vectors = inputs.vectors
         dtype, device = vectors.dtype, vectors.device
         species = self.species_index[inputs.numbers]
-        plan = inputs.graph.plan if inputs.graph is not None else None
-        ghost = inputs.graph is not None and inputs.graph.ghost
-        if inputs.comm is None and n_halo and not ghost:
-            raise RuntimeError("MACEAdapter needs inputs.comm to exchange halo rows")
         data = {
             # MACE: vector = pos[receiver] − pos[sender]; distmlip: x_sender − x_receiver.
             "vectors": -vectors,
@@ -265,8 +223,8 @@ class MACEAdapter(DistributedModel):
             "edge_index": torch.stack([inputs.senders, inputs.receivers]),
             "batch": torch.zeros(n_owned, dtype=torch.int64, device=device),
             "head": torch.tensor([self.head_index], dtype=torch.int64, device=device),
-            # Ghost baseline: every row is local; the shim just passes rows through.
-            "lammps_class": _HaloShim(None if ghost else inputs.comm, plan, n_owned),
+            # MACE's LAMMPS ML-IAP hook calls exchange.forward_exchange / reverse_exchange.
+            "lammps_class": exchange,
             "natoms": (n_owned, n_halo),
         }
         out = self.model(

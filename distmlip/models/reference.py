@@ -14,7 +14,8 @@ import math
 import torch
 from torch import nn
 
-from distmlip.models.base import DistributedModel, Exchange, GraphInputs
+from distmlip.exchange import Exchange
+from distmlip.models.base import DistributedModel, GraphInputs
 
 __all__ = ["ReferenceMPNN", "bessel_basis", "polynomial_envelope"]
 
