@@ -253,3 +253,38 @@ def test_bond_graph_single_worker_counts_match_upstream(adapter):
         n_short_upstream = len(np.unique(upstream.bond_graph[:, 1].numpy()))
         assert bonds.n_short >= n_short_upstream, name  # bonds without partners have no angle
         assert rows.plans["bonds"].n_owned == bonds.n_short
+
+
+def test_skin_reuse_prepares_bonds_once_per_build_and_stays_exact(adapter):
+    """MD-like random walks with a 0.6 Å skin: every step equals a fresh single-process
+    evaluation (float64), although bonds cross CHGNet's 3 Å bond cutoff (MgO's O–O pairs sit at
+    2.98 Å) while graphs are reused; the bond graph is prepared once per graph build."""
+    from conftest import evaluate, trajectory
+
+    walks = {
+        "crystal": trajectory(crystal(), steps=8, step_size=0.07, seed=21),
+        "small_cell": trajectory(small_cell(), steps=6, step_size=0.07, seed=22),
+    }
+    with DistributedCalculator(adapter, nprocs=1, dtype="float64") as single:
+        expected = {name: [evaluate(single, a) for a in walk] for name, walk in walks.items()}
+    crossings = 0
+    with DistributedCalculator(
+        adapter, nprocs=3, partitioner="rcb", dtype="float64", skin=0.6
+    ) as calc:
+        prepared = 0
+        for name, walk in walks.items():
+            for step, atoms in enumerate(walk):
+                got = evaluate(calc, atoms)
+                reference = expected[name][step]
+                assert abs(got["energy"] - reference["energy"]) < 1e-9 * len(atoms), (name, step)
+                assert np.abs(got["forces"] - reference["forces"]).max() < 1e-9, (name, step)
+                assert np.abs(got["stress"] - reference["stress"]).max() < 1e-11, (name, step)
+                flags = {stats["prepared"] for stats in calc.last_stats}
+                assert len(flags) == 1, "workers disagree on preparing"
+                prepared += flags.pop()
+            distances = [a.get_all_distances(mic=True) for a in walk]
+            below = [(d > 0) & (d <= adapter.bond_cutoff) for d in distances]
+            crossings += sum(int((b != below[0]).sum()) for b in below[1:])
+        assert prepared == calc.graph_builds
+        assert calc.graph_reuses >= 6
+    assert crossings > 0, "no bond crossed the bond cutoff: the test shows nothing"
