@@ -99,7 +99,10 @@ def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: Benc
                 )
     elapsed, timings, stats, exchanges, segments = best
     slowest = max(
-        range(nprocs), key=lambda r: sum(v for k, v in timings[r].items() if k != "communication")
+        range(nprocs),
+        key=lambda r: sum(
+            v for k, v in timings[r].items() if k not in ("communication", "prepare")
+        ),
     )
     worker = timings[slowest]
     compute = worker.get("forward", 0) + worker.get("backward", 0) + worker.get("forces", 0)
