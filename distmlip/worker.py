@@ -206,15 +206,19 @@ class _WorkerGraphs:
                 )
                 resolve_send_index(graph, comm.exchange_requests(graph.requests()))
             vectors = edge_vectors(graph, structure)
+            start = time.perf_counter()
             prepared = prepare(model, graph, structure, comm, vectors, request.owner, request.skin)
+            self.prepare_seconds = time.perf_counter() - start
             if request.skin == 0:
-                return _CallGraph(graph, vectors, prepared)
+                return _CallGraph(graph, vectors, prepared, None, True, self.prepare_seconds)
             self.skin_graph, self.prepared = graph, prepared
             self.shift_vectors = graph.edges.shifts @ structure.cell
         graph, vectors, kept = within_cutoff(
             self.skin_graph, structure, model.cutoff, self.shift_vectors
         )
-        return _CallGraph(graph, vectors, self.prepared, kept, prepared_now=not request.reuse)
+        built = not request.reuse
+        seconds = self.prepare_seconds if built else 0.0
+        return _CallGraph(graph, vectors, self.prepared, kept, built, seconds)
 
 
 def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> None:

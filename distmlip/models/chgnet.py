@@ -12,15 +12,19 @@ Ownership on worker p (every edge, bond update and angle computed exactly once):
 * angle → owner of its centre atom; all short edges of an owned centre are local, so angle
   features never travel;
 * short bond {a, b} → owner of its canonical end (the smaller global index; for a self-image
-  bond a = b both ends are the same atom). Angle messages onto a bond are summed at *both*
-  ends, possibly on two workers: each sums its partial messages, :meth:`Communicator.reduce`
-  adds the non-owner's part into the owner's row, the owner applies ``mlp_out`` + residual
-  (+ norm), and :meth:`Communicator.exchange` sends the new bond row back;
+  bond a = b both ends are the same atom), declared in ``prepare`` as the row kind ``"bonds"``.
+  Angle messages onto a bond are summed at *both* ends, possibly on two workers: each sums its
+  partial messages, ``exchange.rows("bonds").reduce`` adds the non-owner's part into the
+  owner's row, the owner applies ``mlp_out`` + residual (+ norm), and the bond exchange sends
+  the new bond row back;
 * long bonds (> 3 Å) only ever get the zero-message update, which every worker applies to its
   own copy (one per directed edge): no communication.
 
 Per message-passing layer: one atom exchange (except layer 0, whose embedding depends only on
-species), one bond reduce and one bond exchange. Everything geometric comes from
+species), one bond reduce and one bond exchange. The bonds and angles are derived once per
+graph build (``prepare``); with a Verlet skin, from the edges up to 3 Å + skin, re-selected
+by their current lengths at every call (a candidate longer than 3 Å takes no angle, and its
+zero-message update is exactly the long-bond update). Everything geometric comes from
 ``inputs.vectors``, so forces and stress follow from the engine's edge-vector gradients.
 
 Energies: CHGNet's per-atom energy times N is Σ_i mlp(h_i) + Σ_i w_{Z_i} (``AtomRef``), so
