@@ -10,4 +10,4 @@ if __name__ == "__main__":
 
     from distmlip.worker import worker_main
 
-    worker_main(Connection(int(sys.argv[1])))
+    worker_main(Connection(int(sys.argv[1])), pdeathsig=sys.argv[2:] != ["no-pdeathsig"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import numbers
 import threading
 import time
@@ -21,6 +22,18 @@ from distmlip.validate import validate_structure
 __all__ = ["DistributedCalculator", "assemble"]
 
 HALO_MODES = ("exchange", "ghost")
+_ASE_ARGUMENTS = {"restart", "ignore_bad_restart_file", "label", "atoms", "directory"}
+_OWN_ARGUMENTS = [
+    "nprocs",
+    "partitioner",
+    "device",
+    "dtype",
+    "timeout",
+    "threads_per_worker",
+    "halo",
+    "skin",
+    "allocator",
+]
 
 
 def assemble(results: list, n_atoms: int, volume: float) -> dict:
@@ -160,19 +173,35 @@ class DistributedCalculator(Calculator):
         check_partitioner(partitioner)
         if halo not in HALO_MODES:
             raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
-        if not isinstance(skin, numbers.Real) or not np.isfinite(skin) or skin < 0:
+        if (
+            isinstance(skin, bool)
+            or not isinstance(skin, numbers.Real)
+            or not np.isfinite(skin)
+            or skin < 0
+        ):
             raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
+        unknown = sorted(set(kwargs) - _ASE_ARGUMENTS)
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], _OWN_ARGUMENTS + sorted(_ASE_ARGUMENTS))
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}{hint}")
         super().__init__(**kwargs)
         # ASE serves one call at a time per calculator: calls from several threads queue here.
         self._lock = threading.RLock()
-        self.model = resolve_model(model)
+        self._model = resolve_model(model)
         if halo == "ghost" and not self.model.num_layers:
             raise ValueError(
                 f"halo='ghost' needs the model's number of message-passing layers, which "
                 f"{type(self.model).__name__} does not declare; use halo='exchange'"
             )
-        self.halo = halo
-        self.skin = float(skin) if halo == "exchange" else 0.0
+        self._halo = halo
+        self._skin = float(skin) if halo == "exchange" else 0.0
+        max_skin = self._model.max_skin or self._model.cutoff
+        if self._skin > max_skin:
+            raise ValueError(
+                f"skin={skin} Å is more than {type(self._model).__name__} supports "
+                f"({max_skin:g} Å); 0.5-1 Å suits MD at 1-2 fs"
+            )
         self.graph_builds = 0
         self.graph_reuses = 0
         self._built_for: _BuiltGraph | None = None
@@ -182,14 +211,35 @@ class DistributedCalculator(Calculator):
             for name in getattr(self.model, "site_properties", ())
             if name not in type(self).implemented_properties
         ]
-        self.nprocs = options.nprocs
-        self.partitioner = partitioner
+        self._partitioner = partitioner
         self.pool = WorkerPool(self.model, options)
         self.last_timings: list[dict[str, float]] = []
         self.last_stats: list[dict[str, int]] = []
         self.last_exchanges: list[list[dict]] = []
         self.last_forward_segments: list[list[float]] = []
         self.pool.start()
+
+    # Read-only: the workers were started for these; changing one would need new workers.
+
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def nprocs(self) -> int:
+        return self.pool.nprocs
+
+    @property
+    def partitioner(self) -> str:
+        return self._partitioner
+
+    @property
+    def halo(self) -> str:
+        return self._halo
+
+    @property
+    def skin(self) -> float:
+        return self._skin
 
     def compute(self, structure: Structure, forces: bool = True) -> dict:
         """Evaluate a :class:`~distmlip.graph.Structure`; returns the properties dictionary."""

@@ -166,9 +166,15 @@ class _Processes:
         """Worker ``rank`` has exited or is stopped."""
         return self.processes[rank].poll() is not None or self._status(rank) == "stopped"
 
-    def describe(self, rank: int) -> str:
-        """What is wrong with worker ``rank``, as far as the operating system can tell."""
+    def describe(self, rank: int, closed: bool = False) -> str:
+        """What is wrong with worker ``rank``, as far as the operating system can tell
+        (``closed``: its socket closed, so it is exiting: wait a moment for its exit code)."""
         process = self.processes[rank]
+        if closed:
+            try:
+                process.wait(2.0)
+            except subprocess.TimeoutExpired:
+                pass
         code = process.poll()
         if code is not None:
             return f"worker {rank} (pid {process.pid}) died with exit code {code}"
@@ -248,14 +254,19 @@ class WorkerPool:
         environment["OMP_NUM_THREADS"] = str(self.threads)
         available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         pin = len(available) >= self.nprocs * self.threads
+        # PR_SET_PDEATHSIG would kill the workers when the starting thread ends.
+        flags = [] if threading.current_thread() is threading.main_thread() else ["no-pdeathsig"]
         for rank in range(self.nprocs):
             parent_socket, child_socket = socket.socketpair()
             try:
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "distmlip._worker", str(child_socket.fileno())],
+                    [sys.executable, "-m", "distmlip._worker", str(child_socket.fileno()), *flags],
                     pass_fds=[child_socket.fileno()],
                     env=environment,
                     stdin=subprocess.DEVNULL,
+                    # Own session: a Ctrl-C in the terminal reaches only the driver, which
+                    # stops the workers (no worker tracebacks, also while they import torch).
+                    start_new_session=True,
                 )
             finally:
                 child_socket.close()
@@ -285,7 +296,7 @@ class WorkerPool:
         except _ReplyFailure as failure:
             rank, report = failure.rank, failure.report
             if report is None:
-                message = f"{what}: {workers.describe(rank)}"
+                message = f"{what}: {workers.describe(rank, closed=True)}"
             else:
                 message = f"{what}: worker {rank} raised {report[0]}"
             others = [r for r in range(self.nprocs) if r != rank and workers.in_trouble(r)]

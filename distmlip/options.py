@@ -7,11 +7,13 @@ import numbers
 import os
 from dataclasses import dataclass
 
-__all__ = ["WorkerOptions", "ALLOCATORS", "DTYPES", "DEVICES"]
+__all__ = ["WorkerOptions", "ALLOCATORS", "DTYPES", "DEVICES", "MAX_TIMEOUT"]
 
 ALLOCATORS = ("keep", "system")
 DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "cuda")
+MAX_TIMEOUT = 1e6
+"""Seconds (11.6 days): beyond this the operating system's waits overflow."""
 MAX_WORKERS_PER_CORE = 16
 """More CPU workers than this per core is a typo, not a plan (each one is a Python process)."""
 
@@ -52,8 +54,11 @@ class WorkerOptions:
             object.__setattr__(self, "threads_per_worker", threads)
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, numbers.Real):
             raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
-        if not (math.isfinite(self.timeout) and self.timeout > 0):
-            raise ValueError(f"timeout must be a finite number of seconds > 0, got {self.timeout}")
+        if not (math.isfinite(self.timeout) and 0 < self.timeout <= MAX_TIMEOUT):
+            raise ValueError(
+                f"timeout must be a finite number of seconds > 0 and <= {MAX_TIMEOUT:g}, "
+                f"got {self.timeout}"
+            )
         object.__setattr__(self, "timeout", float(self.timeout))
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
@@ -72,6 +77,11 @@ class WorkerOptions:
                     f"{torch.cuda.device_count()}; use nprocs <= {torch.cuda.device_count()}"
                 )
         cores = os.cpu_count() or 1
+        if (self.threads_per_worker or 1) > MAX_WORKERS_PER_CORE * cores:
+            raise ValueError(
+                f"threads_per_worker={self.threads_per_worker} is more than "
+                f"{MAX_WORKERS_PER_CORE} per core ({cores} cores here); use at most {cores}"
+            )
         if self.device == "cpu" and self.nprocs > MAX_WORKERS_PER_CORE * cores:
             raise ValueError(
                 f"nprocs={self.nprocs} is more than {MAX_WORKERS_PER_CORE} worker processes per "

@@ -15,6 +15,9 @@ __all__ = ["validate_structure", "MIN_DISTANCE"]
 MIN_DISTANCE = 0.1
 """Å. Closer atoms are treated as a broken structure, not as physics."""
 
+MAX_SPAN_PER_CUTOFF = 2e4
+"""Largest extent of the atoms along a non-periodic axis, in neighbour-search cutoffs."""
+
 
 def _first(indices: np.ndarray, limit: int = 5) -> str:
     shown = ", ".join(str(int(i)) for i in indices[:limit])
@@ -48,10 +51,24 @@ def validate_structure(structure: Structure, nprocs: int, model=None) -> None:
         )
     if model is not None:
         model.check_numbers(structure.numbers)
+    # Along open axes the neighbour search bins the atoms' whole span; an atom far from the
+    # rest makes that grid too fine for vesin (it crashes the process). Say so instead.
+    spans = np.where(~periodic, np.ptp(structure.positions, axis=0), 0.0)
+    span = float(spans.max())
+    if model is not None and span > MAX_SPAN_PER_CUTOFF * model.cutoff:
+        axis = "xyz"[int(np.argmax(spans))]
+        raise ValueError(
+            f"the atoms span {span:.3g} Å along the non-periodic axis {axis}, more than "
+            f"{MAX_SPAN_PER_CUTOFF:g} cutoffs: an atom far from the others (an exploded "
+            "run?) or a unit mix-up; fix the structure"
+        )
+    search = max(MIN_DISTANCE, span / MAX_SPAN_PER_CUTOFF)
     box = structure.cell if periodic.any() else np.zeros((3, 3))
-    i, j, d = vesin.NeighborList(cutoff=MIN_DISTANCE, full_list=False).compute(
+    i, j, d = vesin.NeighborList(cutoff=search, full_list=False).compute(
         structure.positions, box, periodic.tolist(), quantities="ijd"
     )
+    close = d < MIN_DISTANCE
+    i, j, d = i[close], j[close], d[close]
     if len(i):
         k = int(np.argmin(d))
         what = "its own periodic image" if i[k] == j[k] else f"atom {int(j[k])}"

@@ -20,6 +20,7 @@ import pickle
 import resource
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -77,14 +78,27 @@ def error_summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
+def _die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
+    """Exit when the driver process is gone, even while computing.
+
+    ``PR_SET_PDEATHSIG`` (Linux) fires when the *thread* that started this process ends, so it
+    is only used when the driver started the workers from its main thread; a watchdog thread
+    that notices the parent's exit within a second covers every case.
+    """
+    if pdeathsig and sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    if os.getppid() != parent_pid:  # the parent died already
         os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="distmlip-parent-watch", daemon=True).start()
 
 
 def _worker_device(config: WorkerConfig):
@@ -97,17 +111,18 @@ def _worker_device(config: WorkerConfig):
     return torch.device(config.device)
 
 
-def worker_main(connection: Connection) -> None:
+def worker_main(connection: Connection, pdeathsig: bool = True) -> None:
     """Entry point of one worker process: set up, then serve requests until told to stop."""
     # Ctrl-C in a terminal signals the whole process group: the driver handles it (and stops
     # the workers), so workers must not print a KeyboardInterrupt traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(os.getppid())  # also while waiting for the configuration
+    _die_with_parent(os.getppid(), pdeathsig)  # also while waiting for the configuration
     try:
         config, model_bytes = connection.recv()
     except EOFError:  # the driver gave up on this worker before sending its configuration
         return
-    _die_with_parent(config.parent_pid)
+    if os.getppid() != config.parent_pid:
+        os._exit(1)
     os.environ["OMP_NUM_THREADS"] = str(config.threads)
     import torch
     import torch.distributed as dist

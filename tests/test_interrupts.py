@@ -147,7 +147,8 @@ def test_exception_from_signal_handler_at_any_point_of_a_call(reference_model, f
             durations.append(time.perf_counter() - start)
         duration = min(durations)
         # In the driver before sending, while the workers compute, late in their computation.
-        for attempt, delay in enumerate((1e-4, 0.15 * duration, 0.35 * duration, 0.6 * duration)):
+        seen = []
+        for attempt, delay in enumerate((1e-4, 0.3 * duration, 0.5 * duration, 0.7 * duration)):
             pids = calc.pool.pids
             alarm.arm(delay)
             try:
@@ -156,25 +157,29 @@ def test_exception_from_signal_handler_at_any_point_of_a_call(reference_model, f
                 pass
             finally:
                 alarm.disarm()
-            if delay > 0.1 * duration:  # the request was out: the abandoned call stopped them
-                assert alarm.fired and alarm.seen == "busy"
+            assert alarm.fired, f"the call ended within {delay:.3f} s"
+            seen.append(alarm.seen)
+            if alarm.seen == "busy":  # the request was out: the abandoned call stopped them
                 assert not calc.pool.running
                 assert_all_gone(pids)
-            else:
-                assert alarm.fired and alarm.seen == "ready"  # before anything was sent
+            else:  # before anything was sent: the workers are untouched
+                assert alarm.seen == "ready" and calc.pool.pids == pids
             assert_no_stray_workers(calc, others)
             assert_fresh(calc, next(checks), fresh)
             assert_fresh(calc, next(checks), fresh)
+        assert seen[0] == "ready" and seen.count("busy") >= 2, seen
         # During a restart: the workers start (seconds) after the previous call was abandoned.
-        for attempt, delay in enumerate((0.3 * startup, 0.7 * startup)):
+        restart = []
+        for attempt, delay in enumerate((0.2 * startup, 0.5 * startup)):
             calc.pool.close()
             alarm.arm(delay)
             with pytest.raises(Interrupted):
                 energy_and_forces(calc, structure(200 + attempt))
             alarm.disarm()
-            assert alarm.seen == "starting"
+            restart.append(alarm.seen)
             assert_no_stray_workers(calc, others)
             assert_fresh(calc, next(checks), fresh)
+        assert restart[0] == "starting", restart  # (a faster restart may let the second compute)
 
 
 def test_caught_keyboard_interrupt_then_correct_call(reference_model, fresh):

@@ -18,9 +18,11 @@ from distmlip.cli.arguments import (
     frame_index,
     model_argument,
     non_negative_float,
+    output_directory,
     positive_float,
     positive_int,
     structure_file,
+    timeout_seconds,
 )
 
 __all__ = ["main"]
@@ -73,7 +75,10 @@ def _worker_options(parser, dtype: str, timeout: float) -> None:
     )
     parser.add_argument("--dtype", default=dtype, choices=["float32", "float64"], help="precision")
     parser.add_argument(
-        "--timeout", type=positive_float, default=timeout, help="seconds a worker may take per call"
+        "--timeout",
+        type=timeout_seconds,
+        default=timeout,
+        help="seconds a worker may take per call",
     )
 
 
@@ -201,7 +206,9 @@ def _parser() -> Parser:
         default=20.0,
         help="memory per worker assumed by the capacity estimate",
     )
-    b.add_argument("--out", metavar="DIR", help="directory for JSON, markdown and PNG")
+    b.add_argument(
+        "--out", type=output_directory, metavar="DIR", help="directory for JSON, markdown and PNG"
+    )
     b.add_argument("--json", action="store_true", help="print JSON rows")
     b.set_defaults(handler="distmlip.cli:bench")
     return parser

@@ -16,6 +16,8 @@ __all__ = [
     "model_argument",
     "structure_file",
     "frame_index",
+    "output_directory",
+    "timeout_seconds",
 ]
 
 
@@ -104,6 +106,25 @@ def structure_file(text: str) -> Path:
     if path.stat().st_size == 0:
         raise argparse.ArgumentTypeError(f"{text!r} is empty")
     return path
+
+
+def output_directory(text: str) -> Path:
+    """A directory to write into: existing, or creatable (checked before any work)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} exists and is not a directory")
+    existing = next(parent for parent in (path, *path.parents) if parent.exists())
+    if not os.access(existing, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write into {str(existing)!r}")
+    return path
+
+
+def timeout_seconds(text: str) -> float:
+    from distmlip.options import MAX_TIMEOUT
+
+    return _finite_float(
+        text, lambda value: 0 < value <= MAX_TIMEOUT, f"a number of seconds in (0, {MAX_TIMEOUT:g}]"
+    )
 
 
 def frame_index(text: str):

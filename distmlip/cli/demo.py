@@ -86,7 +86,7 @@ def demo(args) -> int:
         ("time per step", f"{np.mean(step_times):.2f} s (min {np.min(step_times):.2f} s)"),
         ("graphs", f"{graphs[0]} built, {graphs[1]} reused (skin {args.skin} Å)"),
         ("final temperature", f"{report['steps'][-1]['temperature_K']:.1f} K"),
-        ("total energy drift", f"{drift:+.2e} eV over {args.steps - 1} steps"),
+        ("total energy drift", f"{drift:+.2e} eV from step 1 to step {args.steps}"),
         ("peak memory / worker", " ".join(f"{m:.0f}" for m in worker_memory) + " MB"),
     ]
     report.update(

@@ -126,7 +126,12 @@ def predict(args) -> int:
             print(f"  {source}: {len(frames)} frames; worker start-up {startup:.2f} s\n")
             print("  frame  atoms  energy (eV)        eV/atom      max |F| (eV/Å)  seconds")
         for number, atoms in enumerate(frames):
-            results.append({"frame": number, **_evaluate(atoms, calc)})
+            try:
+                results.append({"frame": number, **_evaluate(atoms, calc)})
+            except ValueError as error:  # bad atoms: say which frame
+                if len(frames) == 1:
+                    raise
+                raise ValueError(f"frame {number} of {source}: {error}") from error
             if streaming:
                 print(_frame_row(results[-1]), flush=True)
     if args.json:

@@ -64,6 +64,8 @@ class DistributedModel(torch.nn.Module):
     num_layers: int | None = None
     """Message-passing layers: the ghost depth of the ``halo="ghost"`` baseline (None: the
     adapter does not support that baseline)."""
+    max_skin: float | None = None
+    """Largest Verlet skin (Å) the adapter supports (None: its cutoff)."""
     site_properties: tuple[str, ...] = ()
     """Names of extra per-atom outputs, which ``forward`` returns in its second value."""
 

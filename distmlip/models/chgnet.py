@@ -167,6 +167,8 @@ class CHGNetAdapter(DistributedModel):
         self.model = model
         self.cutoff = float(model.graph_converter.atom_graph_cutoff)
         self.bond_cutoff = float(model.graph_converter.bond_graph_cutoff)
+        # A bond (< bond cutoff + skin when prepared) must stay in the atom graph while reused.
+        self.max_skin = (self.cutoff - self.bond_cutoff) / 2
         n_elements = model.atom_embedding.embedding.num_embeddings
         self.supported_numbers = frozenset(range(1, n_elements + 1))
 
