@@ -191,3 +191,23 @@ def test_forked_copy_refuses_to_use_its_parents_workers(calculator):
     assert calculator.pool.pids == pids and calculator.pool.running
     calculator.reset()
     assert evaluate(calculator, atoms)["energy"] == before["energy"]
+
+
+def test_workers_outlive_the_thread_that_started_them(reference_model):
+    """Workers started from a short-lived thread (a thread pool's task) keep serving after it
+    ends (PR_SET_PDEATHSIG would kill them with that thread)."""
+    box = {}
+    thread = threading.Thread(
+        target=lambda: box.update(calc=DistributedCalculator(reference_model, nprocs=2))
+    )
+    thread.start()
+    thread.join()
+    calc = box["calc"]
+    try:
+        time.sleep(0.5)
+        pids = calc.pool.pids
+        assert all(_alive(pid) for pid in pids)
+        result = evaluate(calc, small_cell())
+        assert calc.pool.pids == pids and abs(result["energy"]) > 0
+    finally:
+        calc.close()

@@ -31,6 +31,9 @@ BAD_OPTIONS = [
     ({"skin": "1"}, "skin must be"),
     ({"skin": None}, "skin must be"),
     ({"nprocs": 2**40}, "worker processes per core"),
+    ({"skin": True}, "skin must be"),
+    ({"timeout": 1e10}, "timeout must be a finite number of seconds > 0 and <= 1e"),
+    ({"threads_per_worker": 10**6}, "threads_per_worker=1000000 is more than"),
 ]
 
 
@@ -49,3 +52,31 @@ def test_integral_options_of_other_integer_types_are_accepted(reference_model):
 
     with DistributedCalculator(reference_model, nprocs=np.int64(1), threads_per_worker=1) as calc:
         assert calc.nprocs == 1 and isinstance(calc.nprocs, int)
+
+
+def test_misspelled_keyword_is_a_type_error_with_a_suggestion():
+    with pytest.raises(
+        TypeError, match="unexpected keyword argument 'nproc'; did you mean 'nprocs'"
+    ):
+        DistributedCalculator("reference", nproc=4)
+    with pytest.raises(TypeError, match="'time_out'; did you mean 'timeout'"):
+        DistributedCalculator("reference", time_out=1)
+
+
+def test_skin_larger_than_the_model_supports(reference_model):
+    with pytest.raises(ValueError, match="skin=6.0 Å is more than ReferenceMPNN supports"):
+        DistributedCalculator(reference_model, skin=6.0)
+
+
+def test_settings_are_read_only(reference_model):
+    """The workers were started for these settings: changing one would silently not apply."""
+    with DistributedCalculator(reference_model, nprocs=1, skin=0.2) as calc:
+        for name, value in [
+            ("nprocs", 3),
+            ("skin", 2.0),
+            ("partitioner", "rcb"),
+            ("halo", "ghost"),
+        ]:
+            with pytest.raises(AttributeError):
+                setattr(calc, name, value)
+        assert (calc.nprocs, calc.skin, calc.partitioner) == (1, 0.2, "slab")

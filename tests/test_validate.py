@@ -70,3 +70,16 @@ def test_self_image_closer_than_minimum_distance(pools):
     atoms = Atoms("Cu", positions=[[0, 0, 0]], cell=[0.05, 4, 4], pbc=True)
     with pytest.raises(ValueError, match="own periodic image"):
         evaluate(pools.get(1), atoms)
+
+
+def test_atoms_spread_far_apart_are_a_clear_error(reference_model):
+    """An atom flung far away (an exploded run) would make the neighbour search crash the
+    process; it is a ValueError instead."""
+    from ase import Atoms
+
+    from distmlip import Structure
+    from distmlip.validate import validate_structure
+
+    atoms = Atoms("Cu4", positions=[[0, 0, 0], [2.5, 0, 0], [1e6, 0, 0], [1e6 + 2.5, 0, 0]])
+    with pytest.raises(ValueError, match="span 1e\\+06 Å along the non-periodic axis x"):
+        validate_structure(Structure.from_ase(atoms), 2, reference_model)
