@@ -133,9 +133,9 @@ class DistributedCalculator(Calculator):
     Properties: ``energy``, ``free_energy``, ``energies`` (eV), ``forces`` (eV/Å) and ``stress``
     (eV/Å³, Voigt xx yy zz yz xz xy; needs a cell of nonzero volume). A call computes what it
     is asked for (energy alone: no backward pass); :meth:`get_properties` gets several from
-    one evaluation. Options after ``model`` are keyword-only; the settings are read-only. After each call
-    ``last_timings`` (seconds per phase; ``communication`` is the part of forward, backward
-    and forces spent waiting on exchanges), ``last_stats`` (sizes, bytes, peak RSS) and
+    one evaluation. Options after ``model`` are keyword-only; the settings are read-only. After
+    each call ``last_timings`` (seconds per phase; ``communication`` is the part of forward,
+    backward and forces spent waiting on exchanges), ``last_stats`` (sizes, bytes, peak RSS) and
     ``last_exchanges`` (one entry per exchange) and ``last_forward_segments`` (forward compute
     between exchanges: per layer for models with one exchange per layer) hold per-worker
     records.
