@@ -175,6 +175,8 @@ def evaluate(
     """
     timings: dict[str, float] = {}
     if prepared is None:
+        if vectors is None:  # computed once, for prepare and for the inputs
+            vectors = edge_vectors(graph, structure)
         prepared = prepare(model, graph, structure, comm, vectors)
     start = time.perf_counter()
     inputs = graph_inputs(graph, structure, dtype, device, vectors)

@@ -206,6 +206,7 @@ def within_cutoff(
     structure: Structure,
     cutoff: float,
     shift_vectors: np.ndarray | None = None,
+    vectors: np.ndarray | None = None,
 ) -> tuple[LocalGraph, np.ndarray, np.ndarray]:
     """``graph`` cut down to the edges shorter than ``cutoff`` at ``structure``'s positions.
 
@@ -216,13 +217,15 @@ def within_cutoff(
     all their edges are still exchanged, harmlessly).
 
     ``shift_vectors``: as for :func:`edge_vectors` (the cell is the same at every reuse, so a
-    caller can keep them).
+    caller can keep them). ``vectors``: ``graph``'s (E, 3) edge vectors at ``structure``'s
+    positions, if the caller has computed them already (right after a build).
 
     Returns:
         The restricted graph (a new :class:`LocalGraph` sharing rows and plan), its
         (E', 3) float64 edge vectors, Å, and the (E',) index of each kept edge in ``graph``.
     """
-    vectors = edge_vectors(graph, structure, shift_vectors)
+    if vectors is None:
+        vectors = edge_vectors(graph, structure, shift_vectors)
     kept = np.flatnonzero(np.einsum("ij,ij->i", vectors, vectors) < cutoff * cutoff)
     edges = graph.edges
     restricted = EdgeList(

@@ -228,8 +228,10 @@ class _WorkerGraphs:
                 return _CallGraph(graph, vectors, prepared, None, True, self.prepare_seconds)
             self.skin_graph, self.prepared = graph, prepared
             self.shift_vectors = graph.edges.shifts @ structure.cell
+        else:
+            vectors = None  # the skin graph's vectors at these positions are computed below
         graph, vectors, kept = within_cutoff(
-            self.skin_graph, structure, model.cutoff, self.shift_vectors
+            self.skin_graph, structure, model.cutoff, self.shift_vectors, vectors
         )
         built = not request.reuse
         seconds = self.prepare_seconds if built else 0.0
