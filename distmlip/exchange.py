@@ -136,9 +136,6 @@ class RowDeclarer:
     def max_over_ranks(self, value: int) -> int:
         return self._comm.allreduce_int(value, "max")
 
-    def sum_over_ranks(self, value: int) -> int:
-        return self._comm.allreduce_int(value, "sum")
-
 
 def undirected_edge_keys(
     topology: GraphTopology, edges: np.ndarray, declarer: RowDeclarer

@@ -352,10 +352,10 @@ class WorkerPool:
                     try:
                         connection.send(("evaluate", request_id, payload))
                     except (OSError, ValueError):
-                        message = f"sending the structure: {self._workers.describe(rank)}"
-                        self._discard(grace=0.0)
+                        # The clean-up below stops the workers.
                         raise WorkerError(
-                            message + "; all workers were stopped and restart on the next call"
+                            f"sending the structure: {self._workers.describe(rank)}; all "
+                            "workers were stopped and restart on the next call"
                         ) from None
                 replies = self._collect(request_id, "evaluating")
             except BaseException:
