@@ -61,6 +61,14 @@ def bench(args) -> int:
     return 0
 
 
+def _device_options(parser, dtype: str) -> None:
+    """--device and --dtype, the same in every command."""
+    parser.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where workers run"
+    )
+    parser.add_argument("--dtype", default=dtype, choices=["float32", "float64"], help="precision")
+
+
 def _worker_options(parser, dtype: str, timeout: float) -> None:
     """The options of commands that run one calculator: P, partitioner, device, dtype, timeout."""
     parser.add_argument("--nprocs", type=positive_int, default=2, help="worker processes P")
@@ -70,10 +78,7 @@ def _worker_options(parser, dtype: str, timeout: float) -> None:
         choices=["slab", "rcb", "metis"],
         help="how atoms are split",
     )
-    parser.add_argument(
-        "--device", default="cpu", choices=["cpu", "cuda"], help="where workers run"
-    )
-    parser.add_argument("--dtype", default=dtype, choices=["float32", "float64"], help="precision")
+    _device_options(parser, dtype)
     parser.add_argument(
         "--timeout",
         type=timeout_seconds,
@@ -192,8 +197,7 @@ def _parser() -> Parser:
         choices=["exchange", "ghost"],
         help="exchange: zero redundancy; ghost: the recomputing baseline",
     )
-    b.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="precision")
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where workers run")
+    _device_options(b, dtype="float32")
     b.add_argument(
         "--total-threads", type=positive_int, default=2, help="torch threads per configuration"
     )
