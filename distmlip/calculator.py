@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import numbers
 import threading
 import time
@@ -23,17 +24,6 @@ __all__ = ["DistributedCalculator", "assemble"]
 
 HALO_MODES = ("exchange", "ghost")
 _ASE_ARGUMENTS = {"restart", "ignore_bad_restart_file", "label", "atoms", "directory"}
-_OWN_ARGUMENTS = [
-    "nprocs",
-    "partitioner",
-    "device",
-    "dtype",
-    "timeout",
-    "threads_per_worker",
-    "halo",
-    "skin",
-    "allocator",
-]
 
 
 def assemble(results: list, n_atoms: int, volume: float) -> dict:
@@ -184,7 +174,12 @@ class DistributedCalculator(Calculator):
             raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
         unknown = sorted(set(kwargs) - _ASE_ARGUMENTS)
         if unknown:
-            close = difflib.get_close_matches(unknown[0], _OWN_ARGUMENTS + sorted(_ASE_ARGUMENTS))
+            own = [
+                parameter.name
+                for parameter in inspect.signature(type(self).__init__).parameters.values()
+                if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+            ]
+            close = difflib.get_close_matches(unknown[0], own + sorted(_ASE_ARGUMENTS))
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise TypeError(f"unexpected keyword argument {unknown[0]!r}{hint}")
         super().__init__(**kwargs)
