@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import numbers
 import threading
-import time
-from dataclasses import dataclass
 
 import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
@@ -16,13 +13,11 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from distmlip.graph import Structure
 from distmlip.launch import WorkerPool
 from distmlip.models import resolve_model
-from distmlip.options import WorkerOptions
-from distmlip.partition import check_partitioner, partition
+from distmlip.options import GraphOptions, WorkerOptions
 from distmlip.validate import validate_structure
 
 __all__ = ["DistributedCalculator", "assemble"]
 
-HALO_MODES = ("exchange", "ghost")
 _ASE_ARGUMENTS = {"restart", "ignore_bad_restart_file", "label", "atoms", "directory"}
 
 
@@ -50,50 +45,6 @@ def assemble(results: list, n_atoms: int, volume: float) -> dict:
     return properties
 
 
-@dataclass(frozen=True)
-class _BuiltGraph:
-    """What the workers' cached graphs were built for (Verlet-skin reuse)."""
-
-    positions: np.ndarray
-    cell: np.ndarray
-    pbc: np.ndarray
-    numbers: np.ndarray
-    owner: np.ndarray
-    generation: int
-
-    @classmethod
-    def of(cls, structure: Structure, owner: np.ndarray, generation: int) -> _BuiltGraph:
-        return cls(
-            structure.positions.copy(),
-            structure.cell.copy(),
-            structure.pbc.copy(),
-            structure.numbers.copy(),
-            owner,
-            generation,
-        )
-
-    def still_holds(self, structure: Structure, skin: float, pool: WorkerPool) -> bool:
-        """True if every edge shorter than the cutoff is still in the graphs built with skin.
-
-        Raw displacements, not minimum-image ones: an atom wrapped back into the cell changes
-        the image shifts of its edges, so it must trigger a rebuild.
-        """
-        if not (pool.running and pool.generation == self.generation):
-            return False
-        if structure.positions.shape != self.positions.shape:
-            return False
-        if not (
-            np.array_equal(structure.cell, self.cell)
-            and np.array_equal(structure.pbc, self.pbc)
-            and np.array_equal(structure.numbers, self.numbers)
-        ):
-            return False
-        displacement = structure.positions - self.positions
-        largest = np.sqrt(np.einsum("ij,ij->i", displacement, displacement).max())
-        # Two atoms approach by at most twice the largest displacement.
-        return bool(2.0 * largest < skin)
-
-
 class DistributedCalculator(Calculator):
     """Evaluate ``model`` with its atom graph partitioned over ``nprocs`` workers.
 
@@ -115,20 +66,21 @@ class DistributedCalculator(Calculator):
             the cutoff, for as long as no atom has moved more than ``skin / 2`` and the cell,
             pbc and species are unchanged (a Verlet list): MD steps then skip the neighbour
             search, the partition and the halo-plan handshake. Results are the same as without
-            it. ``graph_builds`` and ``graph_reuses`` count what happened. Exchange mode only.
+            it. ``graph_builds`` and ``graph_reuses`` count what happened. Each worker makes the
+            decision from the replicated structure, by the same rule. Exchange mode only.
         allocator: ``"keep"`` (default): workers keep freed memory mapped, so repeated calls
             (MD) do not pay page faults again (faster steps, up to ~40 % higher peak memory for
             cheap models); ``"system"``: the C library's defaults (lowest peak memory).
+        trace: workers record a :class:`~distmlip.trace.Trace` of every call (spans of each
+            phase, one event per exchange), kept in ``last_traces``; for benchmarks.
 
     Properties: ``energy``, ``free_energy``, ``energies`` (eV), ``forces`` (eV/Å) and ``stress``
     (eV/Å³, Voigt xx yy zz yz xz xy; needs a cell of nonzero volume). A call computes what it
     is asked for (energy alone: no backward pass); :meth:`get_properties` gets several from
     one evaluation. Options after ``model`` are keyword-only; the settings are read-only. After
     each call ``last_timings`` (seconds per phase; ``communication`` is the part of forward,
-    backward and forces spent waiting on exchanges), ``last_stats`` (sizes, bytes, peak RSS) and
-    ``last_exchanges`` (one entry per exchange) and ``last_forward_segments`` (forward compute
-    between exchanges: per layer for models with one exchange per layer) hold per-worker
-    records.
+    backward and forces spent waiting on exchanges) and ``last_stats`` (sizes, bytes, peak RSS)
+    hold per-worker records, and ``last_traces`` per-worker traces when ``trace=True``.
 
     Use as a context manager or call :meth:`close`; workers also stop when the calculator is
     dropped and at interpreter exit. Calls from several threads are serialised. A call that is
@@ -151,6 +103,7 @@ class DistributedCalculator(Calculator):
         halo: str = "exchange",
         skin: float = 0.0,
         allocator: str = "keep",
+        trace: bool = False,
         **kwargs,
     ):
         # Every option is checked before the model loads or a worker starts.
@@ -162,16 +115,7 @@ class DistributedCalculator(Calculator):
             threads_per_worker=threads_per_worker,
             allocator=allocator,
         )
-        check_partitioner(partitioner)
-        if halo not in HALO_MODES:
-            raise ValueError(f"halo must be one of {HALO_MODES}, got {halo!r}")
-        if (
-            isinstance(skin, bool)
-            or not isinstance(skin, numbers.Real)
-            or not np.isfinite(skin)
-            or skin < 0
-        ):
-            raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
+        graph_options = GraphOptions(partitioner=partitioner, halo=halo, skin=skin)
         unknown = sorted(set(kwargs) - _ASE_ARGUMENTS)
         if unknown:
             own = [
@@ -186,34 +130,20 @@ class DistributedCalculator(Calculator):
         # ASE serves one call at a time per calculator: calls from several threads queue here.
         self._lock = threading.RLock()
         self._model = resolve_model(model)
-        if halo == "ghost" and not self.model.num_layers:
-            raise ValueError(
-                f"halo='ghost' needs the model's number of message-passing layers, which "
-                f"{type(self.model).__name__} does not declare; use halo='exchange'"
-            )
-        self._halo = halo
-        self._skin = float(skin) if halo == "exchange" else 0.0
-        max_skin = self._model.max_skin or self._model.cutoff
-        if self._skin > max_skin:
-            raise ValueError(
-                f"skin={skin} Å is more than {type(self._model).__name__} supports "
-                f"({max_skin:g} Å); 0.5-1 Å suits MD at 1-2 fs"
-            )
+        graph_options.check_model(self._model)
+        self._trace = bool(trace)
         self.graph_builds = 0
         self.graph_reuses = 0
-        self._built_for: _BuiltGraph | None = None
         # Models may add per-atom outputs (CHGNet: "magmoms"); ASE only serves listed names.
         self.implemented_properties = list(type(self).implemented_properties) + [
             name
             for name in getattr(self.model, "site_properties", ())
             if name not in type(self).implemented_properties
         ]
-        self._partitioner = partitioner
-        self.pool = WorkerPool(self.model, options)
+        self.pool = WorkerPool(self.model, options, graph_options)
         self.last_timings: list[dict[str, float]] = []
         self.last_stats: list[dict[str, int]] = []
-        self.last_exchanges: list[list[dict]] = []
-        self.last_forward_segments: list[list[float]] = []
+        self.last_traces: list = []
         self.pool.start()
 
     # Read-only: the workers were started for these; changing one would need new workers.
@@ -228,15 +158,15 @@ class DistributedCalculator(Calculator):
 
     @property
     def partitioner(self) -> str:
-        return self._partitioner
+        return self.pool.graph_options.partitioner
 
     @property
     def halo(self) -> str:
-        return self._halo
+        return self.pool.graph_options.halo
 
     @property
     def skin(self) -> float:
-        return self._skin
+        return self.pool.graph_options.skin
 
     def compute(self, structure: Structure, forces: bool = True) -> dict:
         """Evaluate a :class:`~distmlip.graph.Structure`; returns the properties dictionary."""
@@ -245,31 +175,16 @@ class DistributedCalculator(Calculator):
 
     def _compute(self, structure: Structure, forces: bool) -> dict:
         # A failed or interrupted call must not leave the previous structure's records.
-        self.last_timings, self.last_stats, self.last_exchanges = [], [], []
-        self.last_forward_segments = []
+        self.last_timings, self.last_stats, self.last_traces = [], [], []
         validate_structure(structure, self.nprocs, self.model)
-        start = time.perf_counter()
-        built, self._built_for = self._built_for, None  # a failed call leaves no cache behind
-        reuse = built is not None and built.still_holds(structure, self.skin, self.pool)
-        if reuse:
-            owner = built.owner
-        else:
-            owner = partition(structure, self.nprocs, self.partitioner, self.model.cutoff)
-        partition_time = time.perf_counter() - start
-        results = self.pool.evaluate(
-            structure, owner, compute_forces=forces, halo=self.halo, skin=self.skin, reuse=reuse
-        )
-        if reuse:
+        results = self.pool.evaluate(structure, compute_forces=forces, trace=self._trace)
+        if results[0].stats["graph_reused"]:
             self.graph_reuses += 1
-            self._built_for = built
         else:
             self.graph_builds += 1
-            if self.skin > 0:
-                self._built_for = _BuiltGraph.of(structure, owner, self.pool.generation)
-        self.last_timings = [{"partition": partition_time, **r.timings} for r in results]
+        self.last_timings = [r.timings for r in results]
         self.last_stats = [r.stats for r in results]
-        self.last_exchanges = [r.exchanges for r in results]
-        self.last_forward_segments = [r.forward_segments for r in results]
+        self.last_traces = [r.trace for r in results]
         return assemble(results, structure.n_atoms, structure.volume)
 
     def get_property(self, name, atoms=None, allow_calculation=True):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distmlip import trace
 from distmlip.halo import HaloPlan
 
 __all__ = ["CommunicationError", "Communicator", "PendingExchange"]
@@ -85,11 +86,9 @@ class Communicator:
         self.reset()
 
     def reset(self) -> None:
-        self.epoch = time.perf_counter()  # log times ("posted_at", "done_at") count from here
         self.calls = 0
         self.bytes_sent = 0
         self.seconds = 0.0
-        self.log: list[dict] = []
         self.outputs: list[torch.Tensor] = []
         self._index_cache = {}
 
@@ -99,33 +98,33 @@ class Communicator:
         return 2 * self.calls
 
     def _transfer(self, sends, receives, tag: int, what: str) -> None:
-        """Point-to-point rows, timed and counted (``log``: one entry per exchange)."""
+        """Point-to-point rows, timed and counted."""
         self._wait(self._post(sends, receives, tag, what))
 
     def _post(self, sends, receives, tag: int, what: str) -> tuple:
-        """Start a transfer; :meth:`_wait` completes it (the time between is overlap)."""
+        """Start a transfer; :meth:`_wait` completes it (the time between is overlap).
+
+        When a trace is recorded, each transfer is an ``"exchange"`` event with ``what``,
+        ``tag``, ``bytes_sent``, ``seconds`` (spent posting and waiting) and ``done_at``.
+        """
         start = time.perf_counter()
         works = _post(sends, receives, tag)
         sent = sum(t.numel() * t.element_size() for _, t in sends)
-        entry = {
-            "what": what,
-            "tag": tag,
-            "bytes_sent": sent,
-            "seconds": 0.0,
-            "posted_at": start - self.epoch,
-        }
+        entry = trace.event("exchange", what=what, tag=tag, bytes_sent=sent, seconds=0.0)
+        if entry is not None:
+            entry["_posted"] = time.perf_counter()
         self.bytes_sent += sent
-        self.log.append(entry)
-        return works, entry, time.perf_counter() - start
+        return works, what, entry, time.perf_counter() - start
 
     def _wait(self, posted: tuple) -> None:
-        works, entry, post_seconds = posted
+        works, what, entry, post_seconds = posted
         start = time.perf_counter()
-        _wait_all(works, self.timeout, entry["what"])
+        _wait_all(works, self.timeout, what)
         elapsed = post_seconds + time.perf_counter() - start
-        entry["seconds"] = elapsed
-        entry["done_at"] = time.perf_counter() - self.epoch
         self.seconds += elapsed
+        if entry is not None:
+            entry["seconds"] = elapsed
+            entry["done_at"] = entry["at"] + (time.perf_counter() - entry.pop("_posted"))
 
     def _peers(self, counts) -> list[int]:
         return [q for q in range(self.world_size) if q != self.rank and counts[q]]

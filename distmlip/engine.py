@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
+from distmlip import trace
 from distmlip.comm import Communicator
-from distmlip.exchange import Exchange, GhostExchange, GraphTopology, RowDeclarer
+from distmlip.exchange import Exchange, GraphTopology, RowDeclarer
+from distmlip.ghost import GhostExchange
 from distmlip.graph import Structure
 from distmlip.halo import HaloPlan, LocalGraph, edge_vectors
 from distmlip.models.base import DistributedModel, GraphInputs
+from distmlip.trace import Trace
 
-__all__ = ["WorkerResult", "Prepared", "prepare", "evaluate", "graph_inputs"]
+__all__ = ["WorkerResult", "Prepared", "prepare", "evaluate", "graph_inputs", "timed"]
 
 
 @dataclass
@@ -44,12 +48,9 @@ class WorkerResult:
         virial: (3, 3) Σ_e g_e ⊗ v_e over local edges, eV (symmetrised by the caller), or None.
         timings: seconds spent per phase.
         stats: sizes (atoms, halo, edges, bytes exchanged).
-        exchanges: one entry per halo exchange (what, bytes sent, seconds waited, when posted
-            and done), in order.
-        forward_segments: seconds of forward computation between exchanges (per layer for
-            models with one exchange per layer), see :func:`compute_segments`.
         site_properties: extra per-owned-atom outputs of the model, name → (n_owned, ...)
             array (e.g. CHGNet's ``magmoms``); see ``DistributedModel.site_properties``.
+        trace: the worker's :class:`~distmlip.trace.Trace` of the call when one was asked for.
     """
 
     global_index: np.ndarray
@@ -61,8 +62,7 @@ class WorkerResult:
     timings: dict[str, float] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
     site_properties: dict[str, np.ndarray] = field(default_factory=dict)
-    exchanges: list[dict] = field(default_factory=list)
-    forward_segments: list[float] = field(default_factory=list)
+    trace: Trace | None = None
 
 
 @dataclass
@@ -118,23 +118,6 @@ def prepare(
     return Prepared(value, declarer.plans)
 
 
-def compute_segments(log: list[dict], begin: float, end: float) -> list[float]:
-    """Seconds of computation between consecutive exchanges completed in [begin, end].
-
-    ``log`` entries carry ``posted_at``/``done_at`` (communicator clock) and ``seconds`` spent
-    posting and waiting; work done while an overlapped exchange was in flight counts as
-    computation. For a model with one atom exchange per layer the segments are its layers
-    (the last one includes the readout).
-    """
-    segments, cursor = [], begin
-    for entry in log:
-        if begin <= entry["posted_at"] and entry["done_at"] <= end:
-            segments.append(max(entry["done_at"] - cursor - entry["seconds"], 0.0))
-            cursor = entry["done_at"]
-    segments.append(end - cursor)
-    return segments
-
-
 def graph_inputs(
     graph: LocalGraph,
     structure: Structure,
@@ -153,6 +136,34 @@ def graph_inputs(
         senders=torch.as_tensor(edges.senders, device=device),
         n_owned=graph.n_computed,
     )
+
+
+class timed:  # noqa: N801 (used like a function: ``with timed(timings, "forward"):``)
+    """Time a block into ``timings[name]`` (s) and mark it as a trace span."""
+
+    def __init__(self, timings: dict[str, float], name: str):
+        self.timings, self.name = timings, name
+        self.span = trace.span(name)
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+        self.span.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        self.span.__exit__(*exc)
+        self.timings[self.name] = time.perf_counter() - self.start
+
+
+def _edge_gradients(energy: torch.Tensor, vectors: torch.Tensor, outputs: list) -> torch.Tensor:
+    """(E, 3) ∂E/∂v_e. Collective: every rank runs the backward of every exchange."""
+    # Zero-weighted ties make every exchange part of this rank's backward graph, so each
+    # rank answers every reverse exchange its peers post (same order on every rank).
+    ties = sum((out.sum() * 0.0 for out in outputs), energy.new_zeros(()))
+    objective = energy + ties
+    gradient = None
+    if objective.requires_grad:
+        (gradient,) = torch.autograd.grad(objective, vectors, allow_unused=True)
+    return torch.zeros_like(vectors) if gradient is None else gradient.detach()
 
 
 def evaluate(
@@ -174,26 +185,24 @@ def evaluate(
     (``kept_edges``: the index of each edge there); prepared here if not given.
     """
     timings: dict[str, float] = {}
+    phase = partial(timed, timings)
     if prepared is None:
         if vectors is None:  # computed once, for prepare and for the inputs
             vectors = edge_vectors(graph, structure)
         prepared = prepare(model, graph, structure, comm, vectors)
-    start = time.perf_counter()
-    inputs = graph_inputs(graph, structure, dtype, device, vectors)
-    inputs.prepared = prepared.value
-    if kept_edges is not None:
-        inputs.kept_edges = torch.as_tensor(kept_edges, dtype=torch.int64, device=device)
-    inputs.vectors.requires_grad_(compute_forces)
-    comm.reset()
-    if graph.ghost:
-        exchange = GhostExchange(graph.n_computed, graph.n_local)
-    else:
-        exchange = Exchange(comm, graph.plan, prepared.row_plans)
+    with phase("inputs"):
+        inputs = graph_inputs(graph, structure, dtype, device, vectors)
+        inputs.prepared = prepared.value
+        if kept_edges is not None:
+            inputs.kept_edges = torch.as_tensor(kept_edges, dtype=torch.int64, device=device)
+        inputs.vectors.requires_grad_(compute_forces)
+        comm.reset()
+        if graph.ghost:
+            exchange = GhostExchange(graph.n_computed, graph.n_local)
+        else:
+            exchange = Exchange(comm, graph.plan, prepared.row_plans)
 
-    timings["inputs"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    with torch.set_grad_enabled(compute_forces):
+    with phase("forward"), torch.set_grad_enabled(compute_forces):
         output = model(inputs, exchange)
         energies, site_outputs = output if isinstance(output, tuple) else (output, {})
         if set(site_outputs) != set(model.site_properties):
@@ -208,41 +217,25 @@ def evaluate(
             )
         energies = energies[: graph.n_owned]
         energy = energies.sum()
-    site_properties = {
-        name: value[: graph.n_owned].detach().double().cpu().numpy()
-        for name, value in site_outputs.items()
-    }
-    timings["forward"] = time.perf_counter() - start
-    forward_segments = compute_segments(
-        comm.log, start - comm.epoch, start - comm.epoch + timings["forward"]
-    )
+        site_properties = {
+            name: value[: graph.n_owned].detach().double().cpu().numpy()
+            for name, value in site_outputs.items()
+        }
 
     forces = virial = None
     if compute_forces:
-        start = time.perf_counter()
-        # Zero-weighted ties make every exchange part of this rank's backward graph, so each
-        # rank answers every reverse exchange its peers post (same order on every rank).
-        ties = sum((out.sum() * 0.0 for out in comm.outputs), energy.new_zeros(()))
-        objective = energy + ties
-        if objective.requires_grad:
-            (edge_gradients,) = torch.autograd.grad(objective, inputs.vectors, allow_unused=True)
-        else:
-            edge_gradients = None
-        if edge_gradients is None:
-            edge_gradients = torch.zeros_like(inputs.vectors)
-        edge_gradients = edge_gradients.detach()
-        timings["backward"] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        gradient = edge_gradients.new_zeros((graph.n_local, 3))
-        gradient.index_add_(0, inputs.senders, edge_gradients)
-        gradient.index_add_(0, inputs.receivers, -edge_gradients)
-        if graph.ghost:  # the driver sums ghost rows into their owners
-            forces = -gradient.double().cpu().numpy()
-        else:
-            forces = -comm.reverse_sum(gradient, graph.plan).double().cpu().numpy()
-        virial = (edge_gradients.double().T @ inputs.vectors.detach().double()).cpu().numpy()
-        timings["forces"] = time.perf_counter() - start
+        with phase("backward"):
+            edge_gradients = _edge_gradients(energy, inputs.vectors, comm.outputs)
+        with phase("forces"):
+            gradient = edge_gradients.new_zeros((graph.n_local, 3))
+            gradient.index_add_(0, inputs.senders, edge_gradients)
+            gradient.index_add_(0, inputs.receivers, -edge_gradients)
+            if graph.ghost:  # the driver sums ghost rows into their owners
+                forces = -gradient.double().cpu().numpy()
+            else:
+                forces = -comm.reverse_sum(gradient, graph.plan).double().cpu().numpy()
+            vectors64 = inputs.vectors.detach().double()
+            virial = (edge_gradients.double().T @ vectors64).cpu().numpy()
 
     # The exchange outputs reference their autograd nodes, whose contexts reference the
     # communicator that holds the outputs: a cycle through C++ that Python's collector cannot
@@ -267,6 +260,4 @@ def evaluate(
         timings=timings,
         stats=stats,
         site_properties=site_properties,
-        exchanges=comm.log,
-        forward_segments=forward_segments,
     )

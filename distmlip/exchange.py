@@ -35,7 +35,6 @@ __all__ = [
     "RowDeclarer",
     "Exchange",
     "RowExchange",
-    "GhostExchange",
     "undirected_edge_keys",
 ]
 
@@ -233,44 +232,3 @@ class Exchange(RowExchange):
         gout.zero_()
         tag = self._lammps_tags.pop()
         gout[: self.n_owned] = self._comm.reverse_sum(grad.contiguous(), self._plan, tag + 1)
-
-
-class GhostExchange:
-    """The ghost baseline's ``exchange``: ghost rows are recomputed, nothing is fetched.
-
-    The outermost ghosts only ever matter through their species (layer 0); at later layers they
-    feed nodes whose features are already out of their exact range, so zeros serve.
-    """
-
-    def __init__(self, n_computed: int, n_local: int):
-        self.n_owned, self.n_local = n_computed, n_local
-
-    def _outer(self, computed: torch.Tensor) -> torch.Tensor:
-        return computed.new_zeros((self.n_local - self.n_owned, *computed.shape[1:]))
-
-    def __call__(self, computed: torch.Tensor) -> torch.Tensor:
-        return torch.cat([computed, self._outer(computed)])
-
-    def start(self, computed: torch.Tensor):
-        return computed, _Ready(self._outer(computed))
-
-    def rows(self, kind: str):
-        raise NotImplementedError("the ghost baseline does not exchange declared row kinds")
-
-    def sum_over_ranks(self, value: int) -> int:
-        raise NotImplementedError("the ghost baseline runs no collectives")
-
-    def forward_exchange(self, feats: torch.Tensor, out: torch.Tensor, width: int) -> None:
-        out.copy_(feats)
-
-    def reverse_exchange(self, grad: torch.Tensor, gout: torch.Tensor, width: int) -> None:
-        gout.zero_()
-        gout[: self.n_owned] = grad[: self.n_owned]
-
-
-class _Ready:
-    def __init__(self, rows: torch.Tensor):
-        self.rows = rows
-
-    def finish(self) -> torch.Tensor:
-        return self.rows

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import vesin
 
+from distmlip import trace
+
 __all__ = ["Structure", "EdgeList", "neighbor_list", "neighborhood_mask", "binning_frame"]
 
 
@@ -103,13 +105,14 @@ def neighbor_list(
     box = cell if np.any(pbc) else np.zeros((3, 3))
     # copy=False: views into the calculator's buffers (valid while ``calculator`` lives); the
     # int64 results below are the only copies, of the kept edges only.
-    i, j, shifts = calculator.compute(
-        np.ascontiguousarray(positions, dtype=np.float64),
-        np.ascontiguousarray(box, dtype=np.float64),
-        [bool(p) for p in pbc],
-        quantities="ijS",
-        copy=False,
-    )
+    with trace.span("vesin"):
+        i, j, shifts = calculator.compute(
+            np.ascontiguousarray(positions, dtype=np.float64),
+            np.ascontiguousarray(box, dtype=np.float64),
+            [bool(p) for p in pbc],
+            quantities="ijS",
+            copy=False,
+        )
     # Groups of (pair indices, mirrored?), concatenated in order.
     if receiver_mask is None:
         every = np.arange(len(i))

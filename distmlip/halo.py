@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from distmlip import trace
 from distmlip.graph import EdgeList, Structure, neighbor_list, neighborhood_mask
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
     "build_local_graph",
     "resolve_send_index",
     "build_all_local_graphs",
-    "build_ghost_graph",
     "edge_vectors",
     "within_cutoff",
 ]
@@ -82,7 +82,8 @@ class LocalGraph:
             ``None`` until resolved with the peers' requests.
         n_computed: rows whose features the model updates (receivers of the edges). Equal to
             ``n_owned`` with halo exchange; larger in the ghost baseline
-            (:func:`build_ghost_graph`), where ghost rows are recomputed instead of exchanged.
+            (:func:`distmlip.ghost.build_ghost_graph`), where ghost rows are recomputed
+            instead of exchanged.
         ghost: True for a ghost-baseline graph (no exchange; halo rows are ghosts).
     """
 
@@ -136,23 +137,25 @@ def build_local_graph(
     so time and memory are O(N/P + shell) beyond reading the O(N) positions.
     """
     owned_mask = owner == rank
-    region = neighborhood_mask(
-        structure.positions, structure.cell, structure.pbc, owned_mask, cutoff
-    )
+    with trace.span("mask"):
+        region = neighborhood_mask(
+            structure.positions, structure.cell, structure.pbc, owned_mask, cutoff
+        )
     region_atoms = np.flatnonzero(region)  # ascending global index; owned atoms included
     owned_in_region = owned_mask[region_atoms]
     # Only edges into owned atoms, in region indices (R ≈ N/P + shell). All bookkeeping below
     # is gathers from R-sized tables: no search or sort over the edges.
     # Interior edges (sender owned) come first: models that overlap the halo exchange with
     # interior work take them as one slice.
-    local_edges = neighbor_list(
-        structure.positions[region_atoms],
-        structure.cell,
-        structure.pbc,
-        cutoff,
-        receiver_mask=owned_in_region,
-        senders_in_mask_first=True,
-    )
+    with trace.span("neighbor_list"):
+        local_edges = neighbor_list(
+            structure.positions[region_atoms],
+            structure.cell,
+            structure.pbc,
+            cutoff,
+            receiver_mask=owned_in_region,
+            senders_in_mask_first=True,
+        )
     receivers, senders = local_edges.receivers, local_edges.senders
 
     owned_region = np.flatnonzero(owned_in_region)
@@ -261,60 +264,3 @@ def build_all_local_graphs(
     for p, graph in enumerate(graphs):
         resolve_send_index(graph, [requests[q][p] for q in range(world_size)])
     return graphs
-
-
-def build_ghost_graph(
-    structure: Structure,
-    owner: np.ndarray,
-    rank: int,
-    world_size: int,
-    cutoff: float,
-    layers: int,
-) -> LocalGraph:
-    """The conventional spatial-decomposition graph: owned atoms plus ``layers`` hops of ghosts.
-
-    The baseline that zero-redundancy exchange is measured against (LAMMPS-style, as in
-    SevenNet's and MACE's parallel modes): every atom within ``layers − 1`` graph hops of an owned
-    atom is *computed* (its features updated at every layer, all of its edges local), atoms at
-    exactly ``layers`` hops contribute species only. No features are exchanged between layers;
-    ghost work is done again on every worker that needs it. Owned atoms' final features are
-    exact because a node ``k`` hops out is correct up to layer ``layers − k``.
-
-    Rows are sorted by hop, then global index: owned (hop 0), computed ghosts, outer ghosts.
-    ``recv_counts`` are zero and ``send_index`` empty: forces on ghost rows are summed by the
-    driver, not exchanged.
-    """
-    positions, cell, pbc = structure.positions, structure.cell, structure.pbc
-    owned_mask = owner == rank
-    region = owned_mask
-    for _ in range(layers):  # each dilation reaches at least one cutoff further
-        region = neighborhood_mask(positions, cell, pbc, region, cutoff)
-    region_atoms = np.flatnonzero(region)
-    edges = neighbor_list(positions[region_atoms], cell, pbc, cutoff)
-    unreached = layers + 1
-    hop = np.where(owned_mask[region_atoms], 0, unreached)
-    for k in range(1, layers + 1):
-        frontier = hop[edges.receivers] == k - 1
-        reached = edges.senders[frontier]
-        hop[reached] = np.minimum(hop[reached], k)
-    kept_atoms = np.flatnonzero(hop <= layers)
-    order = kept_atoms[np.lexsort((region_atoms[kept_atoms], hop[kept_atoms]))]
-    local_row = np.full(len(region_atoms), -1, dtype=np.int64)
-    local_row[order] = np.arange(len(order))
-    computed = hop[edges.receivers] <= layers - 1
-    local_edges = EdgeList(
-        receivers=local_row[edges.receivers[computed]],
-        senders=local_row[edges.senders[computed]],
-        shifts=edges.shifts[computed],
-    )
-    return LocalGraph(
-        rank=rank,
-        world_size=world_size,
-        global_index=region_atoms[order],
-        n_owned=int(owned_mask.sum()),
-        edges=local_edges,
-        recv_counts=np.zeros(world_size, dtype=np.int64),
-        send_index=[np.zeros(0, dtype=np.int64) for _ in range(world_size)],
-        n_computed=int(np.sum(hop <= layers - 1)),
-        ghost=True,
-    )

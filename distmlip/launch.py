@@ -33,9 +33,7 @@ import time
 import weakref
 from multiprocessing.connection import Connection, wait
 
-import numpy as np
-
-from distmlip.options import WorkerOptions
+from distmlip.options import GraphOptions, WorkerOptions
 from distmlip.worker import STARTUP_ID, STARTUP_TIMEOUT, EvaluationRequest, WorkerConfig
 
 __all__ = ["WorkerPool", "WorkerError", "WorkerOptions", "collect_replies"]
@@ -201,10 +199,12 @@ class WorkerPool:
     Args:
         model: a :class:`~distmlip.models.base.DistributedModel` (pickled to each worker once).
         options: :class:`WorkerOptions`.
+        graph_options: :class:`GraphOptions` (partitioner, halo mode, skin).
     """
 
-    def __init__(self, model, options: WorkerOptions):
+    def __init__(self, model, options: WorkerOptions, graph_options: GraphOptions | None = None):
         self.options = options
+        self.graph_options = graph_options or GraphOptions()
         self.nprocs = options.nprocs
         self.timeout = options.timeout
         self.threads = options.threads
@@ -214,8 +214,6 @@ class WorkerPool:
         self._finalizer = None
         self._state = "stopped"  # → starting → ready ⇄ busy; anything else → stopping → stopped
         self._request_id = STARTUP_ID
-        self.generation = 0
-        """Incremented at every start: graphs cached by workers belong to one generation."""
 
     @property
     def running(self) -> bool:
@@ -233,7 +231,6 @@ class WorkerPool:
             if self._state == "ready":
                 return
             self._discard(grace=0.0)
-            self.generation += 1
             workers = self._workers = _Processes()
             self._finalizer = weakref.finalize(self, workers.stop, STOP_GRACE)
             self._state = "starting"
@@ -284,6 +281,9 @@ class WorkerPool:
                 threads=self.threads,
                 parent_pid=os.getpid(),
                 cores=tuple(cores),
+                partitioner=self.graph_options.partitioner,
+                halo=self.graph_options.halo,
+                skin=self.graph_options.skin,
             )
             connection.send((config, self._model_bytes))
 
@@ -316,21 +316,11 @@ class WorkerPool:
                 "and restart on the next call"
             ) from None
 
-    def evaluate(
-        self,
-        structure,
-        owner: np.ndarray,
-        compute_forces: bool = True,
-        halo: str = "exchange",
-        skin: float = 0.0,
-        reuse: bool = False,
-    ) -> list:
+    def evaluate(self, structure, compute_forces: bool = True, trace: bool = False) -> list:
         """Send one structure to every worker; their :class:`~distmlip.engine.WorkerResult` s.
 
-        ``halo``: ``"exchange"`` (zero redundancy) or ``"ghost"`` (the recomputing baseline).
-        ``skin`` and ``reuse``: see :class:`~distmlip.worker.EvaluationRequest`; ``reuse`` is
-        only valid while the workers that built the graph are still running (same
-        :attr:`generation`).
+        Each worker partitions it and builds (or reuses) its graph itself
+        (:mod:`distmlip.builders`). ``trace``: workers record a :class:`~distmlip.trace.Trace`.
         """
         with self._lock:
             workers = self._workers
@@ -339,10 +329,8 @@ class WorkerPool:
                     f"this calculator's workers belong to process {workers.owner_pid}, not to "
                     "this forked copy; create a DistributedCalculator in each process"
                 )
-            if reuse and not self.running:
-                raise RuntimeError("cannot reuse graphs: the workers that built them have stopped")
             self.start()
-            request = EvaluationRequest(structure, owner, compute_forces, halo, float(skin), reuse)
+            request = EvaluationRequest(structure, bool(compute_forces), bool(trace))
             payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
             self._request_id += 1
             request_id = self._request_id

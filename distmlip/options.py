@@ -7,7 +7,15 @@ import numbers
 import os
 from dataclasses import dataclass
 
-__all__ = ["WorkerOptions", "ALLOCATORS", "DTYPES", "DEVICES", "MAX_TIMEOUT"]
+__all__ = [
+    "WorkerOptions",
+    "GraphOptions",
+    "HALO_MODES",
+    "ALLOCATORS",
+    "DTYPES",
+    "DEVICES",
+    "MAX_TIMEOUT",
+]
 
 ALLOCATORS = ("keep", "system")
 DTYPES = ("float32", "float64")
@@ -91,3 +99,52 @@ class WorkerOptions:
     @property
     def threads(self) -> int:
         return self.threads_per_worker or max(1, (os.cpu_count() or 1) // self.nprocs)
+
+
+HALO_MODES = ("exchange", "ghost")
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """How each worker gets its graph; checked here, before anything starts.
+
+    Attributes:
+        partitioner: ``"slab"``, ``"rcb"`` or ``"metis"`` (needs pymetis).
+        halo: ``"exchange"`` (zero redundancy) or ``"ghost"`` (the recomputing baseline).
+        skin: Å (finite, >= 0): graphs are built with ``cutoff + skin`` and reused while they
+            hold (exchange mode; 0 with ``halo="ghost"``, which rebuilds every call).
+    """
+
+    partitioner: str = "slab"
+    halo: str = "exchange"
+    skin: float = 0.0
+
+    def __post_init__(self):
+        from distmlip.partition import check_partitioner
+
+        check_partitioner(self.partitioner)
+        if self.halo not in HALO_MODES:
+            raise ValueError(f"halo must be one of {HALO_MODES}, got {self.halo!r}")
+        skin = self.skin
+        if (
+            isinstance(skin, bool)
+            or not isinstance(skin, numbers.Real)
+            or not math.isfinite(skin)
+            or skin < 0
+        ):
+            raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
+        object.__setattr__(self, "skin", float(skin) if self.halo == "exchange" else 0.0)
+
+    def check_model(self, model) -> None:
+        """Refuse settings the model cannot run with."""
+        if self.halo == "ghost" and not model.num_layers:
+            raise ValueError(
+                f"halo='ghost' needs the model's number of message-passing layers, which "
+                f"{type(model).__name__} does not declare; use halo='exchange'"
+            )
+        max_skin = model.max_skin or model.cutoff
+        if self.skin > max_skin:
+            raise ValueError(
+                f"skin={self.skin} Å is more than {type(model).__name__} supports "
+                f"({max_skin:g} Å); 0.5-1 Å suits MD at 1-2 fs"
+            )

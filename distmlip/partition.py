@@ -88,13 +88,9 @@ def rcb_partition(structure: Structure, nparts: int) -> np.ndarray:
 
 def metis_partition(structure: Structure, nparts: int, cutoff: float) -> np.ndarray:
     """METIS k-way partition of the undirected atom graph (edges within ``cutoff``)."""
-    try:
-        import pymetis
-    except ImportError as error:
-        raise ImportError(
-            "partitioner='metis' needs pymetis: pip install 'distmlip[metis]' "
-            "(or use partitioner='rcb')"
-        ) from error
+    check_partitioner("metis")
+    import pymetis
+
     if nparts == 1:
         return np.zeros(structure.n_atoms, dtype=np.int64)
     edges = neighbor_list(structure.positions, structure.cell, structure.pbc, cutoff)
@@ -117,10 +113,19 @@ PARTITIONERS: dict[str, Callable[..., np.ndarray]] = {
 
 
 def check_partitioner(name: str) -> None:
+    """Refuse an unknown partitioner, or ``metis`` without pymetis installed."""
     if name not in PARTITIONERS:
         raise ValueError(
             f"unknown partitioner {name!r}; choose one of {', '.join(sorted(PARTITIONERS))}"
         )
+    if name == "metis":
+        try:
+            import pymetis  # noqa: F401
+        except ImportError as error:
+            raise ImportError(
+                "partitioner='metis' needs pymetis: pip install 'distmlip[metis]' "
+                "(or use partitioner='rcb')"
+            ) from error
 
 
 def partition(structure: Structure, nparts: int, method: str = "slab", cutoff: float = 5.0):

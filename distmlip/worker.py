@@ -23,10 +23,9 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-
-import numpy as np
 
 __all__ = ["EvaluationRequest", "WorkerConfig", "STARTUP_ID", "STARTUP_TIMEOUT", "worker_main"]
 
@@ -42,21 +41,16 @@ class EvaluationRequest:
     """What the driver sends every worker for one evaluation.
 
     Attributes:
-        structure: the replicated :class:`~distmlip.graph.Structure`.
-        owner: (N,) int64 owning rank of each atom.
+        structure: the replicated :class:`~distmlip.graph.Structure`. Each worker partitions
+            it and decides alone, by the same rule as its peers, whether its kept graph still
+            holds (:mod:`distmlip.builders`).
         compute_forces: also forces and virial.
-        halo: ``"exchange"`` or ``"ghost"``.
-        skin: Å added to the cutoff when a graph is built, so it can be reused.
-        reuse: re-select the edges of the graph built at the last rebuild instead of building
-            one (the driver checked that it still holds; ``owner`` is then the same as then).
+        trace: record a :class:`~distmlip.trace.Trace` of the call and return it.
     """
 
     structure: object
-    owner: np.ndarray
     compute_forces: bool = True
-    halo: str = "exchange"
-    skin: float = 0.0
-    reuse: bool = False
+    trace: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +64,9 @@ class WorkerConfig:
     threads: int
     parent_pid: int
     cores: tuple[int, ...] = ()
+    partitioner: str = "slab"
+    halo: str = "exchange"
+    skin: float = 0.0
 
 
 def error_summary(error: BaseException) -> str:
@@ -159,92 +156,13 @@ def worker_main(connection: Connection, pdeathsig: bool = True) -> None:
             dist.destroy_process_group()
 
 
-@dataclass
-class _CallGraph:
-    """The graph of one call: its edges, their vectors, and what ``prepare`` made of the
-    graph they were selected from."""
-
-    graph: object
-    vectors: np.ndarray | None
-    prepared: object
-    kept_edges: np.ndarray | None = None
-    prepared_now: bool = True
-    prepare_seconds: float = 0.0
-
-
-class _WorkerGraphs:
-    """This worker's graph for each request: built (and prepared), or re-selected from the
-    last build.
-
-    With ``skin > 0`` the graph built with ``cutoff + skin`` and the model's ``prepare`` of it
-    are kept; the driver says when they still hold (no atom moved more than skin / 2, same cell
-    and owners) by sending ``reuse=True``, and the edges shorter than the cutoff are re-selected.
-    """
-
-    def __init__(self, config: WorkerConfig, model):
-        self.config, self.model = config, model
-        self.skin_graph = None
-        self.prepared = None
-        self.prepare_seconds = 0.0
-        self.shift_vectors = None  # skin_graph's shifts @ cell (the cell is fixed while reused)
-
-    def get(self, request: EvaluationRequest, comm) -> _CallGraph:
-        """The graph of ``request``; collective on a rebuild."""
-        from distmlip.engine import prepare
-        from distmlip.halo import (
-            build_ghost_graph,
-            build_local_graph,
-            edge_vectors,
-            resolve_send_index,
-            within_cutoff,
-        )
-
-        config, model, structure = self.config, self.model, request.structure
-        if request.reuse and self.skin_graph is None:
-            raise RuntimeError("asked to reuse a graph this worker has not built")
-        if not request.reuse:
-            # A failure below must not leave the previous graph to be reused.
-            self.skin_graph = self.prepared = self.shift_vectors = None
-            if request.halo == "ghost":
-                graph = build_ghost_graph(
-                    structure,
-                    request.owner,
-                    config.rank,
-                    config.world_size,
-                    model.cutoff,
-                    model.num_layers,
-                )
-            else:
-                cutoff = model.cutoff + request.skin
-                graph = build_local_graph(
-                    structure, request.owner, config.rank, config.world_size, cutoff
-                )
-                resolve_send_index(graph, comm.exchange_requests(graph.requests()))
-            vectors = edge_vectors(graph, structure)
-            start = time.perf_counter()
-            prepared = prepare(model, graph, structure, comm, vectors, request.owner, request.skin)
-            self.prepare_seconds = time.perf_counter() - start
-            if request.skin == 0:
-                return _CallGraph(graph, vectors, prepared, None, True, self.prepare_seconds)
-            self.skin_graph, self.prepared = graph, prepared
-            self.shift_vectors = graph.edges.shifts @ structure.cell
-        else:
-            vectors = None  # the skin graph's vectors at these positions are computed below
-        graph, vectors, kept = within_cutoff(
-            self.skin_graph, structure, model.cutoff, self.shift_vectors, vectors
-        )
-        built = not request.reuse
-        seconds = self.prepare_seconds if built else 0.0
-        return _CallGraph(graph, vectors, self.prepared, kept, built, seconds)
-
-
 def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> None:
     import torch
 
-    from distmlip.comm import Communicator
-    from distmlip.engine import evaluate
+    from distmlip import trace
+    from distmlip.builders import graph_builder
 
-    graphs = _WorkerGraphs(config, model)
+    graphs = graph_builder(model, config.halo, config.partitioner, config.skin)
     while True:
         try:
             command, request_id, payload = connection.recv()
@@ -254,37 +172,42 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
             return
         try:
             request: EvaluationRequest = pickle.loads(payload)
-            structure = request.structure
-            start = time.perf_counter()
-            comm = Communicator(config.rank, config.world_size, device, config.timeout)
-            call = graphs.get(request, comm)
-            graph_time = time.perf_counter() - start
-            result = evaluate(
-                model,
-                call.graph,
-                structure,
-                comm,
-                dtype,
-                device,
-                request.compute_forces,
-                call.vectors,
-                call.prepared,
-                call.kept_edges,
-            )
-            # "graph" includes "prepare" (the model's per-graph structure, e.g. CHGNet's bonds).
-            timings = {"graph": graph_time, "prepare": call.prepare_seconds}
-            result.timings = {**timings, **result.timings}
-            result.stats["graph_reused"] = int(request.reuse)
-            result.stats["prepared"] = int(call.prepared_now)
-            skin_graph = graphs.skin_graph
-            result.stats["skin_edges"] = len(skin_graph.edges) if skin_graph is not None else 0
+            with trace.recording() if request.trace else nullcontext() as record:
+                result = _evaluate(request, config, model, graphs, device, dtype)
+            result.trace = record
             # ru_maxrss is in KiB on Linux: the worker's high-water mark since it started.
             result.stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             if device.type == "cuda":
                 result.stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             connection.send(("ok", request_id, result))
             # Free this call's graph and tensors before the next request arrives, not during it.
-            del call, comm, result
+            del result, record
         except Exception as error:
             report = (error_summary(error), traceback.format_exc())
             connection.send(("error", request_id, report))
+
+
+def _evaluate(request: EvaluationRequest, config: WorkerConfig, model, graphs, device, dtype):
+    from distmlip.comm import Communicator
+    from distmlip.engine import evaluate
+
+    comm = Communicator(config.rank, config.world_size, device, config.timeout)
+    call = graphs.get(request.structure, comm)
+    result = evaluate(
+        model,
+        call.graph,
+        request.structure,
+        comm,
+        dtype,
+        device,
+        request.compute_forces,
+        call.vectors,
+        call.prepared,
+        call.kept_edges,
+    )
+    # "graph" includes "prepare" (the model's per-graph structure, e.g. CHGNet's bonds).
+    result.timings = {**call.timings, **result.timings}
+    result.stats["graph_reused"] = int(not call.built)
+    result.stats["prepared"] = int(call.built)
+    result.stats["skin_edges"] = call.skin_edges
+    return result

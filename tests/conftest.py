@@ -96,10 +96,11 @@ class PoolCache:
         halo: str = "exchange",
         model=None,
         skin: float = 0.0,
+        trace: bool = False,
     ):
         model = self.model if model is None else model
         name = id(model) if not isinstance(model, str) else model
-        key = (name, nprocs, partitioner, dtype, halo, skin)
+        key = (name, nprocs, partitioner, dtype, halo, skin, trace)
         if key != self.key:
             self.close()
             self.calc = DistributedCalculator(
@@ -110,6 +111,7 @@ class PoolCache:
                 halo=halo,
                 timeout=120,
                 skin=skin,
+                trace=trace,
             )
             self.key = key
         return self.calc

@@ -17,19 +17,19 @@ def blocking_model() -> ReferenceMPNN:
 
 def test_overlapped_exchange_equals_blocking(pools, blocking_model):
     names = ("bulk", "small_cell", "slab")
-    calc = pools.get(3, "rcb", model=blocking_model)
+    calc = pools.get(3, "rcb", model=blocking_model, trace=True)
     blocking = {name: evaluate(calc, SYSTEMS[name]()) for name in names}
-    whats = {entry["what"] for log in calc.last_exchanges for entry in log}
+    whats = {entry["what"] for trace in calc.last_traces for entry in trace.named("exchange")}
     assert "halo exchange" in whats and "halo exchange (overlapped)" not in whats
 
-    calc = pools.get(3, "rcb")  # the default model overlaps
+    calc = pools.get(3, "rcb", trace=True)  # the default model overlaps
     for name in names:
         overlapped = evaluate(calc, SYSTEMS[name]())
         for key, expected in blocking[name].items():
             scale = max(np.abs(expected).max(), 1e-300)
             error = np.abs(overlapped[key] - expected).max() / scale
             assert error <= 1e-12, f"{name}: {key} relative error {error:.2e}"
-    logs = calc.last_exchanges
+    logs = [trace.named("exchange") for trace in calc.last_traces]
     whats = {entry["what"] for log in logs for entry in log}
     assert "halo exchange (overlapped)" in whats and "halo exchange" not in whats
     # num_layers − 1 overlapped exchanges forward, each answered by one reverse transfer, plus

@@ -7,6 +7,7 @@ import signal
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 from ase.build import bulk
@@ -152,15 +153,17 @@ def test_workers_keep_their_memory_mapped(calculator, reference_model, monkeypat
 
 
 def test_worker_exception_is_one_line_worker_error_with_traceback(calculator):
+    from dataclasses import replace
+
     from distmlip import Structure
-    from distmlip.partition import partition
 
     structure = Structure.from_ase(small_cell())
-    owner = partition(structure, 2, "slab", 5.0)
+    # An element beyond the model's embedding, sent past the driver's validation: each
+    # worker's forward raises.
+    unknown = replace(structure, numbers=np.full(structure.n_atoms, 200, dtype=np.int64))
     pids = calculator.pool.pids
-    # Workers that never built a graph are asked to reuse one: each raises.
     with pytest.raises(WorkerError) as error:
-        calculator.pool.evaluate(structure, owner, reuse=True)
+        calculator.pool.evaluate(unknown)
     message = str(error.value)
     assert "\n" not in message
     assert "worker" in message and "raised" in message and "restart on the next call" in message
