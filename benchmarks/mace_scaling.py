@@ -26,9 +26,8 @@ Writes ``<out>/mace.json``, ``<out>/mace.md`` and ``<out>/mace.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +35,9 @@ from pathlib import Path
 import mace  # noqa: F401  (before e3nn)
 import numpy as np
 import torch
-from ase.build import bulk
+
+from distmlip.report import machine_description, markdown_table, pyplot, write_report
+from distmlip.systems import crystal
 
 MODEL = {
     "hidden_irreps": "128x0e+128x1o",
@@ -81,20 +82,6 @@ def build_model(seed: int = 0):
     ).float()
 
 
-def crystal(element: str, target_atoms: int, seed: int = 0):
-    """Cubic Si (diamond) or Cu (fcc) supercell with about ``target_atoms`` atoms, rattled."""
-    if element == "Si":
-        unit = bulk("Si", "diamond", a=5.43, cubic=True)
-    elif element == "Cu":
-        unit = bulk("Cu", "fcc", a=3.61, cubic=True)
-    else:
-        raise ValueError(f"element must be Si or Cu, got {element!r}")
-    repeat = max(1, round((target_atoms / len(unit)) ** (1 / 3)))
-    atoms = unit.repeat(repeat)
-    atoms.rattle(0.05, seed=seed)
-    return atoms
-
-
 def measure(model_path: str, atoms, nprocs: int, partitioner: str, timeout: float) -> dict:
     from distmlip import DistributedCalculator
 
@@ -128,12 +115,39 @@ def measure(model_path: str, atoms, nprocs: int, partitioner: str, timeout: floa
         calc.close()
 
 
-def write_outputs(out: Path, name: str, rows: list[dict], meta: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2))
+COLUMNS = (
+    "atoms",
+    "P=1 time (s)",
+    "P=2 time (s)",
+    "time P2/P1",
+    "P=1 peak/worker (GB)",
+    "P=2 peak/worker (GB)",
+    "memory P2/P1",
+    "halo atoms/worker (P=2)",
+)
 
+
+def table_row(n_atoms: int, one: dict | None, two: dict | None) -> list[str]:
+    """The cells of :data:`COLUMNS` for one size; "—" where a P was skipped."""
+    mem1 = max(one["peak_rss_mb"]) / 1024 if one else None
+    mem2 = max(two["peak_rss_mb"]) / 1024 if two else None
+    both = one is not None and two is not None
+    return [
+        f"{n_atoms:,}",
+        f"{one['time_s']:.1f}" if one else "—",
+        f"{two['time_s']:.1f}" if two else "—",
+        f"{two['time_s'] / one['time_s']:.2f}" if both else "—",
+        f"{mem1:.2f}" if mem1 else "—",
+        f"{mem2:.2f}" if mem2 else "—",
+        f"{mem2 / mem1:.2f}" if both else "—",
+        f"{max(two['halo_atoms'])}" if two else "—",
+    ]
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
     by_key = {(r["atoms"], r["nprocs"]): r for r in rows if "time_s" in r}
     sizes = sorted({r["atoms"] for r in rows})
+    table = [table_row(n, by_key.get((n, 1)), by_key.get((n, 2))) for n in sizes]
     lines = [
         "# MACE scaling: P = 1 vs P = 2 (CPU)",
         "",
@@ -146,26 +160,8 @@ def write_outputs(out: Path, name: str, rows: list[dict], meta: dict) -> None:
         "Time: one energy+forces+stress evaluation (second call, after warm-up), wall clock, "
         "graph building included. Memory: peak RSS of each worker process (max over workers).",
         "",
-        "| atoms | P=1 time (s) | P=2 time (s) | time P2/P1 | P=1 peak/worker (GB) | "
-        "P=2 peak/worker (GB) | memory P2/P1 | halo atoms/worker (P=2) |",
-        "|---|---|---|---|---|---|---|---|",
+        markdown_table(COLUMNS, table),
     ]
-
-    def cell(row, key, fmt):
-        return fmt.format(row[key]) if row is not None else "—"
-
-    for n in sizes:
-        one, two = by_key.get((n, 1)), by_key.get((n, 2))
-        mem1 = max(one["peak_rss_mb"]) / 1024 if one else None
-        mem2 = max(two["peak_rss_mb"]) / 1024 if two else None
-        time_ratio = f"{two['time_s'] / one['time_s']:.2f}" if one and two else "—"
-        mem_ratio = f"{mem2 / mem1:.2f}" if one and two else "—"
-        halo = f"{max(two['halo_atoms'])}" if two else "—"
-        lines.append(
-            f"| {n:,} | {cell(one, 'time_s', '{:.1f}')} | {cell(two, 'time_s', '{:.1f}')} | "
-            f"{time_ratio} | {f'{mem1:.2f}' if mem1 else '—'} | {f'{mem2:.2f}' if mem2 else '—'} "
-            f"| {mem_ratio} | {halo} |"
-        )
     skipped = [r for r in rows if "skipped" in r]
     if skipped:
         lines += ["", "Skipped (predicted to exceed the memory limit or failed):", ""]
@@ -181,14 +177,14 @@ def write_outputs(out: Path, name: str, rows: list[dict], meta: dict) -> None:
         f"Reproduce: `python benchmarks/mace_scaling.py {meta['argv']}`".rstrip(),
         "",
     ]
-    (out / f"{name}.md").write_text("\n".join(lines))
+    return "\n".join(lines)
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+def plot(rows: list[dict], meta: dict):
+    """Time and per-worker peak memory against atoms, P = 1 and 2."""
+    by_key = {(r["atoms"], r["nprocs"]): r for r in rows if "time_s" in r}
+    sizes = sorted({r["atoms"] for r in rows})
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4))
     for p, marker in ((1, "o"), (2, "s")):
         points = [(n, by_key[n, p]) for n in sizes if (n, p) in by_key]
         if not points:
@@ -205,7 +201,17 @@ def write_outputs(out: Path, name: str, rows: list[dict], meta: dict) -> None:
         axis.legend()
     fig.suptitle(f"MACE (128x0e+128x1o, max_ell 3, 2 layers), {meta['element']}, float32, CPU")
     fig.tight_layout()
-    fig.savefig(out / f"{name}.png", dpi=120)
+    return fig
+
+
+def write_outputs(out: Path, name: str, rows: list[dict], meta: dict) -> None:
+    write_report(
+        out,
+        name,
+        payload={"meta": meta, "runs": rows},
+        markdown=markdown(rows, meta),
+        figure=lambda: plot(rows, meta),
+    )
 
 
 def main(argv=None) -> None:
@@ -226,11 +232,10 @@ def main(argv=None) -> None:
         "element": args.element,
         "partitioner": args.partitioner,
         "model": MODEL,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB RAM",
+        "machine": machine_description(),
         "torch": torch.__version__,
         "mace": getattr(mace, "__version__", "?"),
-        "argv": " ".join(argv if argv is not None else os.sys.argv[1:]),
+        "argv": " ".join(argv if argv is not None else sys.argv[1:]),
     }
     rows: list[dict] = []
     per_atom_mb: dict[int, float] = {}
@@ -238,7 +243,7 @@ def main(argv=None) -> None:
         model_path = os.path.join(directory, "mace_medium_random.model")
         torch.save(build_model(), model_path)
         for target in sizes:
-            atoms = crystal(args.element, target)
+            atoms = crystal(args.element, target, rattle=0.05, seed=0)
             n = len(atoms)
             for nprocs in args.nprocs:
                 row = {"atoms": n, "nprocs": nprocs}

@@ -24,23 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-
-def fcc_cu(n_atoms: int):
-    from ase.build import bulk
-
-    repeat = max(1, round((n_atoms / 4) ** (1 / 3)))
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
-    atoms.rattle(0.02, seed=0)
-    return atoms
-
-
-def zincblende_gaas(n_atoms: int):
-    from ase.build import bulk
-
-    repeat = max(1, round((n_atoms / 8) ** (1 / 3)))
-    atoms = bulk("GaAs", "zincblende", a=5.653, cubic=True).repeat(repeat)
-    atoms.rattle(0.02, seed=0)
-    return atoms
+from distmlip.report import machine_description, markdown_table, pyplot, write_report
+from distmlip.systems import crystal
 
 
 def md_steps(
@@ -131,11 +116,77 @@ def _baseline(rows: list[dict], row: dict, same: tuple[str, ...], **setting) -> 
     )
 
 
-def write_outputs(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "md_pipeline.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["# MD step pipeline: graph reuse and overlapped exchange", ""]
-    lines += [
+SKIN_COLUMNS = (
+    "model",
+    "atoms",
+    "P",
+    "round",
+    "malloc",
+    "skin (Å)",
+    "time/step (s)",
+    "graph time/step (s)",
+    "builds",
+    "reuses",
+    "peak RSS/worker (MB)",
+    "step time ratio",
+)
+OVERLAP_COLUMNS = (
+    "atoms",
+    "P",
+    "round",
+    "overlap",
+    "time/eval (s)",
+    "waiting on exchanges (s)",
+    "comm share",
+    "time vs no overlap",
+)
+
+
+def skin_row(row: dict, base: dict) -> list[str]:
+    """Cells of :data:`SKIN_COLUMNS`; ``base``: the same round's glibc-default, skin 0 run."""
+    return [
+        row["model"],
+        f"{row['atoms']:,}",
+        f"{row['nprocs']}",
+        f"{row['round']}",
+        row["malloc"],
+        f"{row['skin']:g}",
+        f"{row['step_s']:.3f}",
+        f"{row['graph_s']:.3f}",
+        f"{row['graph_builds']}",
+        f"{row['graph_reuses']}",
+        f"{row['peak_rss_mb']:.0f}",
+        f"{row['step_s'] / base['step_s']:.2f}",
+    ]
+
+
+def overlap_row(row: dict, base: dict) -> list[str]:
+    """Cells of :data:`OVERLAP_COLUMNS`; ``base``: the same round's blocking run."""
+    return [
+        f"{row['atoms']:,}",
+        f"{row['nprocs']}",
+        f"{row['round']}",
+        "yes" if row["overlap"] else "no",
+        f"{row['time_s']:.3f}",
+        f"{row['communication_s']:.3f}",
+        f"{100 * row['communication_s'] / row['time_s']:.1f}%",
+        f"{row['time_s'] / base['time_s']:.2f}",
+    ]
+
+
+def markdown(result: dict) -> str:
+    skin, overlap = result["skin"], result["overlap"]
+    skin_table = [
+        skin_row(row, _baseline(skin, row, ("model", "round"), skin=0, malloc="default"))
+        for row in skin
+    ]
+    overlap_table = [
+        overlap_row(row, _baseline(overlap, row, ("nprocs", "round"), overlap=False))
+        for row in overlap
+    ]
+    lines = [
+        "# MD step pipeline: graph reuse and overlapped exchange",
+        "",
         f"Machine: {result['machine']}. One torch thread per worker. Configurations of a table "
         "ran one after the other in one run; ratios compare them.",
         "",
@@ -144,43 +195,18 @@ def write_outputs(result: dict, out: Path) -> None:
         "Each configuration ran in every round (even rounds run them in reverse order); the "
         "ratio is against the same round's glibc-default, skin 0 run.",
         "",
-        "| model | atoms | P | round | malloc | skin (Å) | time/step (s) | graph time/step (s) "
-        "| builds | reuses | peak RSS/worker (MB) | step time ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in result["skin"]:
-        base = _baseline(result["skin"], row, ("model", "round"), skin=0, malloc="default")
-        lines.append(
-            f"| {row['model']} | {row['atoms']:,} | {row['nprocs']} | {row['round']} "
-            f"| {row['malloc']} | {row['skin']:g} | {row['step_s']:.3f} | {row['graph_s']:.3f} "
-            f"| {row['graph_builds']} | {row['graph_reuses']} | {row['peak_rss_mb']:.0f} "
-            f"| {row['step_s'] / base['step_s']:.2f} |"
-        )
-    lines += [
+        markdown_table(SKIN_COLUMNS, skin_table),
         "",
         "## Overlapped halo exchange (reference model, 3 layers, 5 Å, Cu), float32",
         "",
-        "| atoms | P | round | overlap | time/eval (s) | waiting on exchanges (s) | comm share "
-        "| time vs no overlap |",
-        "|---|---|---|---|---|---|---|---|",
+        markdown_table(OVERLAP_COLUMNS, overlap_table),
     ]
-    for row in result["overlap"]:
-        base = _baseline(result["overlap"], row, ("nprocs", "round"), overlap=False)
-        lines.append(
-            f"| {row['atoms']:,} | {row['nprocs']} | {row['round']} "
-            f"| {'yes' if row['overlap'] else 'no'} "
-            f"| {row['time_s']:.3f} | {row['communication_s']:.3f} "
-            f"| {100 * row['communication_s'] / row['time_s']:.1f}% "
-            f"| {row['time_s'] / base['time_s']:.2f} |"
-        )
-    (out / "md_pipeline.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(
+def plot(result: dict):
+    """Stacked bars: graph vs rest per MD step; exchange wait vs rest per evaluation."""
+    figure, (left, right) = pyplot().subplots(
         1, 2, figsize=(15, 4.5), gridspec_kw={"width_ratios": [3, 1]}
     )
     labels = [
@@ -206,7 +232,17 @@ def write_outputs(result: dict, out: Path) -> None:
     right.set_title(f"overlap, {result['overlap'][0]['atoms']:,} Cu atoms")
     right.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(out / "md_pipeline.png", dpi=120)
+    return figure
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    write_report(
+        out,
+        "md_pipeline",
+        payload=result,
+        markdown=markdown(result),
+        figure=lambda: plot(result),
+    )
 
 
 def main() -> None:
@@ -221,20 +257,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     args = parser.parse_args()
 
-    import os
-    import platform
-
     from distmlip import ReferenceMPNN
     from distmlip.models import resolve_model
 
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only (gloo)",
+        "machine": machine_description("cpu"),
         "skin": [],
         "overlap": [],
     }
     systems = [
-        ("reference", ReferenceMPNN(), fcc_cu(args.reference_atoms)),
-        ("chgnet", resolve_model("chgnet"), zincblende_gaas(args.chgnet_atoms)),
+        ("reference", ReferenceMPNN(), crystal("cu", args.reference_atoms, rattle=0.02, seed=0)),
+        (
+            "chgnet",
+            resolve_model("chgnet"),
+            crystal("gaas", args.chgnet_atoms, rattle=0.02, seed=0),
+        ),
     ]
     configurations = [("default", 0.0), ("kept", 0.0), ("kept", args.skin)]
     for name, model, atoms in systems:
@@ -245,7 +282,7 @@ def main() -> None:
                 row = {"model": name, "round": round_, **row}
                 result["skin"].append(row)
                 print(json.dumps(row), flush=True)
-    atoms = fcc_cu(args.reference_atoms)
+    atoms = crystal("cu", args.reference_atoms, rattle=0.02, seed=0)
     for round_ in range(1, args.rounds + 1):
         for overlap in (False, True) if round_ % 2 else (True, False):
             model = ReferenceMPNN(overlap=overlap)

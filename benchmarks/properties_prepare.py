@@ -19,18 +19,27 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 
+from distmlip.report import markdown_table, write_report
+from distmlip.systems import crystal
+
+COLUMNS = (
+    "atoms",
+    "energy only (s)",
+    "energy+forces+stress (s)",
+    "ratio",
+    "MD step, graph reused (s)",
+    "prepare on a build (s)",
+    "step before (s)",
+    "after/before",
+)
+
 
 def gaas(n_atoms: int, seed: int = 0):
-    from ase.build import bulk
-
-    repeat = max(1, round((n_atoms / 8) ** (1 / 3)))
-    atoms = bulk("GaAs", "zincblende", a=5.653, cubic=True).repeat(repeat)
-    atoms.rattle(0.02, seed=seed)
-    return atoms
+    """Zincblende GaAs with about ``n_atoms`` atoms, rattled by 0.02 Å."""
+    return crystal("gaas", n_atoms, rattle=0.02, seed=seed)
 
 
 def properties(calc, atoms, rounds: int) -> dict:
@@ -82,6 +91,33 @@ def md(calc, atoms, steps: int) -> dict:
     }
 
 
+def table_row(row: dict) -> list[str]:
+    p, m = row["properties"], row["md"]
+    return [
+        f"{row['atoms']}",
+        f"{p['energy_only_s']:.3f}",
+        f"{p['energy_forces_stress_s']:.3f}",
+        f"{p['ratio']:.2f}",
+        f"{m['reuse_step_s']:.3f}",
+        f"{m['prepare_s']:.3f}",
+        f"{m.get('step_before_s', float('nan')):.3f}",
+        f"{m.get('after_over_before', float('nan')):.2f}",
+    ]
+
+
+def markdown(rows: list[dict], args) -> str:
+    lines = [
+        "# Properties asked for, and CHGNet's bond graph prepared once per graph build",
+        "",
+        f"CHGNet 0.3.0, GaAs zincblende, float32, P={args.nprocs}, one thread per worker; "
+        f"skin {args.skin} Å for MD. `python benchmarks/properties_prepare.py --atoms "
+        f"{' '.join(map(str, args.atoms))} --out {args.out}` (one run).",
+        "",
+        markdown_table(COLUMNS, [table_row(row) for row in rows]),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--atoms", type=int, nargs="+", default=[1728])
@@ -112,29 +148,7 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "properties_prepare.json").write_text(json.dumps(rows, indent=2) + "\n")
-        lines = [
-            "# Properties asked for, and CHGNet's bond graph prepared once per graph build",
-            "",
-            f"CHGNet 0.3.0, GaAs zincblende, float32, P={args.nprocs}, one thread per worker; "
-            f"skin {args.skin} Å for MD. `python benchmarks/properties_prepare.py --atoms "
-            f"{' '.join(map(str, args.atoms))} --out {args.out}` (one run).",
-            "",
-            "| atoms | energy only (s) | energy+forces+stress (s) | ratio | MD step, graph "
-            "reused (s) | prepare on a build (s) | step before (s) | after/before |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for row in rows:
-            p, m = row["properties"], row["md"]
-            lines.append(
-                f"| {row['atoms']} | {p['energy_only_s']:.3f} | {p['energy_forces_stress_s']:.3f}"
-                f" | {p['ratio']:.2f} | {m['reuse_step_s']:.3f} | {m['prepare_s']:.3f}"
-                f" | {m.get('step_before_s', float('nan')):.3f}"
-                f" | {m.get('after_over_before', float('nan')):.2f} |"
-            )
-        (out / "properties_prepare.md").write_text("\n".join(lines) + "\n")
+        write_report(args.out, "properties_prepare", payload=rows, markdown=markdown(rows, args))
 
 
 if __name__ == "__main__":

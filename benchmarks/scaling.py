@@ -12,24 +12,16 @@ of memory per worker are the result. Writes JSON, a markdown table and a PNG plo
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from distmlip.report import markdown_table, pyplot, write_report
+from distmlip.systems import crystal
+
 BASELINE_MB = 500.0
 """Approximate peak RSS of an idle worker (interpreter, torch, model), for the skip estimate."""
-
-
-def diamond_si(n_atoms: int):
-    """Diamond Si supercell with at least ``n_atoms`` atoms (8 per conventional cell), rattled."""
-    from ase.build import bulk
-
-    repeat = int(np.ceil((n_atoms / 8) ** (1 / 3)))
-    atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(repeat)
-    atoms.rattle(0.03, seed=0)
-    return atoms
 
 
 def measure(
@@ -67,41 +59,50 @@ def measure(
     }
 
 
-def write_outputs(rows: list[dict], name: str, title: str, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
-    sizes = sorted({row["atoms"] for row in rows})
-    by = {(row["atoms"], row["nprocs"]): row for row in rows}
-    lines = [
-        f"# {title}",
-        "",
-        "| atoms | P=1 time (s) | P=2 time (s) | time P2/P1 | P=1 peak/worker (MB) | "
-        "P=2 peak/worker (MB) | memory P2/P1 | P=2 halo atoms/worker |",
-        "|---|---|---|---|---|---|---|---|",
+COLUMNS = (
+    "atoms",
+    "P=1 time (s)",
+    "P=2 time (s)",
+    "time P2/P1",
+    "P=1 peak/worker (MB)",
+    "P=2 peak/worker (MB)",
+    "memory P2/P1",
+    "P=2 halo atoms/worker",
+)
+
+
+def table_row(n_atoms: int, one: dict | None, two: dict | None) -> list[str]:
+    """The cells of :data:`COLUMNS` for one size; a missing P is reported as out of memory."""
+
+    def cell(row, key, fmt="{:.2f}"):
+        return fmt.format(row[key]) if row else "out of memory"
+
+    both = one is not None and two is not None
+    return [
+        f"{n_atoms}",
+        cell(one, "time_s"),
+        cell(two, "time_s"),
+        f"{two['time_s'] / one['time_s']:.2f}" if both else "–",
+        cell(one, "max_peak_rss_mb", "{:.0f}"),
+        cell(two, "max_peak_rss_mb", "{:.0f}"),
+        f"{two['max_peak_rss_mb'] / one['max_peak_rss_mb']:.2f}" if both else "–",
+        f"{int(np.mean(two['halo_atoms']))}" if two else "–",
     ]
-    for n in sizes:
-        one, two = by.get((n, 1)), by.get((n, 2))
 
-        def cell(row, key, fmt="{:.2f}"):
-            return fmt.format(row[key]) if row else "out of memory"
 
-        ratio_t = f"{two['time_s'] / one['time_s']:.2f}" if one and two else "–"
-        ratio_m = f"{two['max_peak_rss_mb'] / one['max_peak_rss_mb']:.2f}" if one and two else "–"
-        halo = f"{int(np.mean(two['halo_atoms']))}" if two else "–"
-        lines.append(
-            f"| {n} | {cell(one, 'time_s')} | {cell(two, 'time_s')} | {ratio_t} | "
-            f"{cell(one, 'max_peak_rss_mb', '{:.0f}')} | {cell(two, 'max_peak_rss_mb', '{:.0f}')} "
-            f"| {ratio_m} | {halo} |"
-        )
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+def markdown(rows: list[dict], title: str) -> str:
+    by = {(row["atoms"], row["nprocs"]): row for row in rows}
+    table = [
+        table_row(n, by.get((n, 1)), by.get((n, 2))) for n in sorted({r["atoms"] for r in rows})
+    ]
+    return f"# {title}\n\n" + markdown_table(COLUMNS, table) + "\n"
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+def plot(rows: list[dict], title: str):
+    """Time and per-worker peak memory against atoms, P = 1 and 2, log-log."""
+    by = {(row["atoms"], row["nprocs"]): row for row in rows}
+    sizes = sorted({row["atoms"] for row in rows})
+    figure, (left, right) = pyplot().subplots(1, 2, figsize=(10, 4))
     for nprocs, marker in ((1, "o"), (2, "s")):
         points = [(n, by[(n, nprocs)]) for n in sizes if (n, nprocs) in by]
         if not points:
@@ -130,7 +131,13 @@ def write_outputs(rows: list[dict], name: str, title: str, out: Path) -> None:
         axis.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(out / f"{name}.png", dpi=120)
+    return figure
+
+
+def write_outputs(rows: list[dict], name: str, title: str, out: Path) -> None:
+    text = markdown(rows, title)
+    write_report(out, name, payload=rows, markdown=text, figure=lambda: plot(rows, title))
+    print(text, end="")
 
 
 def main() -> None:
@@ -157,7 +164,8 @@ def main() -> None:
     rows: list[dict] = []
     slope_mb: dict[int, float] = {}  # per-worker MB per held atom, beyond the process baseline
     for n_atoms in args.atoms:
-        atoms = diamond_si(n_atoms)
+        # At least n_atoms: diamond Si, rounded up to whole cubic cells (8 atoms each).
+        atoms = crystal("si", n_atoms, at_least=True, rattle=0.03, seed=0)
         for nprocs in args.nprocs:
             per_worker = BASELINE_MB + slope_mb.get(nprocs, 0.0) * len(atoms) / nprocs
             if per_worker * nprocs / 1024 > args.memory_limit_gb:

@@ -13,38 +13,16 @@ and the budget is solved for N using the measured ratio of held atoms (owned + h
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BenchConfig", "run_bench", "STRUCTURES"]
+from distmlip.report import machine_description, markdown_table, pyplot, write_report
+from distmlip.systems import crystal
 
-
-def _fcc_cu(n_atoms: int):
-    from ase.build import bulk
-
-    repeat = max(1, round((n_atoms / 4) ** (1 / 3)))
-    return bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
-
-
-def _diamond_si(n_atoms: int):
-    from ase.build import bulk
-
-    repeat = max(1, round((n_atoms / 8) ** (1 / 3)))
-    return bulk("Si", "diamond", a=5.43, cubic=True).repeat(repeat)
-
-
-def _zincblende_gaas(n_atoms: int):
-    from ase.build import bulk
-
-    repeat = max(1, round((n_atoms / 8) ** (1 / 3)))
-    return bulk("GaAs", "zincblende", a=5.653, cubic=True).repeat(repeat)
-
-
-STRUCTURES = {"cu": _fcc_cu, "si": _diamond_si, "gaas": _zincblende_gaas}
+__all__ = ["BenchConfig", "run_bench"]
 
 
 @dataclass
@@ -64,9 +42,8 @@ class BenchConfig:
 
 
 def _structure(config: BenchConfig, n_atoms: int):
-    atoms = STRUCTURES[config.crystal](n_atoms)
-    atoms.rattle(0.02, seed=0)
-    return atoms
+    """The rattled crystal ``config.crystal`` with about ``n_atoms`` atoms (0.02 Å, seed 0)."""
+    return crystal(config.crystal, n_atoms, rattle=0.02, seed=0)
 
 
 def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: BenchConfig) -> dict:
@@ -83,6 +60,7 @@ def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: Benc
         halo=halo,
         threads_per_worker=threads,
         timeout=3600,
+        trace=True,
     ) as calc:
         best = None
         for _ in range(config.repeats):
@@ -90,22 +68,12 @@ def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: Benc
             calc.calculate(atoms.copy(), ["energy", "forces", "stress"])
             elapsed = time.perf_counter() - start
             if best is None or elapsed < best[0]:
-                best = (
-                    elapsed,
-                    calc.last_timings,
-                    calc.last_stats,
-                    calc.last_exchanges,
-                    calc.last_forward_segments,
-                )
-    elapsed, timings, stats, exchanges, segments = best
-    slowest = max(
-        range(nprocs),
-        key=lambda r: sum(
-            v for k, v in timings[r].items() if k not in ("communication", "prepare")
-        ),
-    )
+                best = (elapsed, calc.last_timings, calc.last_stats, calc.last_traces)
+    elapsed, timings, stats, traces = best
+    exchanges = [trace.named("exchange") for trace in traces]
+    shares = communication_shares(timings, elapsed)
+    slowest = shares["critical_worker"]
     worker = timings[slowest]
-    compute = worker.get("forward", 0) + worker.get("backward", 0) + worker.get("forces", 0)
     return {
         "atoms": len(atoms),
         "nprocs": nprocs,
@@ -115,11 +83,9 @@ def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: Benc
         "time_s": elapsed,
         "preprocess_s": worker.get("partition", 0) + worker.get("graph", 0),
         "forward_s": worker.get("forward", 0),
-        "forward_segments_s": segments[slowest],
+        "forward_segments_s": forward_segments(traces[slowest]),
         "backward_s": worker.get("backward", 0) + worker.get("forces", 0),
-        "communication_s": worker.get("communication", 0),
-        "communication_fraction": worker.get("communication", 0) / elapsed,
-        "compute_s": compute - worker.get("communication", 0),
+        **shares,
         "peak_rss_mb": [s["peak_rss_mb"] for s in stats],
         "peak_gpu_mb": [s.get("peak_gpu_mb", 0.0) for s in stats],
         "owned_atoms": [s["owned_atoms"] for s in stats],
@@ -130,6 +96,54 @@ def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: Benc
         "seconds_per_exchange": [[e["seconds"] for e in log] for log in exchanges],
         "worker_timings_s": timings,
     }
+
+
+def communication_shares(timings: list[dict[str, float]], elapsed: float) -> dict:
+    """How much of a step the workers spent on exchanges, and why.
+
+    Per worker w, over the model phases (forward, backward, forces): ``communication`` c_w is
+    the time spent posting and waiting on exchanges, compute k_w the rest. Exchanges are
+    collective, so a worker with less compute waits in them for its peers: its c_w holds
+    transfer time *and* load-imbalance wait.
+
+    * critical worker: the one with the most compute (the others wait for it);
+    * ``critical_path_fraction`` = c_critical / step time: exchange cost the step could not
+      hide (the critical worker never waits for a slower peer), the cost of communicating;
+    * ``largest_fraction`` = max_w c_w / step time: the worst worker's share, transfer plus
+      waiting for the critical worker;
+    * ``imbalance_s`` = max_w k_w − min_w k_w: the waiting that comes from unequal partitions.
+    """
+    phases = ("forward", "backward", "forces")
+    communication = [t.get("communication", 0.0) for t in timings]
+    compute = [
+        sum(t.get(p, 0.0) for p in phases) - c for t, c in zip(timings, communication, strict=True)
+    ]
+    critical = int(np.argmax(compute))
+    return {
+        "critical_worker": critical,
+        "communication_s": communication,
+        "compute_s": compute,
+        "critical_path_fraction": communication[critical] / elapsed,
+        "largest_fraction": max(communication) / elapsed,
+        "imbalance_s": max(compute) - min(compute),
+    }
+
+
+def forward_segments(trace) -> list[float]:
+    """Seconds of forward computation between consecutive exchanges, from a worker's trace.
+
+    Time spent posting and waiting on an exchange is not computation; work done while an
+    overlapped exchange was in flight is. For a model with one atom exchange per layer the
+    segments are its layers (the last one includes the readout).
+    """
+    begin, end = trace.last("forward")
+    segments, cursor = [], begin
+    for entry in trace.named("exchange"):
+        if begin <= entry["at"] and entry["done_at"] <= end:
+            segments.append(max(entry["done_at"] - cursor - entry["seconds"], 0.0))
+            cursor = entry["done_at"]
+    segments.append(end - cursor)
+    return segments
 
 
 def capacity(rows: list[dict], budget_mb: float) -> dict[tuple[str, int], float]:
@@ -147,53 +161,100 @@ def capacity(rows: list[dict], budget_mb: float) -> dict[tuple[str, int], float]
     return result
 
 
-def _markdown(rows: list[dict], caps: dict, config: BenchConfig) -> str:
-    by_size: dict[int, dict] = {}
-    for row in rows:
-        if row["nprocs"] == 1 and row["halo"] == "exchange":
-            by_size[row["atoms"]] = row
+BENCH_COLUMNS = (
+    "atoms",
+    "P",
+    "partitioner",
+    "halo",
+    "time (s)",
+    "×single",
+    "preprocess (s)",
+    "forward (s)",
+    "backward (s)",
+    "comm/worker (s)",
+    "comm % critical path",
+    "comm % largest",
+    "imbalance (s)",
+    "peak/worker (MB)",
+    "×single",
+    "computed atoms/worker",
+    "edges/worker",
+    "halo/worker",
+    "bytes/exchange",
+    "forward compute between exchanges (s)",
+)
+
+
+COMMUNICATION_DEFINITIONS = (
+    "Time and phases are the fastest of the repeats; phases (preprocess, forward, backward, "
+    "forward compute) are those of the critical worker, the one with the most compute "
+    "(forward + backward + forces − communication), which the others wait for. "
+    "*comm/worker*: seconds each worker spent posting and waiting on exchanges. "
+    "*comm % critical path*: the critical worker's communication as a share of the step: "
+    "the exchange cost the step could not hide. *comm % largest*: the largest worker's share: "
+    "transfer plus waiting for the critical worker. *imbalance*: max − min compute over the "
+    "workers, the waiting that comes from unequal partitions."
+)
+
+
+def _table_row(row: dict, single: dict | None) -> list[str]:
+    """One configuration's cells of :data:`BENCH_COLUMNS`; ratios against ``single`` (P = 1)."""
+    t_ratio = f"{row['time_s'] / single['time_s']:.2f}" if single else "–"
+    m_ratio = f"{max(row['peak_rss_mb']) / max(single['peak_rss_mb']):.2f}" if single else "–"
+    per_exchange = [b for log in row["bytes_per_exchange"] for b in log]
+    mean_bytes = f"{np.mean(per_exchange) / 1e6:.2f} MB" if per_exchange else "0"
+    return [
+        f"{row['atoms']}",
+        f"{row['nprocs']}",
+        row["partitioner"],
+        row["halo"],
+        f"{row['time_s']:.2f}",
+        t_ratio,
+        f"{row['preprocess_s']:.2f}",
+        f"{row['forward_s']:.2f}",
+        f"{row['backward_s']:.2f}",
+        " / ".join(f"{c:.3f}" for c in row["communication_s"]),
+        f"{100 * row['critical_path_fraction']:.1f}",
+        f"{100 * row['largest_fraction']:.1f}",
+        f"{row['imbalance_s']:.3f}",
+        f"{max(row['peak_rss_mb']):.0f}",
+        m_ratio,
+        f"{max(row['computed_atoms'])}",
+        f"{max(row['edges'])}",
+        f"{max(row['halo_atoms'])}",
+        mean_bytes,
+        " / ".join(f"{t:.3f}" for t in row["forward_segments_s"]),
+    ]
+
+
+def _markdown(rows: list[dict], caps: dict, config: BenchConfig, machine: str) -> str:
+    single = {r["atoms"]: r for r in rows if r["nprocs"] == 1 and r["halo"] == "exchange"}
     lines = [
         f"# distmlip bench: {config.model} on {config.crystal}, {config.dtype}, "
         f"{config.total_threads} threads in total per configuration",
         "",
-        "| atoms | P | partitioner | halo | time (s) | ×single | preprocess (s) | forward (s) "
-        "| backward (s) | comm (s) | comm % | peak/worker (MB) | ×single | computed atoms/worker "
-        "| edges/worker | halo/worker | bytes/exchange | forward compute between exchanges (s) |",
-        "|" + "---|" * 18,
+        f"Machine: {machine}.",
+        "",
+        markdown_table(BENCH_COLUMNS, [_table_row(r, single.get(r["atoms"])) for r in rows]),
+        "",
+        COMMUNICATION_DEFINITIONS,
     ]
-    for r in rows:
-        single = by_size.get(r["atoms"])
-        t_ratio = f"{r['time_s'] / single['time_s']:.2f}" if single else "–"
-        m_ratio = f"{max(r['peak_rss_mb']) / max(single['peak_rss_mb']):.2f}" if single else "–"
-        per_exchange = [b for log in r["bytes_per_exchange"] for b in log]
-        mean_bytes = f"{np.mean(per_exchange) / 1e6:.2f} MB" if per_exchange else "0"
-        lines.append(
-            f"| {r['atoms']} | {r['nprocs']} | {r['partitioner']} | {r['halo']} "
-            f"| {r['time_s']:.2f} | {t_ratio} | {r['preprocess_s']:.2f} | {r['forward_s']:.2f} "
-            f"| {r['backward_s']:.2f} | {r['communication_s']:.3f} "
-            f"| {100 * r['communication_fraction']:.1f} | {max(r['peak_rss_mb']):.0f} | {m_ratio} "
-            f"| {max(r['computed_atoms'])} | {max(r['edges'])} | {max(r['halo_atoms'])} "
-            f"| {mean_bytes} | {' / '.join(f'{t:.3f}' for t in r['forward_segments_s'])} |"
-        )
     if caps:
         lines += [
             "",
             f"Extrapolated capacity (largest N with per-worker peak ≤ "
             f"{config.memory_budget_gb:g} GB; linear fit of peak RSS vs atoms held):",
             "",
-            "| halo | P | atoms |",
-            "|---|---|---|",
+            markdown_table(
+                ("halo", "P", "atoms"), [(h, p, f"{n:,.0f}") for (h, p), n in caps.items()]
+            ),
         ]
-        lines += [f"| {h} | {p} | {n:,.0f} |" for (h, p), n in caps.items()]
     return "\n".join(lines) + "\n"
 
 
-def _plots(rows: list[dict], caps: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _figure(rows: list[dict], caps: dict, title: str):
+    """Strong scaling, memory per worker, communication share and capacity, 2 × 2 panels."""
+    plt = pyplot()
     figure, axes = plt.subplots(2, 2, figsize=(11, 8))
     (scaling, memory), (comm, cap) = axes
     largest = max(r["atoms"] for r in rows)
@@ -216,13 +277,17 @@ def _plots(rows: list[dict], caps: dict, path: Path, title: str) -> None:
                 memory.plot(
                     *zip(*series, strict=True), marker=marker, label=f"{halo}/{part} P={nprocs}"
                 )
-            fr = sorted(
-                (r["nprocs"], 100 * r["communication_fraction"])
+            chosen = sorted(
+                (r["nprocs"], 100 * r["critical_path_fraction"], 100 * r["largest_fraction"])
                 for r in rows
                 if r["atoms"] == largest and r["halo"] == halo and r["partitioner"] == part
             )
-            if fr:
-                comm.plot(*zip(*fr, strict=True), marker=marker, label=f"{halo}/{part}")
+            if chosen:
+                nprocs, critical, worst = zip(*chosen, strict=True)
+                comm.plot(nprocs, critical, marker=marker, label=f"{halo}/{part} critical path")
+                comm.plot(
+                    nprocs, worst, marker=marker, linestyle=":", label=f"{halo}/{part} largest"
+                )
     scaling.set(xlabel="P", ylabel="time per evaluation (s)", title=f"strong scaling, N={largest}")
     memory.set(
         xlabel="atoms",
@@ -241,8 +306,29 @@ def _plots(rows: list[dict], caps: dict, path: Path, title: str) -> None:
         axis.legend(fontsize=7)
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    return figure
+
+
+def _write(config: BenchConfig, rows: list[dict], plot: bool) -> None:
+    if config.out is None or not rows:
+        return
+    caps = capacity(rows, config.memory_budget_gb * 1024)
+    machine = machine_description(config.device)
+    write_report(
+        config.out,
+        f"bench_{config.model}_{config.crystal}",
+        payload={
+            "config": {k: str(v) for k, v in vars(config).items()},
+            "machine": machine,
+            "rows": rows,
+            "capacity": {f"{h}/P={p}": n for (h, p), n in caps.items()},
+        },
+        markdown=_markdown(rows, caps, config, machine),
+        figure=(lambda: _figure(rows, caps, f"{config.model} on {config.crystal}"))
+        if plot
+        else None,
+        dpi=110,
+    )
 
 
 def run_bench(config: BenchConfig, progress=print) -> list[dict]:
@@ -264,21 +350,14 @@ def run_bench(config: BenchConfig, progress=print) -> list[dict]:
                     rows.append(row)
                     progress(
                         f"{row['atoms']:>8} atoms  P={nprocs}  {partitioner:<5} {halo:<8} "
-                        f"{row['time_s']:8.2f} s  comm {100 * row['communication_fraction']:5.1f}%"
+                        f"{row['time_s']:8.2f} s  "
+                        f"comm {100 * row['critical_path_fraction']:5.1f}% "
+                        f"(largest {100 * row['largest_fraction']:.1f}%)"
                         f"  peak/worker {max(row['peak_rss_mb']):7.0f} MB"
                         f"  edges/worker {max(row['edges'])}"
                     )
-    caps = capacity(rows, config.memory_budget_gb * 1024)
-    if config.out is not None:
-        out = Path(config.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"bench_{config.model}_{config.crystal}"
-        payload = {
-            "config": {k: str(v) for k, v in vars(config).items()},
-            "rows": rows,
-            "capacity": {f"{h}/P={p}": n for (h, p), n in caps.items()},
-        }
-        (out / f"{stem}.json").write_text(json.dumps(payload, indent=2))
-        (out / f"{stem}.md").write_text(_markdown(rows, caps, config))
-        _plots(rows, caps, out / f"{stem}.png", f"{config.model} on {config.crystal}")
+                    # Saved as each configuration finishes: a long run that fails later (out
+                    # of memory, a lost node) keeps what it measured. The plot comes last.
+                    _write(config, rows, plot=False)
+    _write(config, rows, plot=True)
     return rows

@@ -116,6 +116,8 @@ class DistributedCalculator(Calculator):
             allocator=allocator,
         )
         graph_options = GraphOptions(partitioner=partitioner, halo=halo, skin=skin)
+        if not isinstance(trace, bool):
+            raise ValueError(f"trace must be True or False, got {trace!r}")
         unknown = sorted(set(kwargs) - _ASE_ARGUMENTS)
         if unknown:
             own = [
@@ -131,7 +133,7 @@ class DistributedCalculator(Calculator):
         self._lock = threading.RLock()
         self._model = resolve_model(model)
         graph_options.check_model(self._model)
-        self._trace = bool(trace)
+        self._trace = trace
         self.graph_builds = 0
         self.graph_reuses = 0
         # Models may add per-atom outputs (CHGNet: "magmoms"); ASE only serves listed names.
@@ -184,7 +186,7 @@ class DistributedCalculator(Calculator):
             self.graph_builds += 1
         self.last_timings = [r.timings for r in results]
         self.last_stats = [r.stats for r in results]
-        self.last_traces = [r.trace for r in results]
+        self.last_traces = [r.trace for r in results] if self._trace else []
         return assemble(results, structure.n_atoms, structure.volume)
 
     def get_property(self, name, atoms=None, allow_calculation=True):
@@ -228,6 +230,17 @@ class DistributedCalculator(Calculator):
                     "vacuum=10)) or do not ask for stress"
                 )
             self.results = results
+
+    def __reduce_ex__(self, protocol):
+        # copy.deepcopy(atoms) and pickle reach here: a copy cannot own the same workers.
+        raise TypeError(
+            "a DistributedCalculator owns worker processes and cannot be copied or pickled; "
+            "copy the atoms with atoms.copy() (which leaves the calculator behind) and attach "
+            "this calculator or a new one"
+        )
+
+    def __deepcopy__(self, memo):
+        self.__reduce_ex__(4)
 
     def get_spin_polarized(self) -> bool:
         # Defined here so ASE's Calculator does not store a bound method on the instance: that

@@ -112,7 +112,7 @@ class GraphOptions:
         partitioner: ``"slab"``, ``"rcb"`` or ``"metis"`` (needs pymetis).
         halo: ``"exchange"`` (zero redundancy) or ``"ghost"`` (the recomputing baseline).
         skin: Å (finite, >= 0): graphs are built with ``cutoff + skin`` and reused while they
-            hold (exchange mode; 0 with ``halo="ghost"``, which rebuilds every call).
+            hold (exchange mode only: ``halo="ghost"`` rebuilds at every call).
     """
 
     partitioner: str = "slab"
@@ -133,7 +133,12 @@ class GraphOptions:
             or skin < 0
         ):
             raise ValueError(f"skin must be a finite number of Å >= 0, got {skin!r}")
-        object.__setattr__(self, "skin", float(skin) if self.halo == "exchange" else 0.0)
+        if skin > 0 and self.halo != "exchange":
+            raise ValueError(
+                f"skin={skin} needs halo='exchange': the ghost baseline rebuilds its graphs "
+                "at every call; use skin=0 with halo='ghost'"
+            )
+        object.__setattr__(self, "skin", float(skin))
 
     def check_model(self, model) -> None:
         """Refuse settings the model cannot run with."""

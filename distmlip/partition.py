@@ -114,7 +114,7 @@ PARTITIONERS: dict[str, Callable[..., np.ndarray]] = {
 
 def check_partitioner(name: str) -> None:
     """Refuse an unknown partitioner, or ``metis`` without pymetis installed."""
-    if name not in PARTITIONERS:
+    if not isinstance(name, str) or name not in PARTITIONERS:
         raise ValueError(
             f"unknown partitioner {name!r}; choose one of {', '.join(sorted(PARTITIONERS))}"
         )

@@ -7,6 +7,7 @@ it to every test that asks for the same settings in a row.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -153,7 +154,10 @@ def trajectory(atoms: Atoms, steps: int, step_size: float, seed: int = 0) -> lis
 
 
 @pytest.fixture(scope="session")
-def single_process_results(pools):
-    """nprocs=1 results for every test system (computed once)."""
-    calc = pools.get(1)
-    return {name: evaluate(calc, make()) for name, make in SYSTEMS.items()}
+def single_process_results(reference_model):
+    """The truth for every test system: the reference model evaluated by brute force in this
+    process (no neighbour list, partition, halo or engine; see dense_reference.py)."""
+    from dense_reference import dense_evaluate
+
+    model = copy.deepcopy(reference_model).double().eval()
+    return {name: dense_evaluate(model, make()) for name, make in SYSTEMS.items()}

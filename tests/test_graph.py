@@ -100,3 +100,29 @@ def test_binning_frame_completes_degenerate_non_periodic_axes():
     np.testing.assert_array_equal(frame[:2], cell[:2])
     assert abs(np.linalg.det(frame)) > 1.0
     np.testing.assert_array_equal(binning_frame(np.zeros((3, 3)), np.zeros(3, bool)), np.eye(3))
+
+
+@pytest.mark.parametrize("name", sorted(SYSTEMS))
+def test_edges_equal_ase_neighbor_list(name):
+    """An independent implementation (ASE's own neighbour list) finds exactly the same directed
+    edges (receiver, sender, image shift) and vectors."""
+    from ase.neighborlist import primitive_neighbor_list
+
+    atoms = SYSTEMS[name]()
+    structure = Structure.from_ase(atoms)
+    edges = neighbor_list(structure.positions, structure.cell, structure.pbc, 5.0)
+    i, j, shifts, vectors = primitive_neighbor_list(
+        "ijSD", atoms.pbc, atoms.cell.array, atoms.positions, 5.0, self_interaction=False
+    )
+    # ASE's i is the centre and D = x_j + S·cell − x_i: receiver i, sender j.
+    ours = np.column_stack([edges.receivers, edges.senders, edges.shifts])
+    theirs = np.column_stack([i, j, shifts]).astype(np.int64)
+    assert len(ours) == len(theirs) > 0
+    order_ours, order_theirs = np.lexsort(ours.T[::-1]), np.lexsort(theirs.T[::-1])
+    np.testing.assert_array_equal(ours[order_ours], theirs[order_theirs])
+    ours_vectors = (
+        structure.positions[edges.senders]
+        + edges.shifts @ structure.cell
+        - structure.positions[edges.receivers]
+    )
+    np.testing.assert_allclose(ours_vectors[order_ours], vectors[order_theirs], rtol=0, atol=1e-12)

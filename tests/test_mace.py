@@ -10,22 +10,20 @@ shapes run at P = 2 only; at most one DistributedCalculator is alive at a time.
 
 from __future__ import annotations
 
+# A declared test dependency: a broken install must fail, not skip.
+import mace  # noqa: F401  (before e3nn)
+import numpy as np
 import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from conftest import PoolCache, cluster, small_cell, surface_slab
 
-pytest.importorskip("mace")
+from distmlip import DistributedCalculator
+from distmlip.models import resolve_model
+from distmlip.models.mace import MACEAdapter, load_mace_model
 
-import mace  # noqa: E402, F401  (before e3nn)
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from ase import Atoms  # noqa: E402
-from ase.build import bulk, molecule  # noqa: E402
-from conftest import PoolCache, cluster, small_cell, surface_slab  # noqa: E402
-
-from distmlip import DistributedCalculator  # noqa: E402
-from distmlip.models import resolve_model  # noqa: E402
-from distmlip.models.mace import MACEAdapter, load_mace_model  # noqa: E402
-
-RTOL64 = 1e-9
+RTOL64 = 1e-11
 FORCE_ATOL32 = 1e-4
 ELEMENTS = (1, 6, 8, 28, 29, 47, 79)
 R_MAX = 5.0
@@ -99,8 +97,9 @@ SHAPES = {
 }
 
 
-def build_model(shape: str, seed: int = 0):
-    """A seeded random-weight ScaleShiftMACE (or MACE) of the given shape, float64."""
+def build_model(shape: str, seed: int = 0, heads: tuple[str, ...] | None = None):
+    """A seeded random-weight ScaleShiftMACE (or MACE) of the given shape, float64; with
+    ``heads``, a multi-head ScaleShiftMACE whose heads differ in E0s, scale and shift."""
     from e3nn import o3
     from mace import modules
 
@@ -131,6 +130,17 @@ def build_model(shape: str, seed: int = 0):
                 radial_MLP=[16, 16],
                 **extras,
             )
+            if heads:
+                count = len(heads)
+                kwargs["atomic_energies"] = -np.stack(
+                    [np.linspace(0.5 + k, 4.0 - k, len(ELEMENTS)) for k in range(count)]
+                )
+                return modules.ScaleShiftMACE(
+                    atomic_inter_scale=list(np.linspace(1.7, 0.9, count)),
+                    atomic_inter_shift=list(np.linspace(-0.3, 0.2, count)),
+                    heads=list(heads),
+                    **kwargs,
+                )
             if scale_shift:
                 return modules.ScaleShiftMACE(
                     atomic_inter_scale=1.7, atomic_inter_shift=-0.3, **kwargs
@@ -249,8 +259,10 @@ def check_float64(calc, reference, label: str, names=tuple(STRUCTURES)) -> None:
         assert sum(s["owned_atoms"] for s in calc.last_stats) == len(make())
 
 
-@pytest.mark.parametrize("partitioner", ["slab", "rcb"])
-@pytest.mark.parametrize("nprocs", [2, 3, 4])
+@pytest.mark.parametrize(
+    ("nprocs", "partitioner"),
+    [(p, method) for p in (2, 3, 4, 8) for method in ("slab", "rcb", "metis")],
+)
 def test_float64_matches_upstream(models, nprocs, partitioner):
     shape = "residual_2x_L1_c3"
     calc = models.calculator(shape, nprocs, partitioner)
@@ -272,12 +284,32 @@ def test_ghost_baseline_matches_upstream(models):
 
 
 def test_unknown_element_is_a_clear_error(models):
-    calc = models.calculator("residual_2x_L1_c3", 4, "rcb")  # the last of the matrix
+    calc = models.calculator("residual_2x_L1_c3", 8, "metis")  # the last of the matrix
     atoms = small_cell()
     atoms.numbers[0] = 26  # Fe: not in the model
     atoms.calc = calc
     with pytest.raises(ValueError, match="Fe"):
         atoms.get_potential_energy()
+
+
+def test_slab_stress_is_the_strain_derivative_of_the_energy(models):
+    """For a cell with a non-periodic axis, stress is (1/V) ∂E/∂ε with V the volume of
+    atoms.cell (docs/mace.md): central finite differences of the energy under strain."""
+    calc = models.calculator("residual_2x_L1_c3", 8, "metis")  # the pool of the test above
+    atoms = slab()
+    stress = distributed(calc, lambda: atoms.copy())["virial"] / atoms.cell.volume
+    step = 1e-5
+    for i, j in [(0, 0), (2, 2), (0, 1), (1, 2)]:
+        energies = []
+        for sign in (1, -1):
+            strain = np.eye(3)
+            strain[i, j] += sign * step / (1 if i == j else 2)
+            strain[j, i] += 0 if i == j else sign * step / 2
+            strained = atoms.copy()
+            strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+            energies.append(float(distributed(calc, lambda s=strained: s.copy())["energy"]))
+        derivative = (energies[0] - energies[1]) / (2 * step) / atoms.cell.volume
+        assert derivative == pytest.approx(stress[i, j], rel=1e-6, abs=1e-9), (i, j)
 
 
 @pytest.mark.parametrize(
@@ -348,3 +380,78 @@ def test_head_selection(models):
     assert MACEAdapter(model).head == "Default"
     with pytest.raises(ValueError, match="no head"):
         MACEAdapter(model, head="mp_pbe")
+
+
+def test_multi_head_model_evaluates_the_selected_head(tmp_path):
+    """Each head of a multi-head model equals MACECalculator(head=...) (float64, P=2); without
+    a head and none named 'default', the adapter refuses, as MACECalculator does."""
+    from mace.calculators import MACECalculator
+
+    path = tmp_path / "two_heads.model"
+    model = build_model("plain_1x_L0_c1", heads=("pbe", "r2scan"))
+    torch.save(model, path)
+    with pytest.raises(ValueError, match="several heads"):
+        MACEAdapter(model)
+    energies = {}
+    for head in ("pbe", "r2scan"):
+        upstream_calc = MACECalculator(
+            model_paths=str(path), device="cpu", default_dtype="float64", head=head
+        )
+        atoms = crystal()
+        atoms.calc = upstream_calc
+        expected = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
+        adapter = MACEAdapter(load_mace_model(path), head=head)
+        with DistributedCalculator(adapter, nprocs=2, partitioner="rcb") as calc:
+            got = distributed(calc, crystal)
+        for key, value in expected.items():
+            error = relative_error(got[key], value)
+            assert error <= RTOL64, f"head {head}: {key} relative error {error:.2e}"
+        energies[head] = got["energy"]
+    assert abs(energies["pbe"] - energies["r2scan"]) > 1.0  # the heads really differ
+
+
+def test_refusals(models, tmp_path):
+    """What the distributed path cannot run is refused with a message saying what to do."""
+    from types import SimpleNamespace
+
+    scripted = torch.jit.script(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="TorchScript"):
+        MACEAdapter(scripted)
+    compiled_file = tmp_path / "compiled.model"
+    torch.jit.save(scripted, compiled_file)
+    with pytest.raises(ValueError, match="TorchScript-compiled"):
+        load_mace_model(compiled_file)
+
+    with_embedding = load_mace_model(models.path("plain_1x_L0_c1"))
+    with_embedding.embedding_specs = {"total_charge": {"type": "continuous"}}
+    with pytest.raises(NotImplementedError, match="embedding_specs"):
+        MACEAdapter(with_embedding)
+
+    accelerated = load_mace_model(models.path("plain_1x_L0_c1"))
+    accelerated.cueq_config = SimpleNamespace(enabled=True)
+    try:
+        import cuequivariance_torch  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="cuequivariance_torch"):
+            MACEAdapter(accelerated)
+    else:  # installed: the model is accepted
+        MACEAdapter(accelerated)
+
+
+def test_skin_reuse_over_a_random_walk_equals_fresh_evaluations(models):
+    """MD-like steps with a 0.5 Å Verlet skin (P=3, rcb) equal fresh single-process graphs
+    at every step (float64), with reuses between rebuilds."""
+    from conftest import trajectory
+
+    shape = "residual_2x_L1_c3"
+    walk = trajectory(crystal(), steps=8, step_size=0.06, seed=31)
+    fresh = models.calculator(shape, 1)
+    expected = [distributed(fresh, lambda a=a: a.copy()) for a in walk]
+    calc = models.pools.get(3, "rcb", model=models.path(shape), skin=0.5)
+    builds, reuses = calc.graph_builds, calc.graph_reuses
+    for step, atoms in enumerate(walk):
+        got = distributed(calc, lambda a=atoms: a.copy())
+        for key, value in expected[step].items():
+            error = relative_error(got[key], value)
+            assert error <= RTOL64, f"step {step}: {key} relative error {error:.2e}"
+    assert calc.graph_reuses - reuses >= 4 and calc.graph_builds - builds >= 1

@@ -34,6 +34,10 @@ BAD_OPTIONS = [
     ({"skin": True}, "skin must be"),
     ({"timeout": 1e10}, "timeout must be a finite number of seconds > 0 and <= 1e"),
     ({"threads_per_worker": 10**6}, "threads_per_worker=1000000 is more than"),
+    ({"partitioner": ["slab"]}, "unknown partitioner"),
+    ({"halo": "ghost", "skin": 1.0}, "skin=1.0 needs halo='exchange'"),
+    ({"trace": "no"}, "trace must be True or False, got 'no'"),
+    ({"trace": 1}, "trace must be True or False"),
 ]
 
 
@@ -80,3 +84,20 @@ def test_settings_are_read_only(reference_model):
             with pytest.raises(AttributeError):
                 setattr(calc, name, value)
         assert (calc.nprocs, calc.skin, calc.partitioner) == (1, 0.2, "slab")
+
+
+def test_a_calculator_cannot_be_copied_or_pickled(reference_model):
+    """Atoms deep-copied with their calculator would share (or orphan) its workers."""
+    import copy
+    import pickle
+
+    from ase.build import bulk
+
+    with DistributedCalculator(reference_model, nprocs=1) as calc:
+        atoms = bulk("Cu", "fcc", a=3.61)
+        atoms.calc = calc
+        for attempt in (lambda: copy.deepcopy(atoms), lambda: pickle.dumps(calc)):
+            with pytest.raises(TypeError, match="cannot be copied or pickled; copy the atoms"):
+                attempt()
+        assert atoms.copy().calc is None
+        assert atoms.get_potential_energy() != 0  # still usable

@@ -24,6 +24,7 @@ from distmlip.cli.arguments import (
     structure_file,
     timeout_seconds,
 )
+from distmlip.systems import CRYSTALS
 
 __all__ = ["main"]
 
@@ -172,9 +173,7 @@ def _parser() -> Parser:
         formatter_class=Formatter,
     )
     _model_option(b, "reference")
-    b.add_argument(
-        "--crystal", default="cu", choices=["cu", "si", "gaas"], help="generated crystal"
-    )
+    b.add_argument("--crystal", default="cu", choices=sorted(CRYSTALS), help="generated crystal")
     b.add_argument(
         "--atoms",
         type=positive_int,

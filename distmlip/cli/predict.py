@@ -39,11 +39,9 @@ def read_frames(path, index) -> list:
 
 
 def _generated(size: int):
-    from ase.build import bulk
+    from distmlip.systems import crystal
 
-    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(size)
-    atoms.rattle(0.05, seed=0)
-    return atoms
+    return crystal("cu", repeat=size, rattle=0.05, seed=0)
 
 
 def _evaluate(atoms, calc) -> dict:
