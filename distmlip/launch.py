@@ -299,8 +299,21 @@ class WorkerPool:
                 message = f"{what}: {workers.describe(rank, closed=True)}"
             else:
                 message = f"{what}: worker {rank} raised {report[0]}"
-            others = [r for r in range(self.nprocs) if r != rank and workers.in_trouble(r)]
-            message += "".join(f"; {workers.describe(r)}" for r in others)
+            others = [r for r in range(self.nprocs) if r != rank]
+            if report is not None and report[0].startswith("CommunicationError"):
+                # A failed exchange is usually a peer that died: give it a moment to be
+                # reaped, then name it first, as the cause.
+                deadline = time.monotonic() + 2.0
+                while not any(workers.in_trouble(r) for r in others):
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+            troubled = [r for r in others if workers.in_trouble(r)]
+            causes = "; ".join(workers.describe(r) for r in troubled)
+            if report is not None and report[0].startswith("CommunicationError") and troubled:
+                message = f"{what}: {causes}; worker {rank} raised {report[0]}"
+            elif troubled:
+                message += f"; {causes}"
             self._discard(grace=0.0)
             raise WorkerError(
                 message + "; all workers were stopped and restart on the next call",

@@ -35,3 +35,12 @@ def test_adapter_example_is_exact(tmp_path, monkeypatch):
             assert got["energy"] == pytest.approx(expected[name]["energy"], rel=1e-12), name
             np.testing.assert_allclose(got["forces"], expected[name]["forces"], rtol=0, atol=1e-10)
             assert np.abs(got["forces"]).max() > 1e-4, "the example's forces are all zero"
+
+
+@pytest.mark.parametrize("model", ["chgnet", "mace"])
+def test_model_page_accuracy_tables_are_the_scripts_output(model):
+    """docs/<model>.md shows the tables benchmarks/accuracy.py wrote, not hand-typed ones."""
+    generated = (DOCS / "benchmarks" / f"accuracy_{model}.md").read_text()
+    tables = generated[generated.index("## float64") :].strip()
+    page = (DOCS / f"{model}.md").read_text()
+    assert tables.replace("## ", "### ") in page
