@@ -139,8 +139,7 @@ def markdown(case, rows: list[dict], systems: list[str]) -> str:
         f"# Accuracy: distributed {case.name} vs upstream single process",
         "",
         f"Machine: {machine_description()}. Worst case over the systems {', '.join(systems)} "
-        f"(`tests/test_{case.name}.py`). Written by `python benchmarks/accuracy.py --model "
-        f"{case.name} --out docs/benchmarks`.",
+        f"(`tests/test_{case.name}.py`).",
         "",
     ]
     for dtype, what in (

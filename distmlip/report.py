@@ -27,6 +27,7 @@ __all__ = [
     "markdown_table",
     "machine_description",
     "pyplot",
+    "command_line",
     "write_report",
 ]
 
@@ -112,6 +113,26 @@ def pyplot():
     return plt
 
 
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that is running, as a person would type it again (``distmlip bench ...`` or
+    ``python benchmarks/x.py ...``)."""
+    import shlex
+
+    argv = list(sys.argv if argv is None else argv)
+    program = Path(argv[0]) if argv else Path("python")
+    if program.name == "distmlip" or (
+        program.name == "__main__.py" and program.parent.name == "distmlip"
+    ):
+        head = ["distmlip"]
+    else:
+        try:
+            shown = program.resolve().relative_to(Path.cwd())
+        except ValueError:
+            shown = program
+        head = ["python", str(shown)]
+    return shlex.join(head + argv[1:])
+
+
 def write_report(
     out: Path | str,
     name: str,
@@ -134,9 +155,10 @@ def write_report(
     text = json.dumps(jsonable(payload), indent=1, ensure_ascii=False, allow_nan=False)
     written[0].write_text(text + "\n", encoding="utf-8")
     if markdown is not None:
+        # Every table says which command wrote it (the one running now).
         written.append(out / f"{name}.md")
-        ending = "" if markdown.endswith("\n") else "\n"
-        written[-1].write_text(markdown + ending, encoding="utf-8")
+        footer = f"\nWritten by `{command_line()}`.\n"
+        written[-1].write_text(markdown.rstrip("\n") + "\n" + footer, encoding="utf-8")
     if figure is not None:
         if importlib.util.find_spec("matplotlib") is None:
             print(

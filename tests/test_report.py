@@ -73,7 +73,9 @@ def test_report_writes_markdown_and_png(tmp_path):
     )
     out = tmp_path / "new" / "folder"
     assert written == [out / "scaling.json", out / "scaling.md", out / "scaling.png"]
-    assert (out / "scaling.md").read_text() == "# title\n\n| atoms |\n|---|\n| 1000 |\n"
+    text = (out / "scaling.md").read_text()
+    assert text.startswith("# title\n\n| atoms |\n|---|\n| 1000 |\n\nWritten by `python ")
+    assert text.endswith("`.\n")
     assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not pyplot().get_fignums(), "the figure was not closed"
 
@@ -82,3 +84,13 @@ def test_machine_description_names_architecture_cores_and_memory():
     text = machine_description()
     assert re.fullmatch(r".+, \d+ cores, \d+ GB RAM", text), text
     assert machine_description("cpu") == text + ", CPU only (gloo)"
+
+
+def test_command_line_is_what_a_person_would_type_again():
+    from distmlip.report import command_line
+
+    assert command_line(["/env/bin/distmlip", "bench", "--atoms", "1 2"]) == (
+        "distmlip bench --atoms '1 2'"
+    )
+    assert command_line(["/x/distmlip/__main__.py", "bench"]) == "distmlip bench"
+    assert command_line(["/x/pytest/__main__.py", "-q"]).startswith("python ")
