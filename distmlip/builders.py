@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distmlip import trace
 from distmlip.engine import Prepared, prepare, timed
 from distmlip.ghost import build_ghost_graph
 from distmlip.graph import Structure
@@ -123,7 +124,8 @@ class SkinGraphs:
             graph = build_local_graph(
                 structure, owner, comm.rank, comm.world_size, cutoff + self.skin
             )
-            resolve_send_index(graph, comm.exchange_requests(graph.requests()))
+            with trace.span("plan"):  # the halo-plan handshake with the peers
+                resolve_send_index(graph, comm.exchange_requests(graph.requests()))
             vectors = edge_vectors(graph, structure)
             with timed(timings, "prepare"):
                 prepared = prepare(self.model, graph, structure, comm, vectors, owner, self.skin)
