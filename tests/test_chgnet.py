@@ -342,3 +342,19 @@ def test_skin_reuse_prepares_bonds_once_per_build_and_stays_exact(adapter):
         assert prepared == calc.graph_builds
         assert calc.graph_reuses >= 6
     assert crossings > 0, "no bond crossed the bond cutoff: the test shows nothing"
+
+
+def test_refusals(adapter):
+    """Models the distributed path cannot run are refused with a message saying why."""
+    import torch
+
+    with pytest.raises(TypeError, match="expected a chgnet.model.CHGNet"):
+        CHGNetAdapter(torch.nn.Linear(2, 2))
+    pooled = copy.deepcopy(adapter.model)
+    pooled.mlp_first = False
+    with pytest.raises(NotImplementedError, match="mlp_first=False"):
+        CHGNetAdapter(pooled)
+    other_composition = copy.deepcopy(adapter.model)
+    other_composition.composition_model = torch.nn.Linear(94, 1)
+    with pytest.raises(NotImplementedError, match="composition model Linear"):
+        CHGNetAdapter(other_composition)
