@@ -173,9 +173,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "activations (plus its halo, one cutoff shell at the partition border), and the two "
         "halves run in parallel on two cores. Per-worker memory, not total memory, is what "
         "limits the system size on GPUs.",
-        "",
-        f"Reproduce: `python benchmarks/mace_scaling.py {meta['argv']}`".rstrip(),
-        "",
     ]
     return "\n".join(lines)
 
