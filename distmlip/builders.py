@@ -10,9 +10,9 @@ deterministic rule, whether to rebuild. All ranks therefore agree without a mess
   list): no partition, neighbour search, plan handshake or ``prepare``.
 * :class:`GhostGraphs`: the ghost baseline (:mod:`distmlip.ghost`), rebuilt at every call.
 
-Partitioning is deterministic (same code, same input bytes on every rank); a rebuild still
-checks that every rank computed the same owners, because ranks that disagreed would give
-wrong numbers without an error.
+The geometric partitioners are deterministic (same code, same input bytes on every rank); a
+rebuild still checks that every rank computed the same owners, because ranks that disagreed
+would give wrong numbers without an error. ``metis`` runs on rank 0 only and is broadcast.
 """
 
 from __future__ import annotations
@@ -62,14 +62,24 @@ class CallGraph:
 
 
 def _owners(structure: Structure, comm, partitioner: str, cutoff: float) -> np.ndarray:
-    """The partition, checked to be the same on every rank (collective)."""
+    """The partition, the same on every rank (collective).
+
+    ``metis`` needs the whole atom graph (O(N) memory and time), so only rank 0 computes it
+    and sends the owners; the geometric partitioners are cheap numpy on the replicated
+    positions, computed by every rank and checked to agree.
+    """
+    if partitioner == "metis" and comm.world_size > 1:
+        owner = (
+            partition(structure, comm.world_size, partitioner, cutoff) if comm.rank == 0 else None
+        )
+        return comm.broadcast_int64(owner, structure.n_atoms)
     owner = partition(structure, comm.world_size, partitioner, cutoff)
     if comm.world_size > 1:
         digest = int.from_bytes(hashlib.blake2b(owner.tobytes(), digest_size=7).digest())
         if comm.allreduce_int(digest, "max") != -comm.allreduce_int(-digest, "max"):
             raise RuntimeError(
                 f"the workers computed different {partitioner!r} partitions of the same "
-                "structure; use partitioner='rcb' or 'slab', which are deterministic"
+                "structure (a bug: please report it)"
             )
     return owner
 

@@ -224,6 +224,21 @@ class Communicator:
             raise CommunicationError(f"all-reduce of an integer failed: {error}") from error
         return int(total.item())
 
+    def broadcast_int64(self, values: np.ndarray | None, length: int, root: int = 0) -> np.ndarray:
+        """(length,) int64 ``values`` of rank ``root`` on every rank (others pass None)."""
+        if self.world_size == 1:
+            return np.asarray(values, dtype=np.int64)
+        if self.rank == root:
+            buffer = torch.as_tensor(np.asarray(values, dtype=np.int64)).to(self.device)
+        else:
+            buffer = torch.empty(length, dtype=torch.int64, device=self.device)
+        try:
+            work = dist.broadcast(buffer, src=root, async_op=True)
+            work.wait(datetime.timedelta(seconds=self.timeout))
+        except Exception as error:
+            raise CommunicationError(f"broadcast from rank {root} failed: {error}") from error
+        return buffer.cpu().numpy()
+
     def exchange_requests(self, requests: list[np.ndarray]) -> list[np.ndarray]:
         """Send each peer q the keys this rank needs from it (``requests[q]``, int64 1-D);
         return the keys each peer needs from this rank.
