@@ -104,7 +104,8 @@ class MACECase:
         return self.tests.distributed(calc, self.structures[name])
 
 
-def measure(case, dtype: str, matrix: list[tuple[int, str]]) -> list[dict]:
+def measure(case, dtype: str, matrix: list[tuple[int, str]]) -> tuple[list[dict], list[str]]:
+    """Worst errors per configuration, and the systems compared."""
     reference = case.upstream(dtype)
     rows = []
     for nprocs, partitioner in matrix:
@@ -131,15 +132,15 @@ def measure(case, dtype: str, matrix: list[tuple[int, str]]) -> list[dict]:
             + f" ({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
-    return rows
+    return rows, list(reference)
 
 
-def markdown(case, rows: list[dict], systems: list[str]) -> str:
+def markdown(case, rows: list[dict], systems: dict[str, list[str]]) -> str:
     lines = [
         f"# Accuracy: distributed {case.name} vs upstream single process",
         "",
-        f"Machine: {machine_description()}. Worst case over the systems {', '.join(systems)} "
-        f"(`tests/test_{case.name}.py`).",
+        f"Machine: {machine_description()}. Worst case over the systems of "
+        f"`tests/test_{case.name}.py` named under each table.",
         "",
     ]
     for dtype, what in (
@@ -157,7 +158,14 @@ def markdown(case, rows: list[dict], systems: list[str]) -> str:
             [row["nprocs"], row["partitioner"], *(f"{row[k]:.1e}" for k in case.keys)]
             for row in chosen
         ]
-        lines += [f"## {dtype}: {what}", "", markdown_table(header, table), ""]
+        lines += [
+            f"## {dtype}: {what}",
+            "",
+            f"Systems: {', '.join(systems[dtype])}.",
+            "",
+            markdown_table(header, table),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -172,13 +180,18 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as directory:
         for model in args.model:
             case = CHGNetCase() if model == "chgnet" else MACECase(Path(directory))
-            rows = []
+            rows, systems = [], {}
             for dtype, matrix in (("float64", FLOAT64_MATRIX), ("float32", FLOAT32_MATRIX)):
                 if args.quick:
                     matrix = [entry for entry in matrix if entry[0] <= 2][:2]
-                rows += measure(case, dtype, matrix)
-            systems = list(case.structures)
-            payload = {"model": model, "machine": machine_description(), "rows": rows}
+                dtype_rows, systems[dtype] = measure(case, dtype, matrix)
+                rows += dtype_rows
+            payload = {
+                "model": model,
+                "machine": machine_description(),
+                "systems": systems,
+                "rows": rows,
+            }
             write_report(
                 args.out,
                 f"accuracy_{model}",

@@ -120,8 +120,8 @@ COLUMNS = (
     "P=1 time (s)",
     "P=2 time (s)",
     "time P2/P1",
-    "P=1 peak/worker (GB)",
-    "P=2 peak/worker (GB)",
+    "P=1 peak/worker (GiB)",
+    "P=2 peak/worker (GiB)",
     "memory P2/P1",
     "halo atoms/worker (P=2)",
 )
@@ -192,7 +192,7 @@ def plot(rows: list[dict], meta: dict):
             x, [max(r["peak_rss_mb"]) / 1024 for _, r in points], marker=marker, label=f"P={p}"
         )
     axes[0].set(xlabel="atoms", ylabel="time per E+F+S (s)", title="time per step")
-    axes[1].set(xlabel="atoms", ylabel="peak RSS per worker (GB)", title="memory per worker")
+    axes[1].set(xlabel="atoms", ylabel="peak RSS per worker (GiB)", title="memory per worker")
     for axis in axes:
         axis.grid(alpha=0.3)
         axis.legend()

@@ -32,8 +32,8 @@ COLUMNS = (
     "ratio",
     "MD step, graph reused (s)",
     "prepare on a build (s)",
-    "step before (s)",
-    "after/before",
+    "step + prepare (s)",
+    "step / (step + prepare)",
 )
 
 

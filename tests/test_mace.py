@@ -1,7 +1,7 @@
 """MACE adapter vs upstream ``mace.calculators.MACECalculator`` (single process).
 
 Random-weight models of several shapes are saved with ``torch.save`` and loaded back through
-their path, by both calculators. Float64: relative error ≤ 1e-9 on energy, per-atom energies,
+their path, by both calculators. Float64: relative error ≤ 1e-11 on energy, per-atom energies,
 forces and stress; float32: forces within 1e-4 eV/Å of upstream float32.
 
 Cost control (CI has 2 cores): one model shape runs the full P × partitioner matrix, the other
