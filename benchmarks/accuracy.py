@@ -104,6 +104,38 @@ class MACECase:
         return self.tests.distributed(calc, self.structures[name])
 
 
+class TensorNetCase:
+    """A random-weight TensorNet in a matgl Potential on the four systems of
+    tests/test_tensornet.py (stress for the periodic ones)."""
+
+    name = "tensornet"
+    keys = ("energy", "forces", "stress")
+    units = {"energy": "eV/atom", "forces": "eV/Å", "stress": "GPa"}
+
+    def __init__(self):
+        import test_tensornet
+
+        self.tests = test_tensornet
+        self.potential = test_tensornet.build_potential()
+        self.structures = test_tensornet.STRUCTURES
+
+    def upstream(self, dtype: str) -> dict:
+        return self.tests.upstream(self.potential, dtype)
+
+    def calculator(self, nprocs: int, partitioner: str, dtype: str):
+        from distmlip.models.tensornet import TensorNetAdapter
+
+        return DistributedCalculator(
+            TensorNetAdapter(self.potential), nprocs=nprocs, partitioner=partitioner, dtype=dtype
+        )
+
+    def evaluate(self, calc, name: str) -> dict:
+        return calc.get_properties(list(self.keys), self.structures[name]())
+
+
+CASES = {"chgnet": CHGNetCase, "mace": MACECase, "tensornet": TensorNetCase}
+
+
 def measure(case, dtype: str, matrix: list[tuple[int, str]]) -> tuple[list[dict], list[str]]:
     """Worst errors per configuration, and the systems compared."""
     reference = case.upstream(dtype)
@@ -171,7 +203,7 @@ def markdown(case, rows: list[dict], systems: dict[str, list[str]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", choices=["chgnet", "mace"], default=["chgnet"])
+    parser.add_argument("--model", nargs="+", choices=sorted(CASES), default=["chgnet"])
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--quick", action="store_true", help="P ∈ {1, 2} only (a smoke run)")
     args = parser.parse_args(argv)
@@ -179,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         for model in args.model:
-            case = CHGNetCase() if model == "chgnet" else MACECase(Path(directory))
+            case = MACECase(Path(directory)) if model == "mace" else CASES[model]()
             rows, systems = [], {}
             for dtype, matrix in (("float64", FLOAT64_MATRIX), ("float32", FLOAT32_MATRIX)):
                 if args.quick:

@@ -91,6 +91,10 @@ def resolve_model(model, **kwargs) -> DistributedModel:
     if isinstance(model, str) and model.lower() in _NAMES:
         return _NAMES[model.lower()](**kwargs)
     path = _model_file(model)
+    if path is not None and path.is_dir():
+        from distmlip.models.tensornet import TensorNetAdapter, load_matgl_model
+
+        return TensorNetAdapter(load_matgl_model(path), **kwargs)
     if path is not None:
         from distmlip.models.mace import MACEAdapter, load_mace_model
 
@@ -113,7 +117,8 @@ def resolve_model(model, **kwargs) -> DistributedModel:
     raise TypeError(
         f"cannot use {model!r} as a model: pass a distmlip DistributedModel, a "
         "chgnet.model.CHGNet, a mace.modules model (MACE, ScaleShiftMACE), a path to a MACE "
-        f"model file, or a name: {', '.join(model_names())}"
+        "model file, a matgl TensorNet Potential or the directory of a saved one, or a name: "
+        f"{', '.join(model_names())}"
     )
 
 
@@ -154,6 +159,18 @@ def _is_mace(model) -> bool:
     return is_mace_model(model)
 
 
+def _is_tensornet(model) -> bool:
+    from distmlip.models.tensornet import is_tensornet_potential
+
+    return is_tensornet_potential(model)
+
+
+def _tensornet_object(model, **kwargs) -> DistributedModel:
+    from distmlip.models.tensornet import TensorNetAdapter
+
+    return TensorNetAdapter(model, **kwargs)
+
+
 def _mace_object(model, **kwargs) -> DistributedModel:
     from distmlip.models.mace import MACEAdapter
 
@@ -166,3 +183,4 @@ for _version in ("0.3.0", "0.2.0", "r2scan"):
     register(f"chgnet-{_version}", lambda _v=_version: _chgnet(_v))
 register(factory=_chgnet_object, accepts=_is_chgnet)
 register(factory=_mace_object, accepts=_is_mace)
+register(factory=_tensornet_object, accepts=_is_tensornet)

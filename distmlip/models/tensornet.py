@@ -1,0 +1,129 @@
+"""TensorNet (matgl, PyG backend) on a partitioned graph.
+
+matgl's ``TensorNet.forward_features`` is re-sequenced with one atom exchange before every
+interaction layer; upstream's modules and weights are used as they are (``Potential`` wraps
+the model with its data scaling and elemental references).
+
+Conventions (matgl 4.x, read from its source):
+
+* ``edge_index[0]`` is the aggregation target (the receiver; distmlip's receivers are owned)
+  and ``edge_index[1]`` the sender; bond vectors are x[edge_index[1]] + shift − x[edge_index[0]],
+  distmlip's edge vectors.
+* The embedding needs only the species of both ends (every worker has them for its halo), so
+  it runs on all local rows; its halo rows are then wrong (their edges are not local) and are
+  refreshed by the exchange before the first interaction. Each interaction transforms every
+  row and aggregates sender rows onto receivers: owned rows come out exact, halo rows are
+  refreshed again before the next layer.
+* Node features are per-channel 3×3 tensors, (N, 3, 3, units): exchanged as they are.
+* The total energy is ``data_std · Σ_i e_i + data_mean + Σ_i ref(Z_i)``: per atom,
+  ``data_std · e_i + ref(Z_i) + data_mean / N`` (``data_mean`` is per structure).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from distmlip.exchange import Exchange, GraphTopology, RowDeclarer
+from distmlip.models.base import DistributedModel, GraphInputs
+
+__all__ = ["TensorNetAdapter", "is_tensornet_potential", "load_matgl_model"]
+
+
+def load_matgl_model(path: str | os.PathLike):
+    """The matgl model saved in directory ``path`` (``potential.save(path)``), loaded locally."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"matgl model directory {str(path)!r} does not exist")
+    os.environ.setdefault("MATGL_BACKEND", "PYG")
+    import matgl
+
+    try:
+        return matgl.load_model(path)
+    except Exception as error:
+        raise ValueError(f"{str(path)!r} is not a saved matgl model ({error})") from error
+
+
+def is_tensornet_potential(model) -> bool:
+    """A ``matgl.apps.pes.Potential`` whose model is a TensorNet."""
+    import sys
+
+    if "matgl" not in sys.modules:
+        return False
+    from matgl.apps.pes import Potential
+    from matgl.models import TensorNet
+
+    return isinstance(model, Potential) and isinstance(model.model, TensorNet)
+
+
+class TensorNetAdapter(DistributedModel):
+    """Distributed evaluation of a matgl ``Potential`` wrapping a ``TensorNet``.
+
+    Args:
+        potential: the ``Potential`` object, or the directory of a saved one
+            (``matgl.load_model(path)``).
+    """
+
+    def __init__(self, potential):
+        super().__init__()
+        if isinstance(potential, (str, os.PathLike)):
+            potential = load_matgl_model(potential)
+        if not is_tensornet_potential(potential):
+            raise TypeError(
+                "expected a matgl.apps.pes.Potential wrapping a TensorNet, got "
+                f"{type(potential).__module__}.{type(potential).__name__}"
+            )
+        model = potential.model
+        if getattr(model, "_use_warp", False):
+            raise NotImplementedError("TensorNet's warp kernels are not supported; use PyG")
+        if model.is_intensive:
+            raise NotImplementedError(
+                "an intensive TensorNet pools atoms before its readout, so its energy is not "
+                "a sum of per-atom terms; only is_intensive=False models can be distributed"
+            )
+        for flag in ("calc_repuls", "calc_charge", "calc_magmom"):
+            if getattr(potential, flag, False):
+                raise NotImplementedError(f"Potential({flag}=True) is not supported yet")
+        if getattr(model, "include_state", False):
+            raise NotImplementedError("TensorNet with state features is not supported")
+        from ase.data import atomic_numbers
+
+        self.potential = potential
+        self.cutoff = float(model.cutoff)
+        self.num_layers = len(model.layers) + 1  # the embedding aggregates over edges too
+        numbers = [atomic_numbers[symbol] for symbol in model.element_types]
+        self.supported_numbers = frozenset(numbers)
+        lookup = torch.full((max(numbers) + 1,), -1, dtype=torch.int64)
+        lookup[torch.tensor(numbers)] = torch.arange(len(numbers))
+        self.register_buffer("type_index", lookup, persistent=False)
+
+    def prepare(self, topology: GraphTopology, rows: RowDeclarer) -> int:
+        return int(topology.n_atoms)  # data_mean is shared out per atom
+
+    def forward(self, inputs: GraphInputs, exchange: Exchange) -> torch.Tensor:
+        from matgl.utils.maths import decompose_tensor, tensor_norm
+
+        potential, model = self.potential, self.potential.model
+        n_owned = inputs.n_owned
+        node_type = self.type_index[inputs.numbers]
+        edge_index = torch.stack([inputs.receivers, inputs.senders])
+        bond_vec = inputs.vectors
+        bond_dist = torch.linalg.norm(bond_vec, dim=1)
+        edge_attr = model.bond_expansion(bond_dist)
+        features, _ = model.tensor_embedding(
+            node_type, edge_index, edge_attr, bond_dist, bond_vec, None
+        )
+        for layer in model.layers:
+            features = layer(edge_index, bond_dist, edge_attr, exchange(features[:n_owned]))
+        owned = features[:n_owned]
+        scalars, skew, traceless = decompose_tensor(owned)
+        x = torch.cat((tensor_norm(scalars), tensor_norm(skew), tensor_norm(traceless)), dim=-1)
+        atomic = model.final_layer(model.linear(model.out_norm(x))).view(-1)
+        energies = potential.data_std * atomic + potential.data_mean / inputs.prepared
+        if potential.element_refs is not None:
+            offsets = potential.element_refs.property_offset
+            energies = energies + offsets[node_type[:n_owned]].to(energies.dtype)
+        return energies
