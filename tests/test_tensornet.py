@@ -190,3 +190,11 @@ def test_clear_errors(potential, pools, tmp_path):
     intensive = build_potential(is_intensive=True)
     with pytest.raises(NotImplementedError, match="is_intensive=False"):
         TensorNetAdapter(intensive)
+
+
+def test_missing_matgl_is_one_clear_error(tmp_path, monkeypatch):
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    monkeypatch.setitem(__import__("sys").modules, "matgl", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"needs matgl: pip install 'distmlip\[tensornet\]'"):
+        resolve_model(saved)

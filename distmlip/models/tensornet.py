@@ -39,8 +39,13 @@ def load_matgl_model(path: str | os.PathLike):
     if not path.is_dir():
         raise FileNotFoundError(f"matgl model directory {str(path)!r} does not exist")
     os.environ.setdefault("MATGL_BACKEND", "PYG")
-    import matgl
-
+    try:
+        import matgl
+    except ImportError as error:
+        raise ImportError(
+            f"loading the matgl model in {str(path)!r} needs matgl: "
+            "pip install 'distmlip[tensornet]'"
+        ) from error
     try:
         return matgl.load_model(path)
     except Exception as error:
