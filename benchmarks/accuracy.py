@@ -23,17 +23,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from conftest import relative_error  # noqa: E402
+
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.report import machine_description, markdown_table, write_report  # noqa: E402
 
 GPA = 160.21766208  # GPa per eV/Å³ (ase.units.GPa is its inverse)
 FLOAT64_MATRIX = [(1, "slab")] + [(p, m) for p in (2, 3, 4, 8) for m in ("slab", "rcb", "metis")]
 FLOAT32_MATRIX = [(1, "slab")] + [(p, m) for p in (2, 3, 4) for m in ("slab", "rcb", "metis")]
-
-
-def relative(value, reference) -> float:
-    value, reference = np.asarray(value, dtype=float), np.asarray(reference, dtype=float)
-    return float(np.abs(value - reference).max() / max(np.abs(reference).max(), 1e-300))
 
 
 def absolute(key: str, value, reference, n_atoms: int) -> float:
@@ -153,7 +150,7 @@ def measure(case, dtype: str, matrix: list[tuple[int, str]]) -> tuple[list[dict]
                     if key not in expected:
                         continue  # no stress without a cell
                     if dtype == "float64":
-                        error = relative(got[key], expected[key])
+                        error = relative_error(got[key], expected[key])
                     else:
                         error = absolute(key, got[key], expected[key], n_atoms)
                     worst[key] = max(worst[key], error)

@@ -8,16 +8,19 @@ import signal
 import numpy as np
 import pytest
 from ase.calculators.calculator import PropertyNotImplementedError
-from conftest import SYSTEMS, bulk_cu, evaluate, small_cell, trajectory, triclinic
+from conftest import (
+    SYSTEMS,
+    bulk_cu,
+    evaluate,
+    relative_error,
+    small_cell,
+    trajectory,
+    triclinic,
+)
 
 from distmlip import DistributedCalculator, WorkerError
 
 RTOL = 1e-10
-
-
-def relative_error(value, reference) -> float:
-    value, reference = np.asarray(value), np.asarray(reference)
-    return float(np.abs(value - reference).max() / max(np.abs(reference).max(), 1e-300))
 
 
 @pytest.mark.parametrize(

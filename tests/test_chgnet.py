@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from ase import Atoms, units
 from ase.build import bulk, fcc111, molecule
+from conftest import relative_error
 
 from distmlip import DistributedCalculator
 from distmlip.models import resolve_model
@@ -202,11 +203,6 @@ def _compare_float64(calc, reference: dict, label: str) -> None:
         for key in PROPERTIES:
             error = relative_error(got[key], expected[key])
             assert error <= RTOL64, f"{label} {name}: {key} relative error {error:.2e}"
-
-
-def relative_error(value, reference) -> float:
-    value, reference = np.asarray(value), np.asarray(reference)
-    return float(np.abs(value - reference).max() / max(np.abs(reference).max(), 1e-300))
 
 
 @pytest.mark.parametrize(

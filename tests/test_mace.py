@@ -17,7 +17,7 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import bulk, molecule
-from conftest import PoolCache, cluster, small_cell, surface_slab
+from conftest import PoolCache, cluster, relative_error, small_cell, surface_slab
 
 from distmlip import DistributedCalculator
 from distmlip.models import resolve_model
@@ -205,11 +205,6 @@ def distributed(calc: DistributedCalculator, make) -> dict:
 
         result["virial"] = voigt_6_to_full_3x3_stress(calc.results["stress"]) * atoms.cell.volume
     return result
-
-
-def relative_error(value, reference) -> float:
-    value, reference = np.asarray(value), np.asarray(reference)
-    return float(np.abs(value - reference).max() / max(np.abs(reference).max(), 1e-300))
 
 
 class Models:

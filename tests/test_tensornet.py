@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from ase import Atoms  # noqa: E402
 from ase.build import bulk, molecule  # noqa: E402
-from conftest import PoolCache, small_cell, surface_slab  # noqa: E402
+from conftest import PoolCache, relative_error, small_cell, surface_slab  # noqa: E402
 
 from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models import resolve_model  # noqa: E402
@@ -101,11 +101,6 @@ def upstream(potential, dtype: str) -> dict:
     finally:
         matgl.float_th = previous
         potential.double()
-
-
-def relative_error(value, reference) -> float:
-    value, reference = np.asarray(value), np.asarray(reference)
-    return float(np.abs(value - reference).max() / max(np.abs(reference).max(), 1e-300))
 
 
 @pytest.fixture(scope="module")
