@@ -134,6 +134,7 @@ class DistributedCalculator(Calculator):
         self._model = resolve_model(model)
         graph_options.check_model(self._model)
         self._trace = trace
+        self._system: dict = {}  # the system inputs of the cached results
         self.graph_builds = 0
         self.graph_reuses = 0
         # Models may add per-atom outputs (CHGNet: "magmoms"); ASE only serves listed names.
@@ -216,11 +217,21 @@ class DistributedCalculator(Calculator):
         with self._lock:
             return super().calculate_properties(atoms, properties)
 
+    def check_state(self, atoms, tol=1e-15):
+        changes = super().check_state(atoms, tol)
+        # ASE compares positions, numbers, cell and pbc only: a new total charge or spin in
+        # atoms.info must not return the cached results of the old one.
+        if not changes and self.atoms is not None and self.results:
+            if self.model.system_inputs(atoms) != self._system:
+                changes = ["info"]
+        return changes
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         with self._lock:
             self.results = {}
             super().calculate(atoms, properties, system_changes)
-            structure = Structure.from_ase(self.atoms)
+            self._system = self.model.system_inputs(self.atoms)
+            structure = Structure.from_ase(self.atoms, self._system)
             # Energy alone needs no backward pass; stress comes with forces (same gradients).
             wanted = {"forces", "stress"}.intersection(properties)
             results = self._compute(structure, forces=bool(wanted))

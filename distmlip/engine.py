@@ -135,6 +135,7 @@ def graph_inputs(
         receivers=torch.as_tensor(edges.receivers, device=device),
         senders=torch.as_tensor(edges.senders, device=device),
         n_owned=graph.n_computed,
+        system=dict(structure.system),
     )
 
 

@@ -11,7 +11,7 @@ pair of atoms (different shifts) and self-image edges ``i -> i`` with ``S != 0``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import vesin
@@ -30,20 +30,23 @@ class Structure:
         numbers: (N,) int64 atomic numbers.
         cell: (3, 3) float64 lattice vectors as rows, Å (rows may be zero on non-periodic axes).
         pbc: (3,) bool periodicity per lattice vector.
+        system: the model's per-structure inputs (``DistributedModel.system_inputs``).
     """
 
     positions: np.ndarray
     numbers: np.ndarray
     cell: np.ndarray
     pbc: np.ndarray
+    system: dict = field(default_factory=dict)
 
     @classmethod
-    def from_ase(cls, atoms) -> Structure:
+    def from_ase(cls, atoms, system: dict | None = None) -> Structure:
         return cls(
             positions=np.ascontiguousarray(atoms.get_positions(), dtype=np.float64),
             numbers=np.ascontiguousarray(atoms.get_atomic_numbers(), dtype=np.int64),
             cell=np.ascontiguousarray(atoms.get_cell().array, dtype=np.float64),
             pbc=np.asarray(atoms.get_pbc(), dtype=bool).copy(),
+            system=dict(system or {}),
         )
 
     @property

@@ -74,7 +74,9 @@ def build_potential(seed: int = 0, nblocks: int = 2, **model_options):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        options = dict(units=16, nblocks=nblocks, num_rbf=8, cutoff=5.0, is_intensive=False)
+        options = dict(
+            units=16, nblocks=nblocks, num_rbf=8, cutoff=5.0, is_intensive=False, use_warp=False
+        )
         model = TensorNet(element_types=ELEMENTS, dtype=torch.float64, **(options | model_options))
         references = -np.linspace(0.5, 4.0, len(ELEMENTS))
         # A large data_std: random weights give small per-atom terms, and forces must matter.
@@ -84,11 +86,16 @@ def build_potential(seed: int = 0, nblocks: int = 2, **model_options):
 
 def upstream(potential, dtype: str) -> dict:
     """PESCalculator results per structure; float64 geometry for the float64 reference."""
+    import matgl.ext.ase as matgl_ase
     from matgl.ext.ase import PESCalculator
 
     model = potential.double() if dtype == "float64" else potential.float()
-    previous = matgl.float_th
+    previous = matgl.float_th, matgl_ase._alchmtk_available
     matgl.float_th = torch.float64 if dtype == "float64" else torch.float32
+    # With nvalchemi-toolkit-ops importable (fairchem-core installs it) PESCalculator builds
+    # its graph from float32 positions whatever float_th says; the reference is matgl's own
+    # graph path, in the precision asked for (docs/tensornet.md).
+    matgl_ase._alchmtk_available = False
     try:
         results = {}
         for name, make in STRUCTURES.items():
@@ -99,7 +106,7 @@ def upstream(potential, dtype: str) -> dict:
                 results[name]["stress"] = atoms.get_stress()
         return results
     finally:
-        matgl.float_th = previous
+        matgl.float_th, matgl_ase._alchmtk_available = previous
         potential.double()
 
 
@@ -169,6 +176,20 @@ def test_saved_directory_and_object_resolve_alike(potential, tmp_path):
         assert isinstance(adapter, TensorNetAdapter)
         assert adapter.cutoff == 5.0 and adapter.num_layers == 3
         assert adapter.supported_numbers == frozenset({1, 6, 8, 28, 29, 47, 79})
+
+
+def test_warp_model_runs_through_pyg_layers(potential, reference64):
+    """matgl picks warp kernels when nvalchemi is importable: the adapter runs the same
+    weights through the PyG layers, so a warp-built potential gives the PyG reference."""
+    warp = build_potential(use_warp=True)
+    assert warp.model._use_warp
+    warp.load_state_dict(potential.state_dict())
+    adapter = TensorNetAdapter(warp)
+    assert warp.model._use_warp, "the user's potential must be left as it is"
+    with DistributedCalculator(adapter, nprocs=2, partitioner="rcb", timeout=120) as calc:
+        got = evaluate(calc, "crystal", ["energy", "forces", "stress"])
+    for key, value in reference64["crystal"].items():
+        assert relative_error(got[key], value) <= RTOL64, key
 
 
 def test_clear_errors(potential, pools, tmp_path):

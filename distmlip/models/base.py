@@ -10,7 +10,7 @@ distmlip; see docs/adapters.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +36,8 @@ class GraphInputs:
         kept_edges: (E,) int64 index of each edge in the graph ``prepare`` saw, when the graph
             was built with a Verlet skin and is being reused (only the edges shorter than the
             cutoff are given); None when the edges are exactly those ``prepare`` saw.
+        system: what the adapter's ``system_inputs`` read from this structure (e.g. its total
+            charge), the same on every worker; empty for adapters that read nothing.
     """
 
     numbers: torch.Tensor
@@ -45,6 +47,7 @@ class GraphInputs:
     n_owned: int
     prepared: Any = None
     kept_edges: torch.Tensor | None = None
+    system: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_local(self) -> int:
@@ -77,6 +80,13 @@ class DistributedModel(torch.nn.Module):
         here with ``rows.declare``. Default: nothing to prepare.
         """
         return None
+
+    def system_inputs(self, atoms) -> dict[str, Any]:
+        """Per-structure inputs other than positions (e.g. total charge and spin from
+        ``atoms.info``), read and validated in the calling process before any worker computes
+        (raise ``ValueError`` for bad values); sent to every worker as ``inputs.system``.
+        Default: none."""
+        return {}
 
     def forward(
         self, inputs: GraphInputs, exchange: Exchange

@@ -1,7 +1,8 @@
 """Which adapter serves a model: names and object types map to adapter factories.
 
 Built in: ``"reference"``, ``"chgnet"`` (and ``"chgnet-0.3.0"``, ``"chgnet-0.2.0"``,
-``"chgnet-r2scan"``), CHGNet and MACE objects, MACE model files. Other packages add models
+``"chgnet-r2scan"``), CHGNet and MACE objects, MACE model files, matgl TensorNet potentials
+and their directories, fairchem predict units and checkpoint files (eSEN). Other packages add models
 through the entry-point group ``distmlip.models``: each entry point is named after the model
 and loads a callable that returns a :class:`~distmlip.models.base.DistributedModel` (an adapter
 class, or a factory function), e.g. in the package's ``pyproject.toml``::
@@ -95,6 +96,11 @@ def resolve_model(model, **kwargs) -> DistributedModel:
         from distmlip.models.tensornet import TensorNetAdapter, load_matgl_model
 
         return TensorNetAdapter(load_matgl_model(path), **kwargs)
+    if path is not None and path.is_file():
+        from distmlip.models.fairchem import ESENAdapter, is_fairchem_checkpoint
+
+        if is_fairchem_checkpoint(path):
+            return ESENAdapter(path, **kwargs)
     if path is not None:
         from distmlip.models.mace import MACEAdapter, load_mace_model
 
@@ -117,7 +123,8 @@ def resolve_model(model, **kwargs) -> DistributedModel:
     raise TypeError(
         f"cannot use {model!r} as a model: pass a distmlip DistributedModel, a "
         "chgnet.model.CHGNet, a mace.modules model (MACE, ScaleShiftMACE), a path to a MACE "
-        "model file, a matgl TensorNet Potential or the directory of a saved one, or a name: "
+        "model file, a matgl TensorNet Potential or the directory of a saved one, a fairchem "
+        "MLIPPredictUnit or checkpoint file (eSEN), or a name: "
         f"{', '.join(model_names())}"
     )
 
@@ -184,3 +191,20 @@ for _version in ("0.3.0", "0.2.0", "r2scan"):
 register(factory=_chgnet_object, accepts=_is_chgnet)
 register(factory=_mace_object, accepts=_is_mace)
 register(factory=_tensornet_object, accepts=_is_tensornet)
+
+
+def _is_fairchem(model) -> bool:
+    if "fairchem.core" not in sys.modules:
+        return False
+    from fairchem.core.units.mlip_unit.predict import MLIPPredictUnit
+
+    return isinstance(model, MLIPPredictUnit)
+
+
+def _fairchem_object(model, **kwargs) -> DistributedModel:
+    from distmlip.models.fairchem import ESENAdapter
+
+    return ESENAdapter(model, **kwargs)
+
+
+register(factory=_fairchem_object, accepts=_is_fairchem)

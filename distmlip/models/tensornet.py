@@ -64,6 +64,33 @@ def is_tensornet_potential(model) -> bool:
     return isinstance(model, Potential) and isinstance(model.model, TensorNet)
 
 
+def _with_pyg_layers(potential):
+    """A copy of ``potential`` whose TensorNet uses matgl's PyG layers, with the same weights.
+
+    matgl picks its warp kernels whenever nvalchemi-toolkit-ops is importable (fairchem-core
+    installs it); their layers take a CSR index of the whole graph. The PyG layers are the
+    same model and the ones this adapter re-sequences.
+    """
+    import copy
+
+    from matgl.models import TensorNet
+
+    arguments = dict(potential.model._init_args)
+    arguments["use_warp"] = False
+    pyg = TensorNet(**arguments)
+    state = dict(potential.model.state_dict())
+    for kind in ("weight", "bias"):  # the warp embedding fuses proj1..3 (cat along dim 0)
+        fused = state.pop(f"tensor_embedding.distance_proj.{kind}", None)
+        if fused is not None:
+            for i, part in enumerate(fused.chunk(3, dim=0), start=1):
+                state[f"tensor_embedding.distance_proj{i}.{kind}"] = part
+    pyg.load_state_dict(state, strict=True)
+    converted = copy.copy(potential)  # shares the scaling and references, not the model
+    converted._modules = dict(potential._modules)
+    converted._modules["model"] = pyg.to(next(potential.model.parameters()).dtype)
+    return converted
+
+
 class TensorNetAdapter(DistributedModel):
     """Distributed evaluation of a matgl ``Potential`` wrapping a ``TensorNet``.
 
@@ -81,9 +108,9 @@ class TensorNetAdapter(DistributedModel):
                 "expected a matgl.apps.pes.Potential wrapping a TensorNet, got "
                 f"{type(potential).__module__}.{type(potential).__name__}"
             )
+        if getattr(potential.model, "_use_warp", False):
+            potential = _with_pyg_layers(potential)
         model = potential.model
-        if getattr(model, "_use_warp", False):
-            raise NotImplementedError("TensorNet's warp kernels are not supported; use PyG")
         if model.is_intensive:
             raise NotImplementedError(
                 "an intensive TensorNet pools atoms before its readout, so its energy is not "

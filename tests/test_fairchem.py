@@ -1,0 +1,207 @@
+"""The eSEN adapter against fairchem's own single-process ``FAIRChemCalculator``.
+
+A seeded random-weight eSEN (``eSCNMDBackbone`` + ``MLP_EFS_Head``, 2 blocks, lmax 2) saved as
+a fairchem inference checkpoint and loaded by fairchem's ``load_predict_unit``, with an energy
+normaliser and element references. float64 on both sides (fairchem's
+``base_precision_dtype``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import fairchem.core  # noqa: F401  (a declared test dependency: a broken install fails)
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from conftest import PoolCache, relative_error, small_cell, surface_slab
+from fairchem_models import (
+    TASK,
+    esen_config,
+    predict_unit,
+    tasks_config,
+    write_esen_checkpoint,
+)
+
+from distmlip import DistributedCalculator
+from distmlip.models import resolve_model
+from distmlip.models.fairchem import ESENAdapter, is_fairchem_checkpoint
+
+RTOL64 = 1e-11
+FORCE_ATOL32 = 2e-4
+
+
+def crystal() -> Atoms:
+    """A strained, sheared Cu/Ni/O/Ag fcc crystal (32 atoms), rattled."""
+    atoms = bulk("Cu", "fcc", a=3.61).repeat((4, 4, 2))
+    atoms.set_cell(atoms.cell.array @ [[1.02, 0.04, 0], [0, 0.98, 0.03], [0, 0, 1.01]], True)
+    atoms.numbers[::3] = 28
+    atoms.numbers[1::5] = 47
+    atoms.numbers[2::7] = 8
+    atoms.rattle(0.05, seed=31)
+    return atoms
+
+
+def organic_molecule() -> Atoms:
+    """Ethanol in a 14 Å box, not periodic."""
+    atoms = molecule("CH3CH2OH")
+    atoms.center(vacuum=5.0)
+    atoms.pbc = False
+    atoms.rattle(0.02, seed=32)
+    return atoms
+
+
+STRUCTURES = {
+    "crystal": crystal,
+    "small_cell": small_cell,  # 16 atoms, the 5 Å cutoff exceeds half the cell
+    "slab": surface_slab,  # Cu(111)/Au, pbc (True, True, False)
+    "molecule": organic_molecule,
+}
+
+
+def upstream(unit, name: str, info: dict | None = None) -> dict:
+    """FAIRChemCalculator's energy, forces and (for a cell with volume) stress."""
+    from fairchem.core import FAIRChemCalculator
+
+    atoms = STRUCTURES[name]()
+    atoms.info.update(info or {})
+    atoms.calc = FAIRChemCalculator(unit, task_name=TASK)
+    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
+    if atoms.pbc.any():
+        results["stress"] = atoms.get_stress()
+    return results
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_esen_checkpoint(tmp_path_factory.mktemp("esen") / "esen.pt")
+
+
+@pytest.fixture(scope="module")
+def reference64(checkpoint):
+    unit = predict_unit(checkpoint, "float64")
+    return {name: upstream(unit, name) for name in STRUCTURES}
+
+
+@pytest.fixture(scope="module")
+def adapter(checkpoint):
+    return ESENAdapter(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def pools(adapter):
+    cache = PoolCache(adapter)
+    yield cache
+    cache.close()
+
+
+def evaluate(calc, name: str, keys, info: dict | None = None) -> dict:
+    atoms = STRUCTURES[name]()
+    atoms.info.update(info or {})
+    return calc.get_properties(list(keys), atoms)
+
+
+@pytest.mark.parametrize(
+    ("nprocs", "partitioner"),
+    [(1, "slab")] + [(p, method) for p in (2, 3, 4) for method in ("slab", "rcb")] + [(3, "metis")],
+)
+def test_float64_matches_upstream(pools, reference64, nprocs, partitioner):
+    calc = pools.get(nprocs, partitioner)
+    for name, expected in reference64.items():
+        got = evaluate(calc, name, expected)
+        for key, value in expected.items():
+            error = relative_error(got[key], value)
+            assert error <= RTOL64, f"P={nprocs} {partitioner} {name}: {key} {error:.2e}"
+        if nprocs > 1 and name == "crystal":
+            assert all(stats["exchanges"] > 0 for stats in calc.last_stats)
+    forces = reference64["crystal"]["forces"]
+    assert np.abs(forces).max() > 1e-2, "forces too small to show anything"
+
+
+def test_ghost_baseline_matches_upstream(pools, reference64):
+    calc = pools.get(3, "rcb", halo="ghost")
+    for name, expected in reference64.items():
+        got = evaluate(calc, name, expected)
+        for key, value in expected.items():
+            assert relative_error(got[key], value) <= RTOL64, (name, key)
+    assert all(stats["exchanges"] == 0 for stats in calc.last_stats)
+
+
+def test_charge_and_spin_come_from_atoms_info(checkpoint, pools):
+    """The charge/spin embedding enters every atom: distmlip reads atoms.info per structure,
+    as FAIRChemCalculator does (a stale or default value would be a wrong energy)."""
+    unit = predict_unit(checkpoint, "float64")
+    calc = pools.get(2, "rcb")
+    neutral = evaluate(calc, "molecule", ["energy", "forces"])
+    charged_info = {"charge": 1, "spin": 2}
+    expected = upstream(unit, "molecule", charged_info)
+    got = evaluate(calc, "molecule", ["energy", "forces"], charged_info)
+    assert abs(got["energy"] - neutral["energy"]) > 1e-6, "charge changed nothing"
+    for key in ("energy", "forces"):
+        assert relative_error(got[key], expected[key]) <= RTOL64, key
+    with pytest.raises(ValueError, match="charge"):
+        evaluate(calc, "molecule", ["energy"], {"charge": 1000})
+    assert calc.get_properties(["energy"], STRUCTURES["crystal"]())["energy"] < 0  # still usable
+
+
+def test_float32_forces(checkpoint):
+    unit = predict_unit(checkpoint, "float32")
+    with DistributedCalculator(
+        ESENAdapter(checkpoint), nprocs=3, partitioner="rcb", dtype="float32", timeout=120
+    ) as calc:
+        for name in STRUCTURES:
+            expected = upstream(unit, name)
+            got = evaluate(calc, name, ["energy", "forces"])
+            force_error = np.abs(got["forces"] - expected["forces"]).max()
+            assert force_error <= FORCE_ATOL32, f"{name}: float32 forces {force_error:.2e} eV/Å"
+
+
+def test_checkpoint_file_and_predict_unit_resolve_alike(checkpoint):
+    assert is_fairchem_checkpoint(checkpoint)
+    for source in (checkpoint, str(checkpoint), predict_unit(checkpoint)):
+        adapter = resolve_model(source)
+        assert isinstance(adapter, ESENAdapter)
+        assert adapter.cutoff == 5.0 and adapter.num_layers == 3 and adapter.task_name == TASK
+
+
+def test_clear_errors(checkpoint, pools, tmp_path):
+    atoms = crystal()
+    atoms.numbers[0] = 100  # Fm: past the model's 100-entry embedding
+    with pytest.raises(ValueError, match="Fm"):
+        pools.get(2, "slab").get_properties(["energy"], atoms)
+    with pytest.raises(ValueError, match="not one of this checkpoint's"):
+        ESENAdapter(checkpoint, task_name="omol")
+    with pytest.raises(TypeError, match="MLIPPredictUnit"):
+        ESENAdapter(torch.nn.Linear(2, 2))
+    not_fairchem = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(3)}, not_fairchem)
+    assert not is_fairchem_checkpoint(not_fairchem)
+    with pytest.raises(ValueError, match="not a MACE model"):
+        resolve_model(not_fairchem)  # a .pt that is neither family's: MACE's loader says so
+    direct = write_esen_checkpoint(
+        tmp_path / "direct.pt", config=esen_config(direct_forces=True, regress_stress=False)
+    )
+    with pytest.raises(NotImplementedError, match="direct-force"):
+        ESENAdapter(direct)
+    rescaled = write_esen_checkpoint(tmp_path / "rescaled.pt", tasks=tasks_config(force_rmsd=1.0))
+    with pytest.raises(NotImplementedError, match="not\\s+the energy's gradient"):
+        ESENAdapter(rescaled)
+
+
+def test_more_neighbours_than_fairchem_keeps_is_refused(tmp_path):
+    """fairchem drops neighbours past max_neighbors; distmlip refuses instead of differing."""
+    few = write_esen_checkpoint(tmp_path / "few.pt", config=esen_config(max_neighbors=12))
+    with DistributedCalculator(ESENAdapter(few), nprocs=2, timeout=60) as calc:
+        with pytest.raises(Exception, match="max_neighbors=12"):
+            calc.get_properties(["energy"], crystal())  # fcc: 78 neighbours within 5 Å
+        calc.get_properties(["energy"], organic_molecule())  # ≤ 8 neighbours: fine
+
+
+def test_missing_fairchem_is_one_clear_error(checkpoint, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fairchem.core.units", None)  # as if not installed
+    with pytest.raises(
+        ImportError, match=r"needs fairchem-core: pip install 'distmlip\[fairchem\]'"
+    ):
+        resolve_model(checkpoint)
