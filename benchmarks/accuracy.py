@@ -1,15 +1,16 @@
 """Accuracy of the distributed adapters against their upstream packages' single process.
 
-Writes the accuracy tables of docs/chgnet.md and docs/mace.md. Every (dtype, P, partitioner)
-of the matrix evaluates the systems of ``tests/test_<model>.py`` (the same builders and the same
-upstream references, imported from there, so the table measures what the tests check) and
-records the worst error over the systems, per property:
+Writes the accuracy tables of docs/chgnet.md, docs/mace.md, docs/tensornet.md and
+docs/esen.md. Every (dtype, P, partitioner) of the matrix evaluates the systems of the model's
+test module (``tests/test_<model>.py``; eSEN: ``tests/test_fairchem.py``), the same builders
+and the same upstream references, imported from there, so the table measures what the tests
+check, and records the worst error over the systems, per property:
 
 * float64: relative, max |distributed − upstream| / max |upstream| (upstream in float64 too);
 * float32: absolute, against upstream in float32 (energy per atom, eV; forces eV/Å; stress
   GPa; per-atom energies eV; magmoms μB).
 
-    python benchmarks/accuracy.py --model chgnet mace --out docs/benchmarks
+    python benchmarks/accuracy.py --model chgnet mace tensornet esen --out docs/benchmarks
 """
 
 from __future__ import annotations
@@ -130,7 +131,43 @@ class TensorNetCase:
         return calc.get_properties(list(self.keys), self.structures[name]())
 
 
-CASES = {"chgnet": CHGNetCase, "mace": MACECase, "tensornet": TensorNetCase}
+class ESENCase:
+    """A random-weight eSEN (fairchem eSCNMDBackbone + MLP_EFS_Head, 2 blocks, lmax 2) loaded
+    from a fairchem checkpoint, on the four systems of tests/test_fairchem.py (stress for the
+    periodic ones); upstream is fairchem's FAIRChemCalculator at the same precision."""
+
+    name = "esen"
+    test_module = "test_fairchem"
+    keys = ("energy", "forces", "stress")
+    units = {"energy": "eV/atom", "forces": "eV/Å", "stress": "GPa"}
+
+    def __init__(self, directory: Path):
+        import fairchem_models
+        import test_fairchem
+
+        self.tests, self.models = test_fairchem, fairchem_models
+        self.path = fairchem_models.write_esen_checkpoint(directory / "esen.pt")
+        self.structures = test_fairchem.STRUCTURES
+
+    def upstream(self, dtype: str) -> dict:
+        unit = self.models.predict_unit(self.path, dtype)
+        return {name: self.tests.upstream(unit, name) for name in self.structures}
+
+    def calculator(self, nprocs: int, partitioner: str, dtype: str):
+        return DistributedCalculator(
+            str(self.path), nprocs=nprocs, partitioner=partitioner, dtype=dtype
+        )
+
+    def evaluate(self, calc, name: str) -> dict:
+        return calc.get_properties(list(self.keys), self.structures[name]())
+
+
+CASES = {
+    "chgnet": CHGNetCase,
+    "mace": MACECase,
+    "tensornet": TensorNetCase,
+    "esen": ESENCase,
+}
 
 
 def measure(case, dtype: str, matrix: list[tuple[int, str]]) -> tuple[list[dict], list[str]]:
@@ -169,7 +206,7 @@ def markdown(case, rows: list[dict], systems: dict[str, list[str]]) -> str:
         f"# Accuracy: distributed {case.name} vs upstream single process",
         "",
         f"Machine: {machine_description()}. Worst case over the systems of "
-        f"`tests/test_{case.name}.py` named under each table.",
+        f"`tests/{getattr(case, 'test_module', 'test_' + case.name)}.py` named under each table.",
         "",
     ]
     for dtype, what in (
@@ -208,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as directory:
         for model in args.model:
-            case = MACECase(Path(directory)) if model == "mace" else CASES[model]()
+            takes_directory = model in ("mace", "esen")
+            case = CASES[model](Path(directory)) if takes_directory else CASES[model]()
             rows, systems = [], {}
             for dtype, matrix in (("float64", FLOAT64_MATRIX), ("float32", FLOAT32_MATRIX)):
                 if args.quick:

@@ -134,3 +134,40 @@ def predict_unit(path: Path, dtype: str = "float64"):
         base_precision_dtype=getattr(torch, dtype), activation_checkpointing=False, tf32=False
     )
     return load_predict_unit(path, inference_settings=settings, device="cpu")
+
+
+UMA_TASKS = ("omat", "omol")
+
+
+def uma_config(num_experts: int = 4, **backbone) -> dict:
+    """A small UMA-shaped model: the mixture-of-linear-experts backbone
+    (``eSCNMDMoeBackbone``, experts mixed from the composition and the charge/spin/dataset
+    embedding) and a dataset-specific MoE head, for two datasets."""
+    config = esen_config(
+        num_experts=num_experts,
+        use_composition_embedding=True,
+        moe_layer_type="pytorch",
+        dataset_mapping={task: task for task in UMA_TASKS},
+        **backbone,
+    )
+    config["model_id"] = "distmlip-test-uma-0.1"
+    config["backbone"]["model"] = "fairchem.core.models.uma.escn_moe.eSCNMDMoeBackbone"
+    config["heads"] = {
+        "energyandforcehead": {
+            "module": "fairchem.core.models.uma.escn_moe.DatasetSpecificMoEWrapper",
+            "head_cls": "fairchem.core.models.uma.escn_md.MLP_EFS_Head",
+            "dataset_names": list(UMA_TASKS),
+            "head_kwargs": {"wrap_property": False},  # the wrapper wraps
+        }
+    }
+    return config
+
+
+def uma_tasks_config() -> list[dict]:
+    """Energy, forces and stress tasks per dataset, named ``<dataset>_<property>`` as UMA's."""
+    tasks = []
+    for index, dataset in enumerate(UMA_TASKS):
+        for task in tasks_config(rmsd=2.0 + index, mean=0.1 * index):
+            task = dict(task, name=f"{dataset}_{task['name']}", datasets=[dataset])
+            tasks.append(task)
+    return tasks

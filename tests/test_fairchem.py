@@ -22,6 +22,8 @@ from fairchem_models import (
     esen_config,
     predict_unit,
     tasks_config,
+    uma_config,
+    uma_tasks_config,
     write_esen_checkpoint,
 )
 
@@ -61,13 +63,13 @@ STRUCTURES = {
 }
 
 
-def upstream(unit, name: str, info: dict | None = None) -> dict:
+def upstream(unit, name: str, info: dict | None = None, task: str = TASK) -> dict:
     """FAIRChemCalculator's energy, forces and (for a cell with volume) stress."""
     from fairchem.core import FAIRChemCalculator
 
     atoms = STRUCTURES[name]()
     atoms.info.update(info or {})
-    atoms.calc = FAIRChemCalculator(unit, task_name=TASK)
+    atoms.calc = FAIRChemCalculator(unit, task_name=task)
     results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
     if atoms.pbc.any():
         results["stress"] = atoms.get_stress()
@@ -205,3 +207,54 @@ def test_missing_fairchem_is_one_clear_error(checkpoint, monkeypatch):
         ImportError, match=r"needs fairchem-core: pip install 'distmlip\[fairchem\]'"
     ):
         resolve_model(checkpoint)
+
+
+# A UMA-shaped model: mixture-of-linear-experts backbone (experts mixed from the composition and
+# the charge/spin/dataset embedding) and a dataset MoE head, two datasets.
+UMA_CASES = {"omat": {}, "omol": {"charge": -1, "spin": 2}}
+
+
+@pytest.fixture(scope="module")
+def uma_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("uma") / "uma.pt"
+    return write_esen_checkpoint(path, seed=1, config=uma_config(), tasks=uma_tasks_config())
+
+
+@pytest.fixture(scope="module")
+def uma_reference(uma_checkpoint):
+    unit = predict_unit(uma_checkpoint, "float64")
+    return {
+        task: {name: upstream(unit, name, info, task) for name in STRUCTURES}
+        for task, info in UMA_CASES.items()
+    }
+
+
+@pytest.mark.parametrize("task", sorted(UMA_CASES))
+@pytest.mark.parametrize(("nprocs", "partitioner"), [(1, "slab"), (2, "slab"), (3, "rcb")])
+def test_uma_shaped_model_matches_upstream(
+    uma_checkpoint, uma_reference, task, nprocs, partitioner
+):
+    adapter = ESENAdapter(uma_checkpoint, task_name=task)
+    assert adapter.mixture and adapter.expert is not None
+    with DistributedCalculator(
+        adapter, nprocs=nprocs, partitioner=partitioner, timeout=120
+    ) as calc:
+        for name, expected in uma_reference[task].items():
+            got = evaluate(calc, name, expected, UMA_CASES[task])
+            for key, value in expected.items():
+                error = relative_error(got[key], value)
+                assert error <= RTOL64, f"{task} P={nprocs} {partitioner} {name}: {key} {error:.2e}"
+
+
+def test_uma_experts_follow_the_whole_structures_composition(uma_checkpoint, uma_reference):
+    """The experts are mixed from the composition of the whole structure, not a worker's part:
+    a composition that is off shows in the energy (so the exact match above means something)."""
+    adapter = ESENAdapter(uma_checkpoint, task_name="omat")
+    expected = uma_reference["omat"]["crystal"]
+    with DistributedCalculator(adapter, nprocs=2, partitioner="rcb", timeout=120) as calc:
+        exact = evaluate(calc, "crystal", ["energy"])["energy"]
+        honest = calc.model.system_inputs
+        calc.model.system_inputs = lambda atoms: dict(honest(atoms), composition=((29, 32),))
+        wrong = calc.get_properties(["energy"], crystal())["energy"]
+    assert relative_error(exact, expected["energy"]) <= RTOL64
+    assert abs(wrong - expected["energy"]) > 1e-6 * abs(expected["energy"])

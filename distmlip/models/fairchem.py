@@ -1,4 +1,5 @@
-"""eSEN (fairchem-core's ``eSCNMDBackbone``) on a partitioned graph.
+"""eSEN and UMA (fairchem-core's ``eSCNMDBackbone``, ``eSCNMDMoeBackbone``) on a partitioned
+graph.
 
 fairchem's backbone forward is re-sequenced with one atom exchange per block; every module
 and weight is upstream's (loaded by fairchem's own ``load_predict_unit``), nothing is copied.
@@ -15,7 +16,9 @@ source and checked by tests/test_fairchem.py):
   convolution, from the output of ``norm_1`` (plus the system embedding): that is the one
   exchange per block. ``norm_1``, ``norm_2`` and the atom-wise feed-forward are per atom.
 * The charge / spin / dataset embedding is one vector per structure, computed alike on every
-  worker from ``atoms.info`` (read by the driver, see ``system_inputs``).
+  worker from ``atoms.info`` (read by the driver, see ``system_inputs``). UMA mixes its
+  experts from it and the whole structure's composition (sent by the driver too) with
+  upstream's ``set_MOLE_coefficients``; a dataset MoE head gets its one-hot expert.
 * Energy: ``energy_block`` of each atom's L = 0 features, summed (``reduce="sum"``) or
   averaged; then fairchem's task normaliser (× rmsd + mean, the mean once per structure:
   ``mean / N`` per atom) and element references (per atom).
@@ -31,6 +34,7 @@ import types
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distmlip.exchange import Exchange, GraphTopology, RowDeclarer
@@ -133,13 +137,79 @@ def _element_references(task) -> torch.Tensor | None:
     return table.detach().clone().double()
 
 
+def _check_backbone(backbone, unit) -> bool:
+    """Refuse what distmlip cannot run exactly; True for UMA's mixture-of-experts backbone."""
+    from fairchem.core.models.uma.escn_md import eSCNMDBackbone
+    from fairchem.core.models.uma.escn_moe import eSCNMDMoeBackbone
+
+    if type(backbone) not in (eSCNMDBackbone, eSCNMDMoeBackbone):
+        raise NotImplementedError(
+            f"the backbone is a {type(backbone).__name__}; distmlip runs eSEN and UMA "
+            "(eSCNMDBackbone, eSCNMDMoeBackbone) models"
+        )
+    if backbone.regress_config.direct_forces:
+        raise NotImplementedError(
+            "direct-force eSEN models are not supported: distmlip computes forces and "
+            "stress as the energy's gradient (use a conservative eSEN checkpoint)"
+        )
+    if backbone.charge_channel_end > backbone.charge_channel_start or (
+        backbone.spin_channel_end > backbone.spin_channel_start
+    ):
+        raise NotImplementedError(
+            "charge/spin-balanced channels sum over the whole structure in every block; "
+            "not supported yet"
+        )
+    settings = getattr(unit, "inference_settings", None)
+    if getattr(settings, "merge_mole", False) and getattr(unit, "lazy_model_intialized", False):
+        raise ValueError(
+            "this predict unit merged its experts for the structure it last saw; load it with "
+            "InferenceSettings(merge_mole=False) (or pass the checkpoint path)"
+        )
+    return isinstance(backbone, eSCNMDMoeBackbone) and backbone.num_experts > 0
+
+
+def _energy_head(hydra, task_name: str):
+    """(wrapper or None, the ``MLP_EFS_Head``, expert index for an unmerged dataset MoE head
+    or None)."""
+    from fairchem.core.models.uma.escn_md import MLP_EFS_Head
+    from fairchem.core.models.uma.escn_moe import (
+        DatasetSpecificMoEWrapper,
+        DatasetSpecificSingleHeadWrapper,
+    )
+
+    heads = list(hydra.output_heads.values())
+    if len(heads) == 1 and isinstance(heads[0], MLP_EFS_Head):
+        return None, heads[0], None
+    wrappers = (DatasetSpecificMoEWrapper, DatasetSpecificSingleHeadWrapper)
+    if (
+        len(heads) == 1
+        and isinstance(heads[0], wrappers)
+        and isinstance(heads[0].head, MLP_EFS_Head)
+    ):
+        wrapper = heads[0]
+        if task_name not in wrapper.dataset_names:
+            raise ValueError(f"the head has no output for {task_name!r}: {wrapper.dataset_names}")
+        if wrapper.merged_on_dataset not in (None, task_name):
+            raise ValueError(
+                f"the head was merged for {wrapper.merged_on_dataset!r}, not {task_name!r}"
+            )
+        expert = None
+        if isinstance(wrapper, DatasetSpecificMoEWrapper) and wrapper.merged_on_dataset is None:
+            expert = wrapper.dataset_name_to_exp[task_name]
+        return wrapper, wrapper.head, expert
+    raise NotImplementedError(
+        f"expected one MLP_EFS_Head (or a dataset wrapper of one), found heads "
+        f"{[type(head).__name__ for head in heads]}"
+    )
+
+
 class ESENAdapter(DistributedModel):
-    """Distributed evaluation of a conservative eSEN model from fairchem-core.
+    """Distributed evaluation of a conservative eSEN or UMA model from fairchem-core.
 
     Args:
         model: a fairchem ``MLIPPredictUnit`` (``load_predict_unit(path, ...)``) or the path
-            of an inference checkpoint (``.pt``) of an eSEN model (``eSCNMDBackbone`` with an
-            ``MLP_EFS_Head``).
+            of an inference checkpoint (``.pt``): an ``eSCNMDBackbone`` or
+            ``eSCNMDMoeBackbone`` with one ``MLP_EFS_Head`` (bare or in a dataset wrapper).
         task_name: the dataset head, as for ``FAIRChemCalculator`` (e.g. ``"omat"``); may be
             left out when the checkpoint has one.
     """
@@ -155,40 +225,16 @@ class ESENAdapter(DistributedModel):
                 "expected a fairchem MLIPPredictUnit or the path of a fairchem checkpoint, got "
                 f"{type(model).__module__}.{type(model).__name__}"
             )
-        from fairchem.core.models.uma.escn_md import MLP_EFS_Head, eSCNMDBackbone
-
         hydra = model.model.module
         backbone = hydra.backbone
-        if type(backbone) is not eSCNMDBackbone:
-            raise NotImplementedError(
-                f"the backbone is a {type(backbone).__name__}; distmlip runs eSEN "
-                "(eSCNMDBackbone) models; UMA's mixture of experts is not supported yet"
-            )
-        config = backbone.regress_config
-        if config.direct_forces:
-            raise NotImplementedError(
-                "direct-force eSEN models are not supported: distmlip computes forces and "
-                "stress as the energy's gradient (use a conservative eSEN checkpoint)"
-            )
-        if backbone.charge_channel_end > backbone.charge_channel_start or (
-            backbone.spin_channel_end > backbone.spin_channel_start
-        ):
-            raise NotImplementedError(
-                "charge/spin-balanced channels sum over the whole structure in every layer; "
-                "not supported yet"
-            )
-        heads = [head for head in hydra.output_heads.values() if isinstance(head, MLP_EFS_Head)]
-        if len(heads) != 1:
-            raise NotImplementedError(
-                "expected one MLP_EFS_Head, found heads "
-                f"{[type(head).__name__ for head in hydra.output_heads.values()]}"
-            )
+        self.mixture = _check_backbone(backbone, model)
         self.task_name, energy_task = _energy_task(model.tasks, task_name)
         _check_gradient_tasks(model.tasks, self.task_name, energy_task)
         if backbone.use_dataset_embedding and self.task_name not in backbone.dataset_mapping:
             raise ValueError(f"the backbone has no dataset embedding for {self.task_name!r}")
+        self.wrapper, self.head, self.expert = _energy_head(hydra, self.task_name)
 
-        self.backbone, self.head = backbone, heads[0]
+        self.backbone = backbone
         self.energy_rmsd = float(energy_task.normalizer.rmsd)
         self.energy_mean = float(energy_task.normalizer.mean)
         references = _element_references(energy_task)
@@ -201,14 +247,18 @@ class ESENAdapter(DistributedModel):
         self.num_layers = len(backbone.blocks) + 1  # the edge degree embedding reads edges too
         self.supported_numbers = frozenset(range(1, int(backbone.max_num_elements)))
 
-    def system_inputs(self, atoms) -> dict[str, int]:
+    def system_inputs(self, atoms) -> dict:
         """The structure's total charge and spin multiplicity (``atoms.info``, default 0),
-        validated by fairchem's own check for this task."""
+        validated by fairchem's own check for this task; for UMA's mixture of experts also
+        the composition ((Z, count) pairs), which selects the experts."""
         info = types.SimpleNamespace(info=dict(atoms.info))
-        self.backbone.validate_atoms_data(
-            info, self.task_name
-        )  # sets defaults on the copy, raises if bad
-        return {"charge": int(info.info.get("charge", 0)), "spin": int(info.info.get("spin", 0))}
+        # fairchem's check sets its defaults on this copy and raises for bad values
+        self.backbone.validate_atoms_data(info, self.task_name)
+        system = {"charge": int(info.info.get("charge", 0)), "spin": int(info.info.get("spin", 0))}
+        if self.mixture:
+            numbers, counts = np.unique(atoms.get_atomic_numbers(), return_counts=True)
+            system["composition"] = tuple(zip(numbers.tolist(), counts.tolist(), strict=True))
+        return system
 
     def prepare(self, topology: GraphTopology, rows: RowDeclarer) -> int:
         return int(topology.n_atoms)
@@ -226,6 +276,8 @@ class ESENAdapter(DistributedModel):
         )  # (1, C), the same on every worker
         edge_index = torch.stack([inputs.senders, inputs.receivers])
         distances = torch.linalg.norm(vectors, dim=-1)
+        if self.mixture:
+            self._select_experts(system["composition"], system_embedding, edge_index)
 
         wigner, wigner_inv = backbone._get_rotmat_and_wigner(vectors)
         coefficient_index = backbone.coefficient_index if backbone.mmax != backbone.lmax else None
@@ -269,6 +321,14 @@ class ESENAdapter(DistributedModel):
             features = block.atom_wise(block.norm_2(features)) + features
         features = backbone.norm(features)
 
+        if self.expert is not None:  # the dataset's expert of a MoE head, one-hot as upstream
+            head_experts = self.wrapper.global_mole_tensors
+            head_experts.expert_mixing_coefficients = torch.zeros(
+                (1, len(self.wrapper.dataset_name_to_exp)), dtype=vectors.dtype
+            )
+            head_experts.expert_mixing_coefficients[0, self.expert] = 1.0
+            head_experts.mole_sizes = torch.tensor([n_owned], dtype=torch.int)
+            head_experts.natoms = n_owned
         atomic = self.head.energy_block(features[:, 0, :]).view(-1)
         if self.head.reduce == "mean":
             atomic = atomic / inputs.prepared
@@ -276,6 +336,24 @@ class ESENAdapter(DistributedModel):
         if self.element_energy is not None:
             energies = energies + self.element_energy[numbers[:n_owned]].to(energies.dtype)
         return energies
+
+    def _select_experts(self, composition, system_embedding, edge_index) -> None:
+        """UMA's expert mixing from the whole structure's composition (upstream's own
+        ``set_MOLE_coefficients``), and every local edge as one system's (``set_MOLE_sizes``)."""
+        numbers, counts = zip(*composition, strict=True)
+        device = system_embedding.device
+        numbers_full = torch.repeat_interleave(
+            torch.tensor(numbers, device=device), torch.tensor(counts, device=device)
+        )
+        self.backbone.set_MOLE_coefficients(
+            atomic_numbers_full=numbers_full,
+            batch_full=torch.zeros_like(numbers_full),
+            csd_mixed_emb=system_embedding,
+        )
+        batch_local = torch.zeros(
+            int(edge_index.max()) + 1 if edge_index.numel() else 1, dtype=torch.long, device=device
+        )
+        self.backbone.set_MOLE_sizes(nsystems=1, batch_full=batch_local, edge_index=edge_index)
 
     def _check_neighbours(self, receivers: torch.Tensor, n_owned: int, exchange) -> None:
         """fairchem keeps at most ``max_neighbors`` neighbours per atom (the nearest): a
