@@ -38,6 +38,7 @@ def assemble(results: list, n_atoms: int, volume: float) -> dict:
         properties[name] = values
     if results[0].forces is not None:
         properties["forces"] = forces
+    if results[0].virial is not None:  # None for direct-force models: no stress
         virial = sum(result.virial for result in results)
         if volume > 0:
             stress = 0.5 * (virial + virial.T) / volume
@@ -236,6 +237,11 @@ class DistributedCalculator(Calculator):
             wanted = {"forces", "stress"}.intersection(properties)
             results = self._compute(structure, forces=bool(wanted))
             if "stress" in properties and "stress" not in results:
+                if getattr(self.model, "direct_forces", False):
+                    raise PropertyNotImplementedError(
+                        f"{type(self.model).__name__} predicts forces directly (not as the "
+                        "energy's gradient), so it has no stress; do not ask for stress"
+                    )
                 raise PropertyNotImplementedError(
                     "stress needs a cell with nonzero volume; set atoms.cell (e.g. atoms.center("
                     "vacuum=10)) or do not ask for stress"

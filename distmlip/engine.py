@@ -203,9 +203,16 @@ def evaluate(
         else:
             exchange = Exchange(comm, graph.plan, prepared.row_plans)
 
-    with phase("forward"), torch.set_grad_enabled(compute_forces):
+    direct = bool(getattr(model, "direct_forces", False))
+    with phase("forward"), torch.set_grad_enabled(compute_forces and not direct):
         output = model(inputs, exchange)
         energies, site_outputs = output if isinstance(output, tuple) else (output, {})
+        site_outputs = dict(site_outputs)
+        predicted_forces = site_outputs.pop("forces", None) if direct else None
+        if direct and (predicted_forces is None or predicted_forces.shape[-1:] != (3,)):
+            raise RuntimeError(
+                f"{type(model).__name__} declares direct_forces but returned no (n, 3) forces"
+            )
         if set(site_outputs) != set(model.site_properties):
             raise RuntimeError(
                 f"{type(model).__name__} returned per-atom outputs {sorted(site_outputs)}, "
@@ -224,7 +231,9 @@ def evaluate(
         }
 
     forces = virial = None
-    if compute_forces:
+    if compute_forces and direct:  # owned rows only, also in the ghost baseline; no virial
+        forces = predicted_forces[: graph.n_owned].detach().double().cpu().numpy()
+    elif compute_forces:
         with phase("backward"):
             edge_gradients = _edge_gradients(energy, inputs.vectors, comm.outputs)
         with phase("forces"):

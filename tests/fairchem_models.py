@@ -171,3 +171,21 @@ def uma_tasks_config() -> list[dict]:
             task = dict(task, name=f"{dataset}_{task['name']}", datasets=[dataset])
             tasks.append(task)
     return tasks
+
+
+def direct_config(**backbone) -> dict:
+    """A direct-force eSEN: an energy head and a force head on the L = 1 features (forces are
+    not the energy's gradient; no stress), as fairchem's direct eSEN checkpoints."""
+    config = esen_config(direct_forces=True, regress_stress=False, **backbone)
+    config["pass_through_head_outputs"] = False  # outputs keyed by head name: energy, forces
+    config["heads"] = {
+        "energy": {"module": "fairchem.core.models.uma.escn_md.MLP_Energy_Head"},
+        "forces": {"module": "fairchem.core.models.uma.escn_md.Linear_Force_Head"},
+    }
+    return config
+
+
+def direct_tasks_config() -> list[dict]:
+    """Energy and forces tasks, the forces with their own normaliser (rmsd 0.5)."""
+    tasks = [task for task in tasks_config(force_rmsd=0.5) if task["name"] != "stress"]
+    return tasks

@@ -19,6 +19,8 @@ from ase.build import bulk, molecule
 from conftest import PoolCache, relative_error, small_cell, surface_slab
 from fairchem_models import (
     TASK,
+    direct_config,
+    direct_tasks_config,
     esen_config,
     predict_unit,
     tasks_config,
@@ -71,7 +73,7 @@ def upstream(unit, name: str, info: dict | None = None, task: str = TASK) -> dic
     atoms.info.update(info or {})
     atoms.calc = FAIRChemCalculator(unit, task_name=task)
     results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces()}
-    if atoms.pbc.any():
+    if atoms.pbc.any() and "stress" in atoms.calc.implemented_properties:
         results["stress"] = atoms.get_stress()
     return results
 
@@ -182,11 +184,6 @@ def test_clear_errors(checkpoint, pools, tmp_path):
     assert not is_fairchem_checkpoint(not_fairchem)
     with pytest.raises(ValueError, match="not a MACE model"):
         resolve_model(not_fairchem)  # a .pt that is neither family's: MACE's loader says so
-    direct = write_esen_checkpoint(
-        tmp_path / "direct.pt", config=esen_config(direct_forces=True, regress_stress=False)
-    )
-    with pytest.raises(NotImplementedError, match="direct-force"):
-        ESENAdapter(direct)
     rescaled = write_esen_checkpoint(tmp_path / "rescaled.pt", tasks=tasks_config(force_rmsd=1.0))
     with pytest.raises(NotImplementedError, match="not\\s+the energy's gradient"):
         ESENAdapter(rescaled)
@@ -258,3 +255,30 @@ def test_uma_experts_follow_the_whole_structures_composition(uma_checkpoint, uma
         wrong = calc.get_properties(["energy"], crystal())["energy"]
     assert relative_error(exact, expected["energy"]) <= RTOL64
     assert abs(wrong - expected["energy"]) > 1e-6 * abs(expected["energy"])
+
+
+@pytest.mark.parametrize(("nprocs", "halo"), [(1, "exchange"), (3, "exchange"), (3, "ghost")])
+def test_direct_force_model_matches_upstream(tmp_path_factory, nprocs, halo):
+    """A direct-force eSEN: forces from its force head (with their own normaliser), no stress,
+    no backward pass; as FAIRChemCalculator, which has no stress for it either."""
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    path = tmp_path_factory.getbasetemp() / "direct.pt"
+    if not path.exists():
+        write_esen_checkpoint(path, config=direct_config(), tasks=direct_tasks_config())
+    unit = predict_unit(path, "float64")
+    adapter = ESENAdapter(path)
+    assert adapter.direct_forces
+    with DistributedCalculator(
+        adapter, nprocs=nprocs, partitioner="rcb", halo=halo, timeout=120
+    ) as calc:
+        for name in STRUCTURES:
+            expected = upstream(unit, name)
+            assert "stress" not in expected
+            got = evaluate(calc, name, ["energy", "forces"])
+            for key, value in expected.items():
+                error = relative_error(got[key], value)
+                assert error <= RTOL64, f"direct P={nprocs} {halo} {name}: {key} {error:.2e}"
+            assert all(timings.get("backward", 0.0) == 0.0 for timings in calc.last_timings)
+        with pytest.raises(PropertyNotImplementedError, match="no stress"):
+            calc.get_properties(["stress"], crystal())

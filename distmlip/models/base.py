@@ -71,6 +71,10 @@ class DistributedModel(torch.nn.Module):
     """Largest Verlet skin (Å) the adapter supports (None: its cutoff)."""
     site_properties: tuple[str, ...] = ()
     """Names of extra per-atom outputs, which ``forward`` returns in its second value."""
+    direct_forces: bool = False
+    """True for models that predict forces per atom instead of as the energy's gradient:
+    ``forward`` then also returns ``"forces"`` (n_owned, 3) eV/Å in its second value, runs
+    without autograd, and there is no stress."""
 
     def prepare(self, topology: GraphTopology, rows: RowDeclarer) -> Any:
         """Derive structure from a newly built graph (numpy; collective: every rank calls it).

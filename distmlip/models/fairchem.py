@@ -110,6 +110,13 @@ def _energy_task(tasks: dict, task_name: str | None):
     return task_name, chosen[0]
 
 
+def _task(tasks: dict, task_name: str, prop: str):
+    chosen = [t for t in tasks.values() if t.property == prop and task_name in t.datasets]
+    if not chosen:
+        raise ValueError(f"the checkpoint has no {prop} task for {task_name!r}")
+    return chosen[0]
+
+
 def _check_gradient_tasks(tasks: dict, task_name: str, energy_task) -> None:
     """Upstream scales gradient forces and stress by their own normalisers: they are −∇E only
     when those share the energy's rmsd and have zero mean."""
@@ -147,11 +154,6 @@ def _check_backbone(backbone, unit) -> bool:
             f"the backbone is a {type(backbone).__name__}; distmlip runs eSEN and UMA "
             "(eSCNMDBackbone, eSCNMDMoeBackbone) models"
         )
-    if backbone.regress_config.direct_forces:
-        raise NotImplementedError(
-            "direct-force eSEN models are not supported: distmlip computes forces and "
-            "stress as the energy's gradient (use a conservative eSEN checkpoint)"
-        )
     if backbone.charge_channel_end > backbone.charge_channel_start or (
         backbone.spin_channel_end > backbone.spin_channel_start
     ):
@@ -168,16 +170,29 @@ def _check_backbone(backbone, unit) -> bool:
     return isinstance(backbone, eSCNMDMoeBackbone) and backbone.num_experts > 0
 
 
+def _force_head(hydra):
+    """A direct-force model's ``Linear_Force_Head`` (forces from the L = 1 features)."""
+    from fairchem.core.models.uma.escn_md import Linear_Force_Head
+
+    heads = [head for head in hydra.output_heads.values() if isinstance(head, Linear_Force_Head)]
+    if len(heads) != 1:
+        raise NotImplementedError(
+            "a direct-force model needs one Linear_Force_Head, found heads "
+            f"{[type(head).__name__ for head in hydra.output_heads.values()]}"
+        )
+    return heads[0]
+
+
 def _energy_head(hydra, task_name: str):
     """(wrapper or None, the ``MLP_EFS_Head``, expert index for an unmerged dataset MoE head
     or None)."""
-    from fairchem.core.models.uma.escn_md import MLP_EFS_Head
+    from fairchem.core.models.uma.escn_md import Linear_Force_Head, MLP_EFS_Head
     from fairchem.core.models.uma.escn_moe import (
         DatasetSpecificMoEWrapper,
         DatasetSpecificSingleHeadWrapper,
     )
 
-    heads = list(hydra.output_heads.values())
+    heads = [h for h in hydra.output_heads.values() if not isinstance(h, Linear_Force_Head)]
     if len(heads) == 1 and isinstance(heads[0], MLP_EFS_Head):
         return None, heads[0], None
     wrappers = (DatasetSpecificMoEWrapper, DatasetSpecificSingleHeadWrapper)
@@ -229,7 +244,14 @@ class ESENAdapter(DistributedModel):
         backbone = hydra.backbone
         self.mixture = _check_backbone(backbone, model)
         self.task_name, energy_task = _energy_task(model.tasks, task_name)
-        _check_gradient_tasks(model.tasks, self.task_name, energy_task)
+        self.direct_forces = bool(backbone.regress_config.direct_forces)
+        if self.direct_forces:
+            self.force_head = _force_head(hydra)
+            force_task = _task(model.tasks, self.task_name, "forces")
+            self.force_rmsd = float(force_task.normalizer.rmsd)
+            self.force_mean = float(force_task.normalizer.mean)
+        else:
+            _check_gradient_tasks(model.tasks, self.task_name, energy_task)
         if backbone.use_dataset_embedding and self.task_name not in backbone.dataset_mapping:
             raise ValueError(f"the backbone has no dataset embedding for {self.task_name!r}")
         self.wrapper, self.head, self.expert = _energy_head(hydra, self.task_name)
@@ -335,7 +357,11 @@ class ESENAdapter(DistributedModel):
         energies = self.energy_rmsd * atomic + self.energy_mean / inputs.prepared
         if self.element_energy is not None:
             energies = energies + self.element_energy[numbers[:n_owned]].to(energies.dtype)
-        return energies
+        if not self.direct_forces:
+            return energies
+        # upstream's force head reads only the embedding (outside fairchem's own parallelism)
+        forces = self.force_head({}, {"node_embedding": features})["forces"]
+        return energies, {"forces": self.force_rmsd * forces + self.force_mean}
 
     def _select_experts(self, composition, system_embedding, edge_index) -> None:
         """UMA's expert mixing from the whole structure's composition (upstream's own
