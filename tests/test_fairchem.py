@@ -226,8 +226,11 @@ def uma_reference(uma_checkpoint):
     }
 
 
-@pytest.mark.parametrize("task", sorted(UMA_CASES))
-@pytest.mark.parametrize(("nprocs", "partitioner"), [(1, "slab"), (2, "slab"), (3, "rcb")])
+@pytest.mark.parametrize(
+    ("task", "nprocs", "partitioner"),
+    [("omat", p, method) for p in (2, 3, 4) for method in ("slab", "rcb")]
+    + [("omol", 1, "slab"), ("omol", 3, "rcb")],
+)
 def test_uma_shaped_model_matches_upstream(
     uma_checkpoint, uma_reference, task, nprocs, partitioner
 ):

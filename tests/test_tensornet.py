@@ -7,6 +7,7 @@ default); the float64 reference sets it to float64, as ``upstream64`` does for C
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("MATGL_BACKEND", "PYG")
@@ -89,7 +90,9 @@ def upstream(potential, dtype: str) -> dict:
     import matgl.ext.ase as matgl_ase
     from matgl.ext.ase import PESCalculator
 
-    model = potential.double() if dtype == "float64" else potential.float()
+    # A copy: casting the shared potential to float32 and back would round its weights.
+    model = copy.deepcopy(potential)
+    model = model.double() if dtype == "float64" else model.float()
     previous = matgl.float_th, matgl_ase._alchmtk_available
     matgl.float_th = torch.float64 if dtype == "float64" else torch.float32
     # With nvalchemi-toolkit-ops importable (fairchem-core installs it) PESCalculator builds
@@ -107,7 +110,6 @@ def upstream(potential, dtype: str) -> dict:
         return results
     finally:
         matgl.float_th, matgl_ase._alchmtk_available = previous
-        potential.double()
 
 
 @pytest.fixture(scope="module")

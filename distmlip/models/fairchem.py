@@ -31,195 +31,31 @@ from __future__ import annotations
 
 import os
 import types
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from distmlip.exchange import Exchange, GraphTopology, RowDeclarer
 from distmlip.models.base import DistributedModel, GraphInputs
+from distmlip.models.fairchem_checkpoint import (
+    check_backbone,
+    check_gradient_tasks,
+    element_references,
+    energy_head,
+    find_energy_task,
+    force_head,
+    is_fairchem_checkpoint,
+    is_predict_unit,
+    load_fairchem_predict_unit,
+    task_of,
+)
 
 __all__ = ["ESENAdapter", "is_fairchem_checkpoint", "load_fairchem_predict_unit"]
 
-INSTALL_HINT = "pip install 'distmlip[fairchem]'"
-
-
-def is_fairchem_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a fairchem inference checkpoint (``MLIPInferenceCheckpoint``).
-
-    Reads only the pickle's class names inside torch's zip archive: no fairchem import, no
-    tensors loaded.
-    """
-    try:
-        with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
-            return name is not None and b"MLIPInferenceCheckpoint" in archive.read(name)
-    except (OSError, zipfile.BadZipFile):
-        return False
-
-
-def _import_fairchem(what: str):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait for a model hub offline
-    try:
-        from fairchem.core.units import mlip_unit
-    except ImportError as error:
-        raise ImportError(f"{what} needs fairchem-core: {INSTALL_HINT}") from error
-    return mlip_unit
-
-
-def load_fairchem_predict_unit(path: str | os.PathLike, dtype: str = "float64"):
-    """fairchem's ``MLIPPredictUnit`` for the checkpoint at ``path``, on the CPU.
-
-    Built by fairchem's ``load_predict_unit`` with ``base_precision_dtype`` = ``dtype``, so the
-    model's derived buffers (SO(3) grids, Wigner coefficients) are computed in that precision
-    (float64 serves both: workers cast to float32 when asked).
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"fairchem checkpoint {str(path)!r} does not exist")
-    mlip_unit = _import_fairchem(f"loading the fairchem checkpoint {str(path)!r}")
-    from fairchem.core.units.mlip_unit.api.inference import InferenceSettings
-
-    settings = InferenceSettings(
-        base_precision_dtype=getattr(torch, dtype), activation_checkpointing=False, tf32=False
-    )
-    try:
-        return mlip_unit.load_predict_unit(path, inference_settings=settings, device="cpu")
-    except Exception as error:
-        raise ValueError(
-            f"{str(path)!r} is not a fairchem checkpoint it can load ({error})"
-        ) from error
-
-
-def _is_predict_unit(model) -> bool:
-    return hasattr(model, "model") and hasattr(model, "tasks") and hasattr(model, "predict")
-
-
-def _energy_task(tasks: dict, task_name: str | None):
-    """The energy task of ``task_name`` (or of the checkpoint's only dataset)."""
-    energy = [task for task in tasks.values() if task.property == "energy"]
-    datasets = sorted({dataset for task in energy for dataset in task.datasets})
-    if task_name is None:
-        if len(datasets) != 1:
-            raise ValueError(f"this checkpoint has tasks {datasets}: pass task_name=...")
-        task_name = datasets[0]
-    chosen = [task for task in energy if task_name in task.datasets]
-    if not chosen:
-        raise ValueError(f"task_name={task_name!r} is not one of this checkpoint's {datasets}")
-    return task_name, chosen[0]
-
-
-def _task(tasks: dict, task_name: str, prop: str):
-    chosen = [t for t in tasks.values() if t.property == prop and task_name in t.datasets]
-    if not chosen:
-        raise ValueError(f"the checkpoint has no {prop} task for {task_name!r}")
-    return chosen[0]
-
-
-def _check_gradient_tasks(tasks: dict, task_name: str, energy_task) -> None:
-    """Upstream scales gradient forces and stress by their own normalisers: they are −∇E only
-    when those share the energy's rmsd and have zero mean."""
-    rmsd = float(energy_task.normalizer.rmsd)
-    for task in tasks.values():
-        if task.property in ("forces", "stress") and task_name in task.datasets:
-            norm = task.normalizer
-            if abs(float(norm.rmsd) - rmsd) > 1e-12 * abs(rmsd) or float(norm.mean) != 0.0:
-                raise NotImplementedError(
-                    f"task {task.name!r} is normalised with rmsd {float(norm.rmsd)}, mean "
-                    f"{float(norm.mean)} but the energy with rmsd {rmsd}: its forces are not "
-                    "the energy's gradient, which distmlip computes"
-                )
-
-
-def _element_references(task) -> torch.Tensor | None:
-    references = task.element_references
-    if references is None:
-        return None
-    table = getattr(references, "element_references", None)
-    if not isinstance(table, torch.Tensor):
-        raise NotImplementedError(
-            f"element references of type {type(references).__name__} are not supported"
-        )
-    return table.detach().clone().double()
-
-
-def _check_backbone(backbone, unit) -> bool:
-    """Refuse what distmlip cannot run exactly; True for UMA's mixture-of-experts backbone."""
-    from fairchem.core.models.uma.escn_md import eSCNMDBackbone
-    from fairchem.core.models.uma.escn_moe import eSCNMDMoeBackbone
-
-    if type(backbone) not in (eSCNMDBackbone, eSCNMDMoeBackbone):
-        raise NotImplementedError(
-            f"the backbone is a {type(backbone).__name__}; distmlip runs eSEN and UMA "
-            "(eSCNMDBackbone, eSCNMDMoeBackbone) models"
-        )
-    if backbone.charge_channel_end > backbone.charge_channel_start or (
-        backbone.spin_channel_end > backbone.spin_channel_start
-    ):
-        raise NotImplementedError(
-            "charge/spin-balanced channels sum over the whole structure in every block; "
-            "not supported yet"
-        )
-    settings = getattr(unit, "inference_settings", None)
-    if getattr(settings, "merge_mole", False) and getattr(unit, "lazy_model_intialized", False):
-        raise ValueError(
-            "this predict unit merged its experts for the structure it last saw; load it with "
-            "InferenceSettings(merge_mole=False) (or pass the checkpoint path)"
-        )
-    return isinstance(backbone, eSCNMDMoeBackbone) and backbone.num_experts > 0
-
-
-def _force_head(hydra):
-    """A direct-force model's ``Linear_Force_Head`` (forces from the L = 1 features)."""
-    from fairchem.core.models.uma.escn_md import Linear_Force_Head
-
-    heads = [head for head in hydra.output_heads.values() if isinstance(head, Linear_Force_Head)]
-    if len(heads) != 1:
-        raise NotImplementedError(
-            "a direct-force model needs one Linear_Force_Head, found heads "
-            f"{[type(head).__name__ for head in hydra.output_heads.values()]}"
-        )
-    return heads[0]
-
-
-def _energy_head(hydra, task_name: str):
-    """(wrapper or None, the ``MLP_EFS_Head``, expert index for an unmerged dataset MoE head
-    or None)."""
-    from fairchem.core.models.uma.escn_md import Linear_Force_Head, MLP_EFS_Head
-    from fairchem.core.models.uma.escn_moe import (
-        DatasetSpecificMoEWrapper,
-        DatasetSpecificSingleHeadWrapper,
-    )
-
-    heads = [h for h in hydra.output_heads.values() if not isinstance(h, Linear_Force_Head)]
-    if len(heads) == 1 and isinstance(heads[0], MLP_EFS_Head):
-        return None, heads[0], None
-    wrappers = (DatasetSpecificMoEWrapper, DatasetSpecificSingleHeadWrapper)
-    if (
-        len(heads) == 1
-        and isinstance(heads[0], wrappers)
-        and isinstance(heads[0].head, MLP_EFS_Head)
-    ):
-        wrapper = heads[0]
-        if task_name not in wrapper.dataset_names:
-            raise ValueError(f"the head has no output for {task_name!r}: {wrapper.dataset_names}")
-        if wrapper.merged_on_dataset not in (None, task_name):
-            raise ValueError(
-                f"the head was merged for {wrapper.merged_on_dataset!r}, not {task_name!r}"
-            )
-        expert = None
-        if isinstance(wrapper, DatasetSpecificMoEWrapper) and wrapper.merged_on_dataset is None:
-            expert = wrapper.dataset_name_to_exp[task_name]
-        return wrapper, wrapper.head, expert
-    raise NotImplementedError(
-        f"expected one MLP_EFS_Head (or a dataset wrapper of one), found heads "
-        f"{[type(head).__name__ for head in heads]}"
-    )
-
 
 class ESENAdapter(DistributedModel):
-    """Distributed evaluation of a conservative eSEN or UMA model from fairchem-core.
+    """Distributed evaluation of an eSEN (conservative or direct-force) or UMA model from
+    fairchem-core.
 
     Args:
         model: a fairchem ``MLIPPredictUnit`` (``load_predict_unit(path, ...)``) or the path
@@ -235,31 +71,31 @@ class ESENAdapter(DistributedModel):
         super().__init__()
         if isinstance(model, (str, os.PathLike)):
             model = load_fairchem_predict_unit(model)
-        if not _is_predict_unit(model):
+        if not is_predict_unit(model):
             raise TypeError(
                 "expected a fairchem MLIPPredictUnit or the path of a fairchem checkpoint, got "
                 f"{type(model).__module__}.{type(model).__name__}"
             )
         hydra = model.model.module
         backbone = hydra.backbone
-        self.mixture = _check_backbone(backbone, model)
-        self.task_name, energy_task = _energy_task(model.tasks, task_name)
+        self.mixture = check_backbone(backbone, model)
+        self.task_name, energy_task = find_energy_task(model.tasks, task_name)
         self.direct_forces = bool(backbone.regress_config.direct_forces)
         if self.direct_forces:
-            self.force_head = _force_head(hydra)
-            force_task = _task(model.tasks, self.task_name, "forces")
+            self.force_head = force_head(hydra)
+            force_task = task_of(model.tasks, self.task_name, "forces")
             self.force_rmsd = float(force_task.normalizer.rmsd)
             self.force_mean = float(force_task.normalizer.mean)
         else:
-            _check_gradient_tasks(model.tasks, self.task_name, energy_task)
+            check_gradient_tasks(model.tasks, self.task_name, energy_task)
         if backbone.use_dataset_embedding and self.task_name not in backbone.dataset_mapping:
             raise ValueError(f"the backbone has no dataset embedding for {self.task_name!r}")
-        self.wrapper, self.head, self.expert = _energy_head(hydra, self.task_name)
+        self.wrapper, self.head, self.expert = energy_head(hydra, self.task_name)
 
         self.backbone = backbone
         self.energy_rmsd = float(energy_task.normalizer.rmsd)
         self.energy_mean = float(energy_task.normalizer.mean)
-        references = _element_references(energy_task)
+        references = element_references(energy_task)
         if references is not None:
             self.register_buffer("element_energy", references, persistent=False)
         else:
