@@ -11,7 +11,10 @@ Random-weight models of published shapes (weights do not change the cost):
 
 Each configuration is ``distmlip.bench.measure``: a fresh worker pool, energy + forces +
 stress, fastest of ``--repeats`` calls, the same total number of torch threads split over the
-workers (so P = 2 and P = 1 get equal hardware), float32, rattled Cu fcc.
+workers (so P = 2 and P = 1 get equal hardware), float32, rattled Cu fcc: P = 1 and P = 2 on
+``--<model>-atoms`` atoms, P = 4 with exchange and with ghosts on ``--<model>-ghost-atoms``
+(smaller: at these sizes a ghost worker holds about the whole structure, four of them would
+not fit in memory at the larger size).
 
     python benchmarks/model_families.py --out docs/benchmarks
     python benchmarks/model_families.py --quick     # small systems, a smoke run
@@ -35,7 +38,15 @@ from distmlip.bench import BenchConfig, measure  # noqa: E402
 from distmlip.report import machine_description, markdown_table, pyplot, write_report  # noqa: E402
 from distmlip.systems import crystal  # noqa: E402
 
-CONFIGURATIONS = [(1, "exchange"), (2, "exchange"), (4, "exchange"), (4, "ghost")]
+# (P, halo, which size): memory and time at P = 1 vs 2 on the larger structure; exchange vs
+# ghost at P = 4 on the smaller one (ghosts of a structure this size are nearly all of it, so
+# four ghost workers each hold about the whole structure: the larger one would not fit).
+CONFIGURATIONS = [
+    (1, "exchange", "atoms"),
+    (2, "exchange", "atoms"),
+    (4, "exchange", "ghost_atoms"),
+    (4, "ghost", "ghost_atoms"),
+]
 
 
 def tensornet_model():
@@ -69,7 +80,9 @@ def esen_model(directory: Path) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tensornet-atoms", type=int, default=4000)
+    parser.add_argument("--tensornet-ghost-atoms", type=int, default=1372)
     parser.add_argument("--esen-atoms", type=int, default=500)
+    parser.add_argument("--esen-ghost-atoms", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="total torch threads")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
@@ -77,16 +90,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.tensornet_atoms, args.esen_atoms, args.repeats = 256, 108, 1
+        args.tensornet_ghost_atoms, args.esen_ghost_atoms = 256, 108
     config = BenchConfig(dtype="float32", total_threads=args.threads, repeats=args.repeats)
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         families = {
-            "tensornet": (tensornet_model(), args.tensornet_atoms),
-            "esen": (esen_model(Path(directory)), args.esen_atoms),
+            "tensornet": (
+                tensornet_model(),
+                {"atoms": args.tensornet_atoms, "ghost_atoms": args.tensornet_ghost_atoms},
+            ),
+            "esen": (
+                esen_model(Path(directory)),
+                {"atoms": args.esen_atoms, "ghost_atoms": args.esen_ghost_atoms},
+            ),
         }
-        for family, (model, n_atoms) in families.items():
-            atoms = crystal("cu", n_atoms, rattle=0.02, seed=0)
-            for nprocs, halo in CONFIGURATIONS:
+        for family, (model, sizes) in families.items():
+            for nprocs, halo, size in CONFIGURATIONS:
+                atoms = crystal("cu", sizes[size], rattle=0.02, seed=0)
                 row = measure(model, atoms, nprocs, "slab", halo, config)
                 row["model"] = family
                 rows.append(row)
@@ -111,7 +131,9 @@ def markdown(rows: list[dict]) -> str:
         "",
         f"Machine: {machine_description()}. float32, rattled Cu fcc, energy + forces + stress, "
         "fastest call of a fresh worker pool; total torch threads equal across P. "
-        "Script: `benchmarks/model_families.py` (model shapes in its docstring).",
+        "Script: `benchmarks/model_families.py` (model shapes in its docstring). Ratios are "
+        "to the base of the same structure: P = 1 for P = 1 and 2, P = 4 exchange for the "
+        "P = 4 rows (a smaller structure).",
         "",
     ]
     header = [
@@ -120,15 +142,20 @@ def markdown(rows: list[dict]) -> str:
         "P",
         "halo",
         "time (s)",
-        "time / P=1",
+        "time / base",
         "peak RSS per worker (MiB)",
-        "max worker / P=1",
+        "max worker / base",
         "edges per worker",
-        "max edges / P=1",
+        "max edges / base",
     ]
     table = []
     for row in rows:
-        single = next(r for r in rows if r["model"] == row["model"] and r["nprocs"] == 1)
+        # P = 1 and 2 share a structure; the P = 4 rows (a smaller one) compare with P = 4
+        # exchange, so every ratio is between configurations of one structure.
+        base = (1, "exchange") if row["nprocs"] < 4 else (4, "exchange")
+        single = next(
+            r for r in rows if r["model"] == row["model"] and (r["nprocs"], r["halo"]) == base
+        )
         table.append(
             [
                 row["model"],

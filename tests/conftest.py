@@ -130,6 +130,33 @@ def pools(reference_model):
     cache.close()
 
 
+def ethanol(seed: int) -> Atoms:
+    """Ethanol in a 14 Å box, not periodic, rattled by 0.02 Å."""
+    from ase.build import molecule
+
+    atoms = molecule("CH3CH2OH")
+    atoms.center(vacuum=5.0)
+    atoms.pbc = False
+    atoms.rattle(0.02, seed=seed)
+    return atoms
+
+
+UPSTREAM_MATRIX = (
+    [(1, "slab")] + [(p, method) for p in (2, 3, 4) for method in ("slab", "rcb")] + [(3, "metis")]
+)
+"""(P, partitioner) of the float64 comparisons of TensorNet and eSEN with their upstream."""
+
+
+def assert_matches_upstream(calc, reference: dict, evaluate, rtol: float, label: str) -> None:
+    """Every property of every structure of ``reference`` ({name: {key: value}}) within
+    ``rtol`` relative (``evaluate(calc, name, keys)`` gives distmlip's)."""
+    for name, expected in reference.items():
+        got = evaluate(calc, name, expected)
+        for key, value in expected.items():
+            error = relative_error(got[key], value)
+            assert error <= rtol, f"{label} {name}: {key} {error:.2e}"
+
+
 def relative_error(value, reference) -> float:
     """max |value − reference| / max |reference|: the bound every exactness test states."""
     value, reference = np.asarray(value), np.asarray(reference)
