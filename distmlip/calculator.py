@@ -230,6 +230,11 @@ class DistributedCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         with self._lock:
             self.results = {}
+            if "stress" in properties and getattr(self.model, "direct_forces", False):
+                raise PropertyNotImplementedError(
+                    f"{type(self.model).__name__} predicts forces directly (not as the "
+                    "energy's gradient), so it has no stress; do not ask for stress"
+                )
             super().calculate(atoms, properties, system_changes)
             self._system = self.model.system_inputs(self.atoms)
             structure = Structure.from_ase(self.atoms, self._system)
@@ -237,11 +242,6 @@ class DistributedCalculator(Calculator):
             wanted = {"forces", "stress"}.intersection(properties)
             results = self._compute(structure, forces=bool(wanted))
             if "stress" in properties and "stress" not in results:
-                if getattr(self.model, "direct_forces", False):
-                    raise PropertyNotImplementedError(
-                        f"{type(self.model).__name__} predicts forces directly (not as the "
-                        "energy's gradient), so it has no stress; do not ask for stress"
-                    )
                 raise PropertyNotImplementedError(
                     "stress needs a cell with nonzero volume; set atoms.cell (e.g. atoms.center("
                     "vacuum=10)) or do not ask for stress"

@@ -11,8 +11,9 @@ Everything an adapter needs, and all it may import besides :mod:`distmlip.models
   (blocking); ``exchange.start(owned)`` / ``pending.finish()`` overlap it with work;
   ``exchange.reduce(local)`` sums halo partials into their owners (the adjoint);
   ``exchange.rows(kind)`` does the same for a declared row kind; ``exchange.sum_over_ranks``
-  agrees an integer. ``forward_exchange`` / ``reverse_exchange`` are the raw pair MACE's LAMMPS
-  ML-IAP hook calls, so an adapter passes the exchange itself as MACE's ``lammps_class``.
+  agrees an integer; ``exchange.reject_if`` refuses a structure on every worker together.
+  ``forward_exchange`` / ``reverse_exchange`` are the raw pair MACE's LAMMPS ML-IAP hook
+  calls, so an adapter passes the exchange itself as MACE's ``lammps_class``.
 
 Every differentiable exchange registers its output itself, so the engine ties it into every
 rank's backward (a rank whose energy does not depend on a halo row must still answer its
@@ -30,6 +31,7 @@ from distmlip.comm import Communicator, PendingExchange
 from distmlip.halo import HaloPlan, rows_of
 
 __all__ = [
+    "StructureRejected",
     "GraphTopology",
     "RowLayout",
     "RowDeclarer",
@@ -37,6 +39,11 @@ __all__ = [
     "RowExchange",
     "undirected_edge_keys",
 ]
+
+
+class StructureRejected(ValueError):
+    """A structure the model refuses, found while computing (``Exchange.reject_if``): raised to
+    the caller as this ``ValueError``; the workers, who refused it together, keep serving."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +223,13 @@ class Exchange(RowExchange):
     def sum_over_ranks(self, value: int) -> int:
         """An integer summed over all workers (collective)."""
         return self._comm.allreduce_int(value, "sum")
+
+    def reject_if(self, condition: bool, message: str) -> None:
+        """Refuse the structure if ``condition`` holds on any worker (collective: every worker
+        calls it): all raise :class:`StructureRejected` (``message``), so none is left
+        waiting in an exchange, and the caller gets one ``ValueError``."""
+        if self.sum_over_ranks(int(bool(condition))):
+            raise StructureRejected(message)
 
     # MACE's LAMMPS ML-IAP hook: mace.tools.utils.LAMMPS_MP calls these with owned rows padded
     # by ghost rows, and in its backward with the gradient of all local rows. Backward runs the

@@ -100,6 +100,13 @@ class GhostExchange:
     def sum_over_ranks(self, value: int) -> int:
         raise NotImplementedError("the ghost baseline runs no collectives")
 
+    def reject_if(self, condition: bool, message: str) -> None:
+        # No collectives here, and none to leave waiting: a worker refuses on its own.
+        from distmlip.exchange import StructureRejected
+
+        if condition:
+            raise StructureRejected(message)
+
     def forward_exchange(self, feats: torch.Tensor, out: torch.Tensor, width: int) -> None:
         out.copy_(feats)
 

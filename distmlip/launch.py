@@ -15,9 +15,10 @@ parent (``PR_SET_PDEATHSIG`` on Linux, socket EOF elsewhere) and are stopped by
 :meth:`WorkerPool.close`, the context manager, garbage collection or interpreter exit.
 
 No stale results: every request carries an id that its replies echo, and a call that does not
-complete (an exception from a signal handler, Ctrl-C, a failure) kills the workers at once, so
-the next call starts fresh ones. The pool is ``ready`` only between two complete calls; any
-other state found at the start of a call means an interrupted one, and is cleaned up first.
+complete (a signal handler's exception, Ctrl-C, a failure) kills the workers at once, so the
+next call starts fresh ones; a structure every worker refused together is a ``ValueError`` and
+keeps them. The pool is ``ready`` only between complete calls; any other state found at the
+start of a call means an interrupted one, and is cleaned up first.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import time
 import weakref
 from multiprocessing.connection import Connection, wait
 
+from distmlip.exchange import StructureRejected
 from distmlip.options import GraphOptions, WorkerOptions
 from distmlip.worker import STARTUP_ID, STARTUP_TIMEOUT, EvaluationRequest, WorkerConfig
 
@@ -105,7 +107,7 @@ def collect_replies(connections: list[Connection], request_id: int, timeout: flo
                 continue
             if kind == "error":
                 raise _ReplyFailure(rank, payload)
-            payloads[rank] = payload
+            payloads[rank] = StructureRejected(payload) if kind == "rejected" else payload
             del pending[rank]
     return payloads
 
@@ -365,6 +367,10 @@ class WorkerPool:
                 self._discard(grace=0.0)
                 raise
             self._state = "ready"
+            # Every worker answered (some refused the structure together): they stay in step.
+            refused = [reply for reply in replies if isinstance(reply, StructureRejected)]
+            if refused:
+                raise refused[0]
             return replies
 
     def _discard(self, grace: float) -> None:

@@ -161,6 +161,7 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
 
     from distmlip import trace
     from distmlip.builders import graph_builder
+    from distmlip.exchange import StructureRejected
 
     graphs = graph_builder(model, config.halo, config.partitioner, config.skin)
     while True:
@@ -182,6 +183,8 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
             connection.send(("ok", request_id, result))
             # Free this call's graph and tensors before the next request arrives, not during it.
             del result, record
+        except StructureRejected as error:  # refused by every worker together: stay in step
+            connection.send(("rejected", request_id, str(error)))
         except Exception as error:
             report = (error_summary(error), traceback.format_exc())
             connection.send(("error", request_id, report))

@@ -16,6 +16,7 @@ import torch
 
 from distmlip.exchange import Exchange, GraphTopology, RowDeclarer, undirected_edge_keys
 from distmlip.models.base import DistributedModel, GraphInputs
+from distmlip.models.reference import ReferenceMPNN
 
 
 class BondToy(DistributedModel):
@@ -137,3 +138,41 @@ def test_toy_adapter_forces_equal_finite_differences(toy):
                 energies.append(moved.get_potential_energy())
             numeric = -(energies[0] - energies[1]) / (2 * step)
             assert abs(numeric - forces[atom, axis]) < 1e-6, (atom, axis)
+
+
+class CrowdRefusingToy(ReferenceMPNN):
+    """Refuses, through ``exchange.reject_if``, a structure in which an atom has more than
+    ``max_degree`` edges (found while computing, on whichever worker owns it)."""
+
+    max_degree = 20
+
+    def forward(self, inputs: GraphInputs, exchange: Exchange) -> torch.Tensor:
+        degree = torch.bincount(inputs.receivers, minlength=inputs.n_owned)
+        exchange.reject_if(int(degree.max()) > self.max_degree, "an atom is too crowded")
+        return super().forward(inputs, exchange)
+
+
+@pytest.mark.parametrize("halo", ["exchange", "ghost"])
+def test_structure_rejected_by_workers_is_a_value_error_and_keeps_them(toy, halo):
+    """Every worker refuses together (or, without collectives, each on its own): the caller gets
+    one ValueError, the workers are not restarted and serve the next structure (``toy`` puts
+    this module on the workers' path)."""
+    from ase import Atoms
+    from conftest import small_cell
+
+    from distmlip import DistributedCalculator
+
+    dimer = Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[10, 10, 10], pbc=False)
+    with DistributedCalculator(
+        CrowdRefusingToy(cutoff=4.5, num_layers=2, hidden=8),
+        nprocs=2,
+        partitioner="rcb",
+        halo=halo,
+        timeout=120,
+    ) as calc:
+        calc.get_properties(["energy"], dimer)
+        pids = [process.pid for process in calc.pool._workers.processes]
+        with pytest.raises(ValueError, match="too crowded"):
+            calc.get_properties(["energy", "forces"], small_cell())  # 42 neighbours in 4.5 Å
+        assert calc.get_properties(["forces"], dimer)["forces"].shape == (2, 3)
+        assert [process.pid for process in calc.pool._workers.processes] == pids

@@ -155,12 +155,17 @@ def test_float32_forces(checkpoint):
             assert force_error <= FORCE_ATOL32, f"{name}: float32 forces {force_error:.2e} eV/Å"
 
 
-def test_checkpoint_file_and_predict_unit_resolve_alike(checkpoint):
+def test_checkpoint_file_and_predict_unit_resolve_alike(checkpoint, reference64):
     assert is_fairchem_checkpoint(checkpoint)
     for source in (checkpoint, str(checkpoint), predict_unit(checkpoint)):
         adapter = resolve_model(source)
         assert isinstance(adapter, ESENAdapter)
         assert adapter.cutoff == 5.0 and adapter.num_layers == 3 and adapter.task_name == TASK
+    # A predict unit the user built (float64) runs as the path does.
+    with DistributedCalculator(predict_unit(checkpoint), nprocs=2, timeout=120) as calc:
+        assert_matches_upstream(calc, reference64, evaluate, RTOL64, "predict unit P=2")
+    with pytest.warns(UserWarning, match="base_precision_dtype=torch.float32"):
+        ESENAdapter(predict_unit(checkpoint, "float32"))
 
 
 def test_clear_errors(checkpoint, pools, tmp_path):
@@ -180,15 +185,73 @@ def test_clear_errors(checkpoint, pools, tmp_path):
     rescaled = write_esen_checkpoint(tmp_path / "rescaled.pt", tasks=tasks_config(force_rmsd=1.0))
     with pytest.raises(NotImplementedError, match="not\\s+the energy's gradient"):
         ESENAdapter(rescaled)
+    refusals = {
+        "averages over atoms": (esen_config(), {"reduce": "mean"}),
+        "charge/spin-balanced": (esen_config(charge_balanced_channels=[0]), None),
+        "expected one MLP_EFS_Head": (esen_config(), "linear"),
+    }
+    for message, (config, head) in refusals.items():
+        if head == "linear":
+            config["heads"] = {
+                "e": {"module": "fairchem.core.models.uma.escn_md.Linear_Energy_Head"}
+            }
+        elif head:
+            config["heads"]["efs"].update(head)
+        path = write_esen_checkpoint(tmp_path / "refused.pt", config=config)
+        with pytest.raises(NotImplementedError, match=message):
+            ESENAdapter(path)
+    from fairchem.core.units.mlip_unit import load_predict_unit
+    from fairchem.core.units.mlip_unit.api.inference import InferenceSettings
+
+    fast = InferenceSettings(
+        execution_mode="umas_fast_pytorch", merge_mole=True, activation_checkpointing=False
+    )
+    with pytest.raises(NotImplementedError, match="execution_mode='general'"):
+        ESENAdapter(load_predict_unit(checkpoint, inference_settings=fast, device="cpu"))
+    merged = load_predict_unit(
+        checkpoint, inference_settings=InferenceSettings(merge_mole=True), device="cpu"
+    )
+    from fairchem.core import FAIRChemCalculator
+
+    FAIRChemCalculator(merged, task_name=TASK).get_potential_energy(crystal())
+    with pytest.raises(ValueError, match="merged its experts"):
+        ESENAdapter(merged)
 
 
-def test_more_neighbours_than_fairchem_keeps_is_refused(tmp_path):
-    """fairchem drops neighbours past max_neighbors; distmlip refuses instead of differing."""
-    few = write_esen_checkpoint(tmp_path / "few.pt", config=esen_config(max_neighbors=12))
-    with DistributedCalculator(ESENAdapter(few), nprocs=2, timeout=60) as calc:
-        with pytest.raises(Exception, match="max_neighbors=12"):
-            calc.get_properties(["energy"], crystal())  # fcc: 78 neighbours within 5 Å
-        calc.get_properties(["energy"], ethanol(32))  # ≤ 8 neighbours: fine
+@pytest.mark.parametrize("halo", ["exchange", "ghost"])
+def test_crowded_atoms_keep_the_neighbours_fairchem_keeps(tmp_path_factory, checkpoint, halo):
+    """With max_neighbors=12 every atom of the crystal has too many neighbours (about 78
+    within 5 Å): fairchem keeps those within its 13th nearest's squared distance + 0.01 Å²,
+    and so must distmlip, on every worker (the 0.05 Å rattle splits the second shell)."""
+    path = tmp_path_factory.getbasetemp() / "few.pt"
+    if not path.exists():
+        write_esen_checkpoint(path, config=esen_config(max_neighbors=12))
+    expected = upstream(predict_unit(path, "float64"), "crystal")
+    with DistributedCalculator(
+        ESENAdapter(path), nprocs=2, partitioner="rcb", halo=halo, timeout=120
+    ) as calc:
+        got = evaluate(calc, "crystal", expected)
+    for key, value in expected.items():
+        assert relative_error(got[key], value) <= RTOL64, key
+    all_edges = upstream(predict_unit(checkpoint), "crystal")  # the same weights, no limit
+    assert abs(all_edges["energy"] - expected["energy"]) > 1e-6, "the limit changed nothing"
+
+
+def test_worker_without_edges_and_a_lone_atom(checkpoint, pools):
+    """Two atoms 12 Å apart: each worker has an atom and no edge (fairchem pads with an edge
+    that adds nothing; so does distmlip). One isolated atom fairchem answers from a table: a
+    clear error."""
+    from fairchem.core import FAIRChemCalculator
+
+    pair = Atoms("CuNi", positions=[[0, 0, 0], [12, 0, 0]], cell=[30, 20, 20], pbc=False)
+    reference = pair.copy()
+    reference.calc = FAIRChemCalculator(predict_unit(checkpoint), task_name=TASK)
+    expected = {"energy": reference.get_potential_energy(), "forces": reference.get_forces()}
+    got = pools.get(2, "slab").get_properties(["energy", "forces"], pair)
+    assert relative_error(got["energy"], expected["energy"]) <= RTOL64
+    assert np.abs(got["forces"]).max() == np.abs(expected["forces"]).max() == 0.0
+    with pytest.raises(ValueError, match="single isolated atom"):
+        pools.get(1, "slab").get_properties(["energy"], Atoms("Cu", cell=[9, 9, 9]))
 
 
 def test_missing_fairchem_is_one_clear_error(checkpoint, monkeypatch):
@@ -277,3 +340,24 @@ def test_direct_force_model_matches_upstream(tmp_path_factory, nprocs, halo):
             assert all(timings.get("backward", 0.0) == 0.0 for timings in calc.last_timings)
         with pytest.raises(PropertyNotImplementedError, match="no stress"):
             calc.get_properties(["stress"], crystal())
+
+
+def test_s2_activation_within_upstreams_own_run_to_run_spread(tmp_path):
+    """fairchem draws a random roll for every edge's Wigner rotation on every call. With the
+    gate activation the results do not depend on it (the 1e-11 tests above); with
+    act_type="s2" they do, upstream's too: distmlip must then agree with upstream as well as
+    upstream agrees with itself."""
+    path = write_esen_checkpoint(tmp_path / "s2.pt", config=esen_config(act_type="s2"))
+    unit = predict_unit(path, "float64")
+    draws = [upstream(unit, "crystal") for _ in range(3)]
+    with DistributedCalculator(ESENAdapter(path), nprocs=2, partitioner="rcb", timeout=120) as calc:
+        got = evaluate(calc, "crystal", ["energy", "forces"])
+    for key in ("energy", "forces"):
+        spread = max(
+            float(np.abs(np.asarray(a[key]) - np.asarray(b[key])).max())
+            for a in draws
+            for b in draws
+        )
+        assert spread > 0, "upstream repeated itself exactly: the roll no longer matters"
+        error = float(np.abs(np.asarray(got[key]) - np.asarray(draws[0][key])).max())
+        assert error <= 5 * spread, f"{key}: {error:.2e} vs upstream's own spread {spread:.2e}"

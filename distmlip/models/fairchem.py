@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import types
+import warnings
 
 import numpy as np
 import torch
@@ -78,6 +79,17 @@ class ESENAdapter(DistributedModel):
             )
         hydra = model.model.module
         backbone = hydra.backbone
+        precision = getattr(
+            getattr(model, "inference_settings", None), "base_precision_dtype", None
+        )
+        if precision not in (None, torch.float64, "float64"):
+            warnings.warn(
+                f"this predict unit was built with base_precision_dtype={precision}: its derived "
+                "buffers (SO(3) grids, Wigner coefficients) are rounded to it, so float64 runs "
+                "match float64 upstream only to that precision; pass the checkpoint path (loaded "
+                "in float64) for exact float64",
+                stacklevel=2,
+            )
         self.mixture = check_backbone(backbone, model)
         self.task_name, energy_task = find_energy_task(model.tasks, task_name)
         self.direct_forces = bool(backbone.regress_config.direct_forces)
@@ -91,6 +103,14 @@ class ESENAdapter(DistributedModel):
         if backbone.use_dataset_embedding and self.task_name not in backbone.dataset_mapping:
             raise ValueError(f"the backbone has no dataset embedding for {self.task_name!r}")
         self.wrapper, self.head, self.expert = energy_head(hydra, self.task_name)
+        if self.head.reduce == "mean" and not self.direct_forces:
+            raise NotImplementedError(
+                "the energy head averages over atoms (reduce='mean') while upstream's forces "
+                "are the gradient of the sum: they are not the gradient of its energy, which "
+                "distmlip computes"
+            )
+        self.supports_single_atoms = bool(getattr(hydra, "supports_single_atoms", False))
+        self._last_info: tuple | None = None
 
         self.backbone = backbone
         self.energy_rmsd = float(energy_task.normalizer.rmsd)
@@ -109,22 +129,35 @@ class ESENAdapter(DistributedModel):
         """The structure's total charge and spin multiplicity (``atoms.info``, default 0),
         validated by fairchem's own check for this task; for UMA's mixture of experts also
         the composition ((Z, count) pairs), which selects the experts."""
-        info = types.SimpleNamespace(info=dict(atoms.info))
-        # fairchem's check sets its defaults on this copy and raises for bad values
-        self.backbone.validate_atoms_data(info, self.task_name)
-        system = {"charge": int(info.info.get("charge", 0)), "spin": int(info.info.get("spin", 0))}
+        if len(atoms) == 1 and not atoms.pbc.any() and not self.supports_single_atoms:
+            raise ValueError(
+                "a single isolated atom: fairchem answers it from its table of isolated-atom "
+                "energies, not from the model; use FAIRChemCalculator for it"
+            )
+        given = tuple(
+            (key, repr(atoms.info[key])) for key in ("charge", "spin") if key in atoms.info
+        )
+        if self._last_info is None or self._last_info[0] != given:  # fairchem's check warns
+            info = types.SimpleNamespace(info=dict(atoms.info))
+            # fairchem's check sets its defaults on this copy and raises for bad values
+            self.backbone.validate_atoms_data(info, self.task_name)
+            charge, spin = int(info.info.get("charge", 0)), int(info.info.get("spin", 0))
+            self._last_info = (given, {"charge": charge, "spin": spin})
+        system = dict(self._last_info[1])
         if self.mixture:
-            numbers, counts = np.unique(atoms.get_atomic_numbers(), return_counts=True)
-            system["composition"] = tuple(zip(numbers.tolist(), counts.tolist(), strict=True))
+            counts = np.bincount(atoms.get_atomic_numbers())
+            present = np.flatnonzero(counts)
+            system["composition"] = tuple(
+                zip(present.tolist(), counts[present].tolist(), strict=True)
+            )
         return system
 
     def prepare(self, topology: GraphTopology, rows: RowDeclarer) -> int:
         return int(topology.n_atoms)
 
     def forward(self, inputs: GraphInputs, exchange: Exchange) -> torch.Tensor:
-        backbone, n_owned = self.backbone, inputs.n_owned
-        numbers, vectors = inputs.numbers, inputs.vectors
-        self._check_neighbours(inputs.receivers, n_owned, exchange)
+        backbone, n_owned, numbers = self.backbone, inputs.n_owned, inputs.numbers
+        vectors, senders, receivers = self._edges(inputs)
         system = inputs.system or {}
         long = dict(dtype=torch.long, device=vectors.device)
         system_embedding = backbone.csd_embedding(
@@ -132,7 +165,7 @@ class ESENAdapter(DistributedModel):
             spin=torch.tensor([system.get("spin", 0)], **long),
             dataset=[self.task_name],
         )  # (1, C), the same on every worker
-        edge_index = torch.stack([inputs.senders, inputs.receivers])
+        edge_index = torch.stack([senders, receivers])
         distances = torch.linalg.norm(vectors, dim=-1)
         if self.mixture:
             self._select_experts(system["composition"], system_embedding, edge_index)
@@ -149,17 +182,15 @@ class ESENAdapter(DistributedModel):
         x_edge = torch.cat(
             (
                 backbone.distance_expansion(distances),
-                backbone.source_embedding(numbers[inputs.senders]),
-                backbone.target_embedding(numbers[inputs.receivers]),
+                backbone.source_embedding(numbers[senders]),
+                backbone.target_embedding(numbers[receivers]),
             ),
             dim=1,
         )
         if wigner_inv.ndim == 3:
             envelope = envelope.unsqueeze(-1)
         wigner_inv_envelope = wigner_inv * envelope
-        features = backbone.edge_degree_embedding(
-            features, x_edge, inputs.receivers, wigner_inv_envelope
-        )
+        features = backbone.edge_degree_embedding(features, x_edge, receivers, wigner_inv_envelope)
         x_edge_per_layer = backbone.backend.get_layer_radial_emb(x_edge, backbone)
         for block, x_edge_layer in zip(backbone.blocks, x_edge_per_layer, strict=True):
             # eSCNMD_Block.forward, with the exchange where its edge-wise part reads neighbours
@@ -173,7 +204,7 @@ class ESENAdapter(DistributedModel):
                 edge_index,
                 wigner,
                 wigner_inv_envelope,
-                inputs.receivers,
+                receivers,
             )
             features = messages + residual
             features = block.atom_wise(block.norm_2(features)) + features
@@ -182,13 +213,15 @@ class ESENAdapter(DistributedModel):
         if self.expert is not None:  # the dataset's expert of a MoE head, one-hot as upstream
             head_experts = self.wrapper.global_mole_tensors
             head_experts.expert_mixing_coefficients = torch.zeros(
-                (1, len(self.wrapper.dataset_name_to_exp)), dtype=vectors.dtype
+                (1, len(self.wrapper.dataset_name_to_exp)),
+                dtype=vectors.dtype,
+                device=vectors.device,
             )
             head_experts.expert_mixing_coefficients[0, self.expert] = 1.0
             head_experts.mole_sizes = torch.tensor([n_owned], dtype=torch.int)
             head_experts.natoms = n_owned
         atomic = self.head.energy_block(features[:, 0, :]).view(-1)
-        if self.head.reduce == "mean":
+        if self.head.reduce == "mean":  # energy-only or direct-force heads (see __init__)
             atomic = atomic / inputs.prepared
         energies = self.energy_rmsd * atomic + self.energy_mean / inputs.prepared
         if self.element_energy is not None:
@@ -217,19 +250,31 @@ class ESENAdapter(DistributedModel):
         )
         self.backbone.set_MOLE_sizes(nsystems=1, batch_full=batch_local, edge_index=edge_index)
 
-    def _check_neighbours(self, receivers: torch.Tensor, n_owned: int, exchange) -> None:
-        """fairchem keeps at most ``max_neighbors`` neighbours per atom (the nearest): a
-        denser structure would mean a different graph, so every worker refuses it together."""
-        counts = torch.bincount(receivers, minlength=n_owned)
-        crowded = int(counts.max()) if len(counts) else 0
-        over = int(crowded > self.max_neighbors)
-        try:
-            over = exchange.sum_over_ranks(over)
-        except NotImplementedError:  # the ghost baseline: no collectives, a worker may raise alone
-            pass
-        if over:
-            raise ValueError(
-                f"an atom has more than max_neighbors={self.max_neighbors} neighbours within "
-                f"{self.cutoff} Å, where fairchem drops the farthest; distmlip keeps every "
-                "edge, so it refuses this structure (is it compressed or overlapping?)"
-            )
+    def _edges(self, inputs: GraphInputs):
+        """(vectors, senders, receivers) of the edges fairchem's own graph would have.
+
+        * At most ``max_neighbors`` per atom, as fairchem's ``get_max_neighbors_mask`` with
+          ``enforce_max_neighbors_strictly=False``: an atom with more keeps the neighbours whose
+          squared distance is at most that of its (max+1)-th nearest plus 0.01 Å².
+        * A worker without edges gets upstream's fake one (a self-loop of length
+          (cutoff + 1)·√3 on its first atom: outside the cutoff, its envelope is exactly 0, so
+          it adds nothing), which fairchem adds when a structure has none: its layers cannot
+          take zero edges.
+        """
+        vectors, senders, receivers = inputs.vectors, inputs.senders, inputs.receivers
+        counts = torch.bincount(receivers, minlength=inputs.n_owned)
+        if len(counts) and int(counts.max()) > self.max_neighbors:
+            squared = (vectors.detach() ** 2).sum(dim=1)
+            by_distance = torch.argsort(squared)
+            order = by_distance[torch.argsort(receivers[by_distance], stable=True)]
+            start = torch.cumsum(counts, 0) - counts
+            crowded = counts > self.max_neighbors
+            threshold = torch.full_like(counts, float("inf"), dtype=squared.dtype)
+            threshold[crowded] = squared[order][start[crowded] + self.max_neighbors] + 0.01
+            keep = squared <= threshold[receivers]
+            vectors, senders, receivers = vectors[keep], senders[keep], receivers[keep]
+        if len(receivers) == 0:
+            fake = vectors.new_full((1, 3), self.cutoff + 1.0)
+            zero = receivers.new_zeros(1)
+            vectors, senders, receivers = torch.cat([fake, vectors]), zero, zero
+        return vectors, senders, receivers

@@ -87,7 +87,11 @@ def find_energy_task(tasks: dict, task_name: str | None):
     datasets = sorted({dataset for task in energy for dataset in task.datasets})
     if task_name is None:
         if len(datasets) != 1:
-            raise ValueError(f"this checkpoint has tasks {datasets}: pass task_name=...")
+            raise ValueError(
+                f"this checkpoint has tasks {datasets}: choose one with "
+                "DistributedCalculator(ESENAdapter(path, task_name=...), ...) "
+                "(from distmlip.models.fairchem import ESENAdapter)"
+            )
         task_name = datasets[0]
     chosen = [task for task in energy if task_name in task.datasets]
     if not chosen:
@@ -145,6 +149,14 @@ def check_backbone(backbone, unit) -> bool:
         raise NotImplementedError(
             "charge/spin-balanced channels sum over the whole structure in every block; "
             "not supported yet"
+        )
+    from fairchem.core.models.uma.nn.execution_backends import ExecutionBackend
+
+    if type(backbone.backend) is not ExecutionBackend:
+        raise NotImplementedError(
+            f"the backbone runs fairchem's {type(backbone.backend).__name__} (a fast execution "
+            "mode with merged experts and precomputed radials); load the checkpoint with "
+            "InferenceSettings(execution_mode='general') or pass its path"
         )
     settings = getattr(unit, "inference_settings", None)
     if getattr(settings, "merge_mole", False) and getattr(unit, "lazy_model_intialized", False):

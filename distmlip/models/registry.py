@@ -92,6 +92,11 @@ def resolve_model(model, **kwargs) -> DistributedModel:
     if isinstance(model, str) and model.lower() in _NAMES:
         return _NAMES[model.lower()](**kwargs)
     path = _model_file(model)
+    if path is not None and not path.expanduser().exists():
+        raise FileNotFoundError(
+            f"model file {str(path)!r} does not exist (give a model file or directory, or one "
+            f"of the names: {', '.join(model_names())})"
+        )
     if path is not None and path.is_dir():
         from distmlip.models.tensornet import TensorNetAdapter, load_matgl_model
 
@@ -104,7 +109,11 @@ def resolve_model(model, **kwargs) -> DistributedModel:
     if path is not None:
         from distmlip.models.mace import MACEAdapter, load_mace_model
 
-        return MACEAdapter(load_mace_model(path), **kwargs)
+        try:
+            loaded = load_mace_model(path)
+        except ValueError as error:
+            raise ValueError(f"{error}; nor is it a fairchem checkpoint") from error
+        return MACEAdapter(loaded, **kwargs)
     for by_type in _TYPES:
         if by_type.accepts(model):
             return by_type.factory(model, **kwargs)

@@ -38,6 +38,11 @@ def load_matgl_model(path: str | os.PathLike):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"matgl model directory {str(path)!r} does not exist")
+    if not (path / "model.json").is_file():  # else matgl would look for it on its model hub
+        raise ValueError(
+            f"{str(path)!r} is not a saved matgl model (no model.json; save one with "
+            "potential.save(path))"
+        )
     os.environ.setdefault("MATGL_BACKEND", "PYG")
     try:
         import matgl
