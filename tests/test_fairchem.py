@@ -299,6 +299,13 @@ def test_uma_shaped_model_matches_upstream(
             for key, value in expected.items():
                 error = relative_error(got[key], value)
                 assert error <= RTOL64, f"{task} P={nprocs} {partitioner} {name}: {key} {error:.2e}"
+        if task == "omol":  # no charge/spin given: fairchem's omol defaults (0, spin 1)
+            unit = predict_unit(uma_checkpoint, "float64")
+            expected = upstream(unit, "molecule", {}, task)
+            got = evaluate(calc, "molecule", expected)
+            for key, value in expected.items():
+                assert relative_error(got[key], value) <= RTOL64, f"omol defaults: {key}"
+            assert abs(got["energy"] - uma_reference[task]["molecule"]["energy"]) > 1e-6
 
 
 def test_uma_experts_follow_the_whole_structures_composition(uma_checkpoint, uma_reference):
