@@ -37,7 +37,7 @@ def test_adapter_example_is_exact(tmp_path, monkeypatch):
             assert np.abs(got["forces"]).max() > 1e-4, "the example's forces are all zero"
 
 
-@pytest.mark.parametrize("model", ["chgnet", "mace"])
+@pytest.mark.parametrize("model", ["chgnet", "mace", "esen"])
 def test_model_page_accuracy_tables_are_the_scripts_output(model):
     """docs/<model>.md shows the tables benchmarks/accuracy.py wrote, not hand-typed ones."""
     generated = (DOCS / "benchmarks" / f"accuracy_{model}.md").read_text()
