@@ -28,3 +28,22 @@ def test_cuda_without_gpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="torch sees no GPU; use device='cpu'"):
         DistributedCalculator("reference", nprocs=1, device="cuda")
+
+
+def test_uma_on_cuda_equals_cpu(tmp_path):
+    """The UMA-shaped model on the GPU (its expert tensors must follow the model's device)."""
+    if torch.cuda.device_count() < 1:
+        pytest.skip(f"needs a CUDA device, found {torch.cuda.device_count()}")
+    from fairchem_models import uma_config, uma_tasks_config, write_esen_checkpoint
+    from test_fairchem import crystal
+
+    from distmlip.models.fairchem import ESENAdapter
+
+    path = write_esen_checkpoint(tmp_path / "uma.pt", config=uma_config(), tasks=uma_tasks_config())
+    results = {}
+    for device in ("cpu", "cuda"):
+        adapter = ESENAdapter(path, task_name="omat")
+        with DistributedCalculator(adapter, nprocs=1, device=device, timeout=300) as calc:
+            results[device] = calc.get_properties(["energy", "forces"], crystal())
+    assert results["cuda"]["energy"] == pytest.approx(results["cpu"]["energy"], rel=1e-10)
+    assert np.abs(results["cuda"]["forces"] - results["cpu"]["forces"]).max() < 1e-9
