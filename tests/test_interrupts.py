@@ -257,13 +257,18 @@ def _workers_of(process: psutil.Process) -> list[psutil.Process]:
 
 def _interrupt_after(marker: str, command: list[str]) -> tuple[subprocess.Popen, str, str, list]:
     """Start ``command`` in its own process group, wait for ``marker`` on its stdout, then
-    SIGINT the whole group (what Ctrl-C in a terminal does)."""
+    SIGINT the whole group (what Ctrl-C in a terminal does).
+
+    The command starts with SIGINT's default disposition, as from a terminal: a test run
+    launched as a background job of a non-interactive shell inherits SIGINT ignored, and
+    Python then installs no KeyboardInterrupt handler at all."""
     driver = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = []
     for line in driver.stdout:

@@ -38,11 +38,6 @@ def load_matgl_model(path: str | os.PathLike):
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"matgl model directory {str(path)!r} does not exist")
-    if not (path / "model.json").is_file():  # else matgl would look for it on its model hub
-        raise ValueError(
-            f"{str(path)!r} is not a saved matgl model (no model.json; save one with "
-            "potential.save(path))"
-        )
     os.environ.setdefault("MATGL_BACKEND", "PYG")
     try:
         import matgl
@@ -51,6 +46,11 @@ def load_matgl_model(path: str | os.PathLike):
             f"loading the matgl model in {str(path)!r} needs matgl: "
             "pip install 'distmlip[tensornet]'"
         ) from error
+    if not (path / "model.json").is_file():  # else matgl would look for it on its model hub
+        raise ValueError(
+            f"{str(path)!r} is not a saved matgl model (no model.json; save one with "
+            "potential.save(path))"
+        )
     try:
         return matgl.load_model(path)
     except Exception as error:
