@@ -155,9 +155,11 @@ def test_float32_forces(checkpoint):
             assert force_error <= FORCE_ATOL32, f"{name}: float32 forces {force_error:.2e} eV/Å"
 
 
-def test_checkpoint_file_and_predict_unit_resolve_alike(checkpoint, reference64):
+def test_checkpoint_file_and_predict_unit_resolve_alike(checkpoint, reference64, monkeypatch):
     assert is_fairchem_checkpoint(checkpoint)
-    for source in (checkpoint, str(checkpoint), predict_unit(checkpoint)):
+    monkeypatch.setenv("HOME", str(checkpoint.parent))
+    home_path = f"~/{checkpoint.name}"  # expanded before the file is sniffed
+    for source in (checkpoint, str(checkpoint), home_path, predict_unit(checkpoint)):
         adapter = resolve_model(source)
         assert isinstance(adapter, ESENAdapter)
         assert adapter.cutoff == 5.0 and adapter.num_layers == 3 and adapter.task_name == TASK

@@ -92,7 +92,9 @@ def resolve_model(model, **kwargs) -> DistributedModel:
     if isinstance(model, str) and model.lower() in _NAMES:
         return _NAMES[model.lower()](**kwargs)
     path = _model_file(model)
-    if path is not None and not path.expanduser().exists():
+    if path is not None:
+        path = path.expanduser()
+    if path is not None and not path.exists():
         raise FileNotFoundError(
             f"model file {str(path)!r} does not exist (give a model file or directory, or one "
             f"of the names: {', '.join(model_names())})"
