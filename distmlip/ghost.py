@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from distmlip.exchange import StructureRejected
 from distmlip.graph import EdgeList, Structure, neighbor_list, neighborhood_mask
 from distmlip.halo import LocalGraph
 
@@ -102,8 +103,6 @@ class GhostExchange:
 
     def reject_if(self, condition: bool, message: str) -> None:
         # No collectives here, and none to leave waiting: a worker refuses on its own.
-        from distmlip.exchange import StructureRejected
-
         if condition:
             raise StructureRejected(message)
 

@@ -168,7 +168,7 @@ class ESENAdapter(DistributedModel):
         edge_index = torch.stack([senders, receivers])
         distances = torch.linalg.norm(vectors, dim=-1)
         if self.mixture:
-            self._select_experts(system["composition"], system_embedding, edge_index)
+            self._select_experts(system["composition"], system_embedding, edge_index, inputs)
 
         wigner, wigner_inv = backbone._get_rotmat_and_wigner(vectors)
         coefficient_index = backbone.coefficient_index if backbone.mmax != backbone.lmax else None
@@ -232,7 +232,7 @@ class ESENAdapter(DistributedModel):
         forces = self.force_head({}, {"node_embedding": features})["forces"]
         return energies, {"forces": self.force_rmsd * forces + self.force_mean}
 
-    def _select_experts(self, composition, system_embedding, edge_index) -> None:
+    def _select_experts(self, composition, system_embedding, edge_index, inputs) -> None:
         """UMA's expert mixing from the whole structure's composition (upstream's own
         ``set_MOLE_coefficients``), and every local edge as one system's (``set_MOLE_sizes``)."""
         numbers, counts = zip(*composition, strict=True)
@@ -245,9 +245,7 @@ class ESENAdapter(DistributedModel):
             batch_full=torch.zeros_like(numbers_full),
             csd_mixed_emb=system_embedding,
         )
-        batch_local = torch.zeros(
-            int(edge_index.max()) + 1 if edge_index.numel() else 1, dtype=torch.long, device=device
-        )
+        batch_local = torch.zeros(inputs.n_local, dtype=torch.long, device=device)
         self.backbone.set_MOLE_sizes(nsystems=1, batch_full=batch_local, edge_index=edge_index)
 
     def _edges(self, inputs: GraphInputs):

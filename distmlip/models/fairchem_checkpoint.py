@@ -93,10 +93,9 @@ def find_energy_task(tasks: dict, task_name: str | None):
                 "(from distmlip.models.fairchem import ESENAdapter)"
             )
         task_name = datasets[0]
-    chosen = [task for task in energy if task_name in task.datasets]
-    if not chosen:
+    if task_name not in datasets:
         raise ValueError(f"task_name={task_name!r} is not one of this checkpoint's {datasets}")
-    return task_name, chosen[0]
+    return task_name, task_of(tasks, task_name, "energy")
 
 
 def task_of(tasks: dict, task_name: str, prop: str):
