@@ -20,6 +20,6 @@ fi
   | grep -v -E "^WARNING: Location|^$|dependency resolver does not currently|mace-torch .* requires e3nn==0.4.4" || true
 # Every model family imports in this one environment (a failed install above shows here).
 .venv/bin/python -W ignore -c "
-import distmlip, torch, vesin, e3nn, chgnet, mace, matgl, fairchem.core
+import distmlip, torch, vesin, vesin_torch, e3nn, chgnet, mace, matgl, fairchem.core
 print('distmlip', distmlip.__version__, 'torch', torch.__version__, 'e3nn', e3nn.__version__,
       'fairchem-core', fairchem.core.__version__)" 2>&1 | grep -v -i -E "warp|cuda|devices|\"cpu\"|kernel cache|/root|^ *$"

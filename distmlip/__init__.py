@@ -6,14 +6,22 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__all__ = ["DistributedCalculator", "DistributedModel", "ReferenceMPNN", "Structure", "WorkerError"]
+__all__ = [
+    "DistributedCalculator",
+    "DistributedModel",
+    "OutOfMemoryError",
+    "ReferenceMPNN",
+    "Structure",
+    "WorkerError",
+]
 __version__ = "0.1.0"
 
 # Imported on first use, so `distmlip --help` and the worker processes start without torch.
 _LAZY = {
     "DistributedCalculator": "distmlip.calculator",
     "Structure": "distmlip.graph",
-    "WorkerError": "distmlip.launch",
+    "WorkerError": "distmlip.errors",
+    "OutOfMemoryError": "distmlip.errors",
     "DistributedModel": "distmlip.models",
     "ReferenceMPNN": "distmlip.models",
 }
@@ -21,7 +29,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from distmlip.calculator import DistributedCalculator
     from distmlip.graph import Structure
-    from distmlip.launch import WorkerError
+    from distmlip.errors import OutOfMemoryError, WorkerError
     from distmlip.models import DistributedModel, ReferenceMPNN
 
 

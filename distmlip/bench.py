@@ -35,6 +35,7 @@ class BenchConfig:
     halos: tuple[str, ...] = ("exchange",)
     dtype: str = "float32"
     device: str = "cpu"
+    backend: str = "auto"
     total_threads: int = 2
     repeats: int = 2
     memory_budget_gb: float = 20.0
@@ -56,6 +57,7 @@ def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: Benc
         nprocs=nprocs,
         partitioner=partitioner,
         device=config.device,
+        backend=config.backend,
         dtype=config.dtype,
         halo=halo,
         threads_per_worker=threads,

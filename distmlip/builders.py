@@ -8,6 +8,8 @@ deterministic rule, whether to rebuild. All ranks therefore agree without a mess
   build is kept, and later calls re-select its edges shorter than the cutoff for as long as no
   atom has moved more than ``skin / 2`` and the cell, pbc and species are unchanged (a Verlet
   list): no partition, neighbour search, plan handshake or ``prepare``.
+* :class:`~distmlip.resident.ResidentSkinGraphs` (``resident``): the same, with the per-call
+  work in torch on the worker's device and the neighbour search with vesin-torch.
 * :class:`GhostGraphs`: the ghost baseline (:mod:`distmlip.ghost`), rebuilt at every call.
 
 The geometric partitioners are deterministic (same code, same input bytes on every rank); a
@@ -21,6 +23,7 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from distmlip import trace
 from distmlip.engine import Prepared, prepare, timed
@@ -33,6 +36,7 @@ from distmlip.halo import (
     resolve_send_index,
     within_cutoff,
 )
+from distmlip.models.base import GraphInputs
 from distmlip.partition import partition
 
 __all__ = ["CallGraph", "SkinGraphs", "GhostGraphs", "graph_builder"]
@@ -43,22 +47,25 @@ class CallGraph:
     """The graph of one call and what was done to get it.
 
     Attributes:
-        graph: edges shorter than the cutoff (selected from the skin graph when reused).
-        vectors: (E, 3) float64 edge vectors at this call's positions, Å.
+        graph: edges shorter than the cutoff (selected from the skin graph when reused); with
+            ``inputs``, the built graph (rows and plan; the edges are in ``inputs``).
+        vectors: (E, 3) float64 edge vectors at this call's positions, Å (None with ``inputs``).
         prepared: the model's ``prepare`` of the graph built last.
         kept_edges: (E,) index of each edge in the built graph, or None if built for this call.
         built: True if this call partitioned and built (False: reused).
         timings: seconds of ``partition``, ``graph`` (build, plan, prepare) and ``prepare``.
         skin_edges: edges of the kept skin graph (0 without skin).
+        inputs: the model inputs, already on the device (:mod:`distmlip.resident`), or None.
     """
 
     graph: LocalGraph
-    vectors: np.ndarray
+    vectors: np.ndarray | None
     prepared: Prepared
-    kept_edges: np.ndarray | None
+    kept_edges: np.ndarray | torch.Tensor | None
     built: bool
     timings: dict[str, float]
     skin_edges: int = 0
+    inputs: GraphInputs | None = None
 
 
 def _owners(structure: Structure, comm, partitioner: str, cutoff: float) -> np.ndarray:
@@ -131,14 +138,7 @@ class SkinGraphs:
         with timed(timings, "partition"):
             owner = _owners(structure, comm, self.partitioner, cutoff)
         with timed(timings, "graph"):  # includes "prepare"
-            graph = build_local_graph(
-                structure, owner, comm.rank, comm.world_size, cutoff + self.skin
-            )
-            with trace.span("plan"):  # the halo-plan handshake with the peers
-                resolve_send_index(graph, comm.exchange_requests(graph.requests()))
-            vectors = edge_vectors(graph, structure)
-            with timed(timings, "prepare"):
-                prepared = prepare(self.model, graph, structure, comm, vectors, owner, self.skin)
+            graph, vectors, prepared = self._build(structure, comm, owner, timings)
             if self.skin > 0:
                 shift_vectors = graph.edges.shifts @ structure.cell
                 built = _Built(
@@ -155,6 +155,18 @@ class SkinGraphs:
         if self.skin == 0:
             return CallGraph(graph, vectors, prepared, None, True, timings)
         return CallGraph(graph, vectors, prepared, index, True, timings, skin_edges)
+
+    def _build(self, structure: Structure, comm, owner: np.ndarray, timings, pair_search=None):
+        """The local graph with ``cutoff + skin``, its halo plan (the handshake with the peers),
+        its (E, 3) edge vectors and the model's ``prepare`` of it (collective)."""
+        cutoff = self.model.cutoff + self.skin
+        graph = build_local_graph(structure, owner, comm.rank, comm.world_size, cutoff, pair_search)
+        with trace.span("plan"):
+            resolve_send_index(graph, comm.exchange_requests(graph.requests()))
+        vectors = edge_vectors(graph, structure)
+        with timed(timings, "prepare"):
+            prepared = prepare(self.model, graph, structure, comm, vectors, owner, self.skin)
+        return graph, vectors, prepared
 
 
 class GhostGraphs:
@@ -177,8 +189,15 @@ class GhostGraphs:
         return CallGraph(graph, vectors, prepared, None, True, timings)
 
 
-def graph_builder(model, halo: str, partitioner: str, skin: float) -> SkinGraphs | GhostGraphs:
-    """The builder for ``halo`` (``"exchange"`` or ``"ghost"``)."""
+def graph_builder(
+    model, halo: str, partitioner: str, skin: float, resident: bool = False, device=None
+) -> SkinGraphs | GhostGraphs:
+    """The builder for ``halo`` (``"exchange"`` or ``"ghost"``); ``resident``: the per-call
+    work in torch on ``device`` (:mod:`distmlip.resident`; exchange mode only)."""
     if halo == "ghost":
         return GhostGraphs(model, partitioner)
+    if resident:
+        from distmlip.resident import ResidentSkinGraphs
+
+        return ResidentSkinGraphs(model, partitioner, skin, device)
     return SkinGraphs(model, partitioner, skin)

@@ -54,7 +54,11 @@ class DistributedCalculator(Calculator):
             (``"reference"``).
         nprocs: number of worker processes P (1 runs the same code without communication).
         partitioner: ``"slab"``, ``"rcb"`` or ``"metis"``.
-        device: ``"cpu"`` or ``"cuda"`` (one GPU per worker).
+        device: ``"cpu"`` or ``"cuda"`` (one GPU per worker with NCCL).
+        backend: ``"auto"`` (default: NCCL on ``"cuda"``, gloo on ``"cpu"``), ``"nccl"``, or
+            ``"gloo"``: on ``"cuda"`` several workers may share a GPU (worker r on GPU
+            r mod #GPUs), their halo transfers staged through host memory (slower than NCCL;
+            for testing P >= 2 on one GPU, or several workers per GPU).
         dtype: ``"float64"`` (exact comparisons) or ``"float32"``.
         timeout: seconds before a stuck or dead worker raises instead of hanging.
         threads_per_worker: torch threads per worker (default: cores // nprocs).
@@ -69,9 +73,23 @@ class DistributedCalculator(Calculator):
             search, the partition and the halo-plan handshake. Results are the same as without
             it. ``graph_builds`` and ``graph_reuses`` count what happened. Each worker makes the
             decision from the replicated structure, by the same rule. Exchange mode only.
+        resident: the per-call graph work (skin check, edge vectors, selection of the edges
+            shorter than the cutoff, model inputs) in torch on the worker's device, and the
+            neighbour search there with vesin-torch, so an MD step with a reused graph sends
+            only positions to the device; ``None`` (default): on for ``device="cuda"``, off on
+            the CPU. The same numbers as off, to round-off (docs/performance.md).
         allocator: ``"keep"`` (default): workers keep freed memory mapped, so repeated calls
             (MD) do not pay page faults again (faster steps, up to ~40 % higher peak memory for
             cheap models); ``"system"``: the C library's defaults (lowest peak memory).
+        checkpoint: activation checkpointing (default False). Each message-passing layer keeps
+            only its inputs for the backward and is recomputed there, its halo exchanges
+            replayed from memory rather than sent again: several times less memory per atom for
+            about a third more time, the same numbers to round-off (docs/performance.md).
+        memory_limit: GB (2^30 bytes) each CPU worker may use (default None: no bound). A call
+            that needs more raises :class:`~distmlip.OutOfMemoryError`, which names the worker,
+            its atoms, its memory and what to change, instead of the kernel killing the worker;
+            the next call (e.g. on a smaller structure) starts new workers.
+            :meth:`estimate_memory` predicts what a structure needs.
         trace: workers record a :class:`~distmlip.trace.Trace` of every call (spans of each
             phase, one event per exchange), kept in ``last_traces``; for benchmarks.
 
@@ -98,12 +116,16 @@ class DistributedCalculator(Calculator):
         nprocs: int = 2,
         partitioner: str = "slab",
         device: str = "cpu",
+        backend: str = "auto",
         dtype: str = "float64",
         timeout: float = 600.0,
         threads_per_worker: int | None = None,
         halo: str = "exchange",
         skin: float = 0.0,
+        resident: bool | None = None,
         allocator: str = "keep",
+        checkpoint: bool = False,
+        memory_limit: float | None = None,
         trace: bool = False,
         **kwargs,
     ):
@@ -111,12 +133,17 @@ class DistributedCalculator(Calculator):
         options = WorkerOptions(
             nprocs=nprocs,
             device=device,
+            backend=backend,
             dtype=dtype,
             timeout=timeout,
             threads_per_worker=threads_per_worker,
             allocator=allocator,
+            checkpoint=checkpoint,
+            memory_limit=memory_limit,
         )
-        graph_options = GraphOptions(partitioner=partitioner, halo=halo, skin=skin)
+        graph_options = GraphOptions(
+            partitioner=partitioner, halo=halo, skin=skin, resident=resident
+        )
         if not isinstance(trace, bool):
             raise ValueError(f"trace must be True or False, got {trace!r}")
         unknown = sorted(set(kwargs) - _ASE_ARGUMENTS)
@@ -172,6 +199,11 @@ class DistributedCalculator(Calculator):
     def skin(self) -> float:
         return self.pool.graph_options.skin
 
+    @property
+    def resident(self) -> bool:
+        """Whether the workers take the resident path (``resident=None`` resolved)."""
+        return self.pool.resident
+
     def compute(self, structure: Structure, forces: bool = True) -> dict:
         """Evaluate a :class:`~distmlip.graph.Structure`; returns the properties dictionary."""
         with self._lock:
@@ -190,6 +222,18 @@ class DistributedCalculator(Calculator):
         self.last_stats = [r.stats for r in results]
         self.last_traces = [r.trace for r in results] if self._trace else []
         return assemble(results, structure.n_atoms, structure.volume)
+
+    def estimate_memory(self, atoms, nprocs: int | None = None, **options):
+        """Predicted peak memory per worker for ``atoms`` on ``nprocs`` workers (default:
+        this calculator's), from a short calibration on smaller structures cut from it.
+
+        Returns a :class:`~distmlip.capacity.MemoryEstimate`; see :mod:`distmlip.capacity`
+        for the method and ``options``. Uses (and keeps) this calculator's workers.
+        """
+        from distmlip.capacity import estimate_memory
+
+        with self._lock:
+            return estimate_memory(self, atoms, nprocs, **options)
 
     def get_property(self, name, atoms=None, allow_calculation=True):
         # ASE's check_state → reset → calculate → read self.results must not interleave with

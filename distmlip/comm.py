@@ -14,7 +14,9 @@ The exchange is an autograd ``Function``:
 from __future__ import annotations
 
 import datetime
+import os
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -51,16 +53,55 @@ def _wait_all(works, timeout: float, what: str) -> None:
             )
 
 
-def _post(sends, receives, tag: int) -> list:
-    """Post all sends and receives ``[(peer, tensor)]`` at once; the works to wait for."""
+_STAGE_ENVIRONMENT = "DISTMLIP_STAGE_TRANSFERS"
+"""``=1``: stage point-to-point transfers through host memory on any device (tests that path
+on the CPU)."""
+
+
+def _stages_transfers(device: torch.device) -> bool:
+    """Whether point-to-point transfers of ``device`` tensors must go through host memory.
+
+    gloo cannot send or receive CUDA tensors point-to-point (``batch_isend_irecv`` fails with
+    "writev: Bad address"; its collectives do take them), so workers that share GPUs over
+    gloo copy every message to the host and back. NCCL and CPU tensors need no copies.
+    """
+    if os.environ.get(_STAGE_ENVIRONMENT) == "1":
+        return True
+    return device.type == "cuda" and dist.is_initialized() and dist.get_backend() == "gloo"
+
+
+def _stage(sends, receives) -> tuple[list, list, list]:
+    """Host copies of ``sends``, host buffers for ``receives`` (both ``[(peer, tensor)]``),
+    and the ``(receive, buffer)`` pairs :func:`_unstage` copies after the transfer."""
+    buffers = [(peer, torch.empty(t.shape, dtype=t.dtype, device="cpu")) for peer, t in receives]
+    copies = [(t, buffer) for (_, t), (_, buffer) in zip(receives, buffers, strict=True)]
+    return [(peer, t.cpu()) for peer, t in sends], buffers, copies
+
+
+def _unstage(copies) -> None:
+    """Copy each received host buffer into its tensor (on the device)."""
+    for tensor, buffer in copies:
+        tensor.copy_(buffer)
+
+
+def _post(sends, receives, tag: int, staged: bool = False) -> tuple[list, list]:
+    """Post all sends and receives ``[(peer, tensor)]`` at once. Returns the works to wait for
+    and, if ``staged`` (see :func:`_stages_transfers`), the copies to :func:`_unstage` after."""
+    copies = []
+    if staged:
+        sends, receives, copies = _stage(sends, receives)
     operations = [dist.P2POp(dist.isend, tensor, peer, tag=tag) for peer, tensor in sends]
     operations += [dist.P2POp(dist.irecv, tensor, peer, tag=tag) for peer, tensor in receives]
-    return dist.batch_isend_irecv(operations) if operations else []
+    return (dist.batch_isend_irecv(operations) if operations else []), copies
 
 
-def _point_to_point(sends, receives, tag: int, timeout: float, what: str) -> None:
+def _point_to_point(
+    sends, receives, tag: int, timeout: float, what: str, staged: bool = False
+) -> None:
     """Post all sends and receives ``[(peer, tensor)]`` at once, then wait for all of them."""
-    _wait_all(_post(sends, receives, tag), timeout, what)
+    works, copies = _post(sends, receives, tag, staged)
+    _wait_all(works, timeout, what)
+    _unstage(copies)
 
 
 class Communicator:
@@ -75,14 +116,24 @@ class Communicator:
             them into the loss so each rank runs every exchange's backward (a rank whose energy
             does not depend on some halo row must still answer its peers).
         calls, bytes_sent: counters for statistics.
+        staged: transfers go through host memory (default: :func:`_stages_transfers`).
     """
 
-    def __init__(self, rank: int, world_size: int, device: torch.device, timeout: float = 600.0):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        timeout: float = 600.0,
+        staged: bool | None = None,
+    ):
         self.rank = rank
         self.world_size = world_size
         self.device = device
         self.timeout = float(timeout)
+        self.staged = _stages_transfers(device) if staged is None else staged
         self._index_cache: dict[int, tuple] = {}
+        self.replay = None  # a checkpoint.Replay while a checkpointed region runs
         self.reset()
 
     def reset(self) -> None:
@@ -91,6 +142,25 @@ class Communicator:
         self.seconds = 0.0
         self.outputs: list[torch.Tensor] = []
         self._index_cache = {}
+
+    @contextmanager
+    def bound(self, replay):
+        """Record (first run) or replay (recomputation) this communicator's results through
+        ``replay`` within the block: see :mod:`distmlip.checkpoint`."""
+        previous, self.replay = self.replay, replay
+        try:
+            yield
+        finally:
+            self.replay = previous
+
+    def replayed(self, compute):
+        """``compute()``; recorded, or replayed without communicating, in a checkpointed region."""
+        replay = self.replay
+        if replay is None:
+            return compute()
+        if replay.replaying:
+            return replay.next()
+        return replay.record(compute())
 
     def next_tag(self) -> int:
         """A fresh message tag (even; its backward uses tag + 1), equal on every rank."""
@@ -108,18 +178,19 @@ class Communicator:
         ``tag``, ``bytes_sent``, ``seconds`` (spent posting and waiting) and ``done_at``.
         """
         start = time.perf_counter()
-        works = _post(sends, receives, tag)
+        works, copies = _post(sends, receives, tag, self.staged)
         sent = sum(t.numel() * t.element_size() for _, t in sends)
         entry = trace.event("exchange", what=what, tag=tag, bytes_sent=sent, seconds=0.0)
         if entry is not None:
             entry["_posted"] = time.perf_counter()
         self.bytes_sent += sent
-        return works, what, entry, time.perf_counter() - start
+        return works, copies, what, entry, time.perf_counter() - start
 
     def _wait(self, posted: tuple) -> None:
-        works, what, entry, post_seconds = posted
+        works, copies, what, entry, post_seconds = posted
         start = time.perf_counter()
         _wait_all(works, self.timeout, what)
+        _unstage(copies)
         elapsed = post_seconds + time.perf_counter() - start
         self.seconds += elapsed
         if entry is not None:
@@ -181,6 +252,9 @@ class Communicator:
         transfer in flight; ``pending.finish()`` waits and gives the (n_halo, ...) halo rows.
         ``cat([owned, pending.finish()])`` equals ``exchange(owned, plan)``.
         """
+        return self.replayed(lambda: self._start_exchange(owned, plan))
+
+    def _start_exchange(self, owned, plan):
         if owned.shape[0] != plan.n_owned:
             raise ValueError(f"expected {plan.n_owned} owned rows, got {owned.shape[0]}")
         pending = PendingExchange(self, plan, self.next_tag())
@@ -190,6 +264,9 @@ class Communicator:
 
     def exchange(self, owned: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
         """Differentiable (n_owned, ...) → (n_local, ...) halo refresh."""
+        return self.replayed(lambda: self._exchange(owned, plan))
+
+    def _exchange(self, owned, plan):
         tag = self.next_tag()
         local = _HaloExchange.apply(owned, self, plan, tag)
         if local.requires_grad:
@@ -203,6 +280,9 @@ class Communicator:
         Used when several workers each compute part of a sum onto one row (CHGNet's bond
         updates collect angle messages from both ends of a bond).
         """
+        return self.replayed(lambda: self._reduce(local, plan))
+
+    def _reduce(self, local, plan):
         tag = self.next_tag()
         owned = _HaloReduce.apply(local, self, plan, tag)
         if owned.requires_grad:
@@ -211,6 +291,9 @@ class Communicator:
 
     def allreduce_int(self, value: int, op: str = "sum") -> int:
         """``op`` ("sum" or "max") of an integer over all ranks (blocking, with the timeout)."""
+        return self.replayed(lambda: self._allreduce_int(value, op))
+
+    def _allreduce_int(self, value: int, op: str) -> int:
         if op not in ("sum", "max"):
             raise ValueError(f"op must be 'sum' or 'max', got {op!r}")
         if self.world_size == 1:
@@ -262,7 +345,8 @@ class Communicator:
         ]
         buffers = [torch.empty(n, dtype=torch.int64, device=self.device) for n in incoming]
         receives = [(q, buffers[q]) for q in self._peers(incoming)]
-        _point_to_point(sends, receives, _REQUEST_TAG, self.timeout, "exchanging halo requests")
+        what = "exchanging halo requests"
+        _point_to_point(sends, receives, _REQUEST_TAG, self.timeout, what, self.staged)
         return [buffer.cpu().numpy() for buffer in buffers]
 
 
@@ -284,6 +368,9 @@ class PendingExchange:
 
     def finish(self) -> torch.Tensor:
         """(n_halo, ...) halo rows; waits for the transfer started by ``start_exchange``."""
+        return self.comm.replayed(self._finish)
+
+    def _finish(self) -> torch.Tensor:
         if self._started is None:
             raise RuntimeError("finish() called twice, or before start_exchange()")
         # Dropping the start's output here keeps autograd nodes from referencing this object

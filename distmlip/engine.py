@@ -123,9 +123,12 @@ def graph_inputs(
     structure: Structure,
     dtype: torch.dtype,
     device: torch.device,
-    vectors: np.ndarray | None = None,
+    vectors: np.ndarray | torch.Tensor | None = None,
 ) -> GraphInputs:
-    """Tensors of the local graph; edge vectors (given, or computed here) are float64, then cast."""
+    """Tensors of the local graph; edge vectors (given, or computed here) are float64, then cast.
+
+    ``vectors`` may be a tensor on ``device`` already (then only cast, never copied via the host).
+    """
     edges = graph.edges
     if vectors is None:
         vectors = edge_vectors(graph, structure)
@@ -177,13 +180,20 @@ def evaluate(
     compute_forces: bool = True,
     vectors: np.ndarray | None = None,
     prepared: Prepared | None = None,
-    kept_edges: np.ndarray | None = None,
+    kept_edges: np.ndarray | torch.Tensor | None = None,
+    checkpoint: bool = False,
+    inputs: GraphInputs | None = None,
 ) -> WorkerResult:
     """Run the model on this worker's local graph; see the module docstring.
 
     ``vectors``: the graph's (E, 3) float64 edge vectors if the caller has them already.
     ``prepared``: what :func:`prepare` gave for the graph this one was selected from
     (``kept_edges``: the index of each edge there); prepared here if not given.
+    ``checkpoint``: the adapter's ``exchange.checkpoint`` regions recompute their activations
+    in the backward instead of keeping them (:mod:`distmlip.checkpoint`).
+    ``inputs``: the model inputs already on ``device`` (:mod:`distmlip.resident`: float64
+    vectors, which are cast here; ``kept_edges`` a device tensor); ``graph`` then gives only the
+    rows and the halo plan, and ``vectors``/``kept_edges`` are not used.
     """
     timings: dict[str, float] = {}
     phase = partial(timed, timings)
@@ -192,16 +202,19 @@ def evaluate(
             vectors = edge_vectors(graph, structure)
         prepared = prepare(model, graph, structure, comm, vectors)
     with phase("inputs"):
-        inputs = graph_inputs(graph, structure, dtype, device, vectors)
+        if inputs is None:
+            inputs = graph_inputs(graph, structure, dtype, device, vectors)
+            if kept_edges is not None:
+                inputs.kept_edges = torch.as_tensor(kept_edges, dtype=torch.int64, device=device)
+        else:  # on the device already: a cast there, no host copy
+            inputs.vectors = inputs.vectors.detach().to(dtype)
         inputs.prepared = prepared.value
-        if kept_edges is not None:
-            inputs.kept_edges = torch.as_tensor(kept_edges, dtype=torch.int64, device=device)
         inputs.vectors.requires_grad_(compute_forces)
         comm.reset()
         if graph.ghost:
-            exchange = GhostExchange(graph.n_computed, graph.n_local)
+            exchange = GhostExchange(graph.n_computed, graph.n_local, checkpoint)
         else:
-            exchange = Exchange(comm, graph.plan, prepared.row_plans)
+            exchange = Exchange(comm, graph.plan, prepared.row_plans, checkpoint)
 
     direct = bool(getattr(model, "direct_forces", False))
     with phase("forward"), torch.set_grad_enabled(compute_forces and not direct):
@@ -255,7 +268,7 @@ def evaluate(
         "owned_atoms": graph.n_owned,
         "halo_atoms": graph.n_halo,
         "computed_atoms": graph.n_computed,
-        "edges": len(graph.edges),
+        "edges": int(inputs.receivers.shape[0]),
         "exchanges": comm.calls,
         "bytes_sent": comm.bytes_sent,
     }

@@ -11,7 +11,9 @@ Everything an adapter needs, and all it may import besides :mod:`distmlip.models
   (blocking); ``exchange.start(owned)`` / ``pending.finish()`` overlap it with work;
   ``exchange.reduce(local)`` sums halo partials into their owners (the adjoint);
   ``exchange.rows(kind)`` does the same for a declared row kind; ``exchange.sum_over_ranks``
-  agrees an integer; ``exchange.reject_if`` refuses a structure on every worker together.
+  agrees an integer; ``exchange.reject_if`` refuses a structure on every worker together;
+  ``exchange.checkpoint(layer, *args)`` runs a layer with activation checkpointing when the
+  user asked for it (``exchange.checkpoint_modules(modules)`` for upstream layer loops).
   ``forward_exchange`` / ``reverse_exchange`` are the raw pair MACE's LAMMPS ML-IAP hook
   calls, so an adapter passes the exchange itself as MACE's ``lammps_class``.
 
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from distmlip.checkpoint import checkpointed, patched_forwards
 from distmlip.comm import Communicator, PendingExchange
 from distmlip.halo import HaloPlan, rows_of
 
@@ -181,6 +184,18 @@ def undirected_edge_keys(
     return keys, ~flip, topology.row_owner[owner_row]
 
 
+def checkpoint_modules(exchange, modules):
+    """Context manager: ``exchange.checkpoint`` every call of each module (see
+    :func:`distmlip.checkpoint.patched_forwards`); nothing changes without checkpointing."""
+    if not exchange.checkpointing:
+        return patched_forwards((), None)
+
+    def wrap(forward):
+        return lambda *args, **kwargs: exchange.checkpoint(forward, *args, **kwargs)
+
+    return patched_forwards(modules, wrap)
+
+
 class RowExchange:
     """Differentiable halo refresh and reduce of one row kind (atoms or a declared kind)."""
 
@@ -201,10 +216,34 @@ class RowExchange:
 class Exchange(RowExchange):
     """The ``exchange`` adapters receive (halo-exchange mode); see the module docstring."""
 
-    def __init__(self, comm: Communicator, plan: HaloPlan, row_plans: dict[str, HaloPlan]):
+    def __init__(
+        self,
+        comm: Communicator,
+        plan: HaloPlan,
+        row_plans: dict[str, HaloPlan],
+        checkpointing: bool = False,
+    ):
         super().__init__(comm, plan)
         self._row_plans = row_plans
         self._lammps_tags: list[int] = []
+        self.checkpointing = bool(checkpointing)
+
+    def checkpoint(self, function, *args, **kwargs):
+        """``function(*args, **kwargs)``; with ``checkpoint=True`` its activations are not kept
+        but recomputed in the backward, its exchanges replayed (:mod:`distmlip.checkpoint`).
+
+        Wrap one message-passing layer (or a part of one) whose output is all that later
+        layers read: its tensor inputs and outputs are what stays in memory. The region must
+        be a function of its arguments (and of tensors created before it) only.
+        """
+        if not self.checkpointing:
+            return function(*args, **kwargs)
+        return checkpointed(function, args, kwargs, self._comm.bound)
+
+    def checkpoint_modules(self, modules):
+        """Context manager: calls of each module in ``modules`` are :meth:`checkpoint` ed
+        (for upstream forwards that loop over their layers themselves)."""
+        return checkpoint_modules(self, modules)
 
     def start(self, owned: torch.Tensor) -> tuple[torch.Tensor, PendingExchange]:
         """``(owned, pending)`` at once; ``pending.finish()`` → (n_halo, ...) halo rows later.
@@ -237,8 +276,13 @@ class Exchange(RowExchange):
 
     def forward_exchange(self, feats: torch.Tensor, out: torch.Tensor, width: int) -> None:
         comm = self._comm
+        if comm.replay is not None and comm.replay.replaying:  # recomputing a checkpoint
+            out.copy_(comm.replay.next())
+            return
         tag = comm.next_tag()
         out.copy_(comm.forward_rows(feats[: self.n_owned].contiguous(), self._plan, tag))
+        if comm.replay is not None:  # in a checkpointed region: keep the rows for its re-run
+            comm.replay.record(out)
         self._lammps_tags.append(tag)
         comm.outputs.append(out)  # becomes LAMMPS_MP's output (same tensor, with a grad_fn)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distmlip.exchange import StructureRejected
+from distmlip.checkpoint import checkpointed
+from distmlip.exchange import StructureRejected, checkpoint_modules
 from distmlip.graph import EdgeList, Structure, neighbor_list, neighborhood_mask
 from distmlip.halo import LocalGraph
 
@@ -83,8 +84,17 @@ class GhostExchange:
     feed nodes whose features are already out of their exact range, so zeros serve.
     """
 
-    def __init__(self, n_computed: int, n_local: int):
+    def __init__(self, n_computed: int, n_local: int, checkpointing: bool = False):
         self.n_owned, self.n_local = n_computed, n_local
+        self.checkpointing = bool(checkpointing)
+
+    def checkpoint(self, function, *args, **kwargs):
+        if not self.checkpointing:
+            return function(*args, **kwargs)
+        return checkpointed(function, args, kwargs)
+
+    def checkpoint_modules(self, modules):
+        return checkpoint_modules(self, modules)
 
     def _outer(self, computed: torch.Tensor) -> torch.Tensor:
         return computed.new_zeros((self.n_local - self.n_owned, *computed.shape[1:]))

@@ -83,6 +83,7 @@ def neighbor_list(
     cutoff: float,
     receiver_mask: np.ndarray | None = None,
     senders_in_mask_first: bool = False,
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> EdgeList:
     """All directed edges with |v| < cutoff (full list, both directions), via vesin.
 
@@ -96,26 +97,29 @@ def neighbor_list(
             copied and converted).
         senders_in_mask_first: with ``receiver_mask``, list the kept edges whose sender the
             mask also selects first, then the others (each group in search order).
+        pairs: vesin's half list ``(i, j, S)`` of these positions computed elsewhere (with
+            vesin-torch on the worker's device: :func:`distmlip.resident.device_pairs`),
+            used instead of searching here; the same edges result.
     """
     if len(positions) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return EdgeList(empty, empty, np.zeros((0, 3), dtype=np.int64))
     # vesin's half list holds each pair once, (i, j, S); the other direction is (j, i, −S).
     # Searching each pair once and mirroring it is cheaper than vesin's full list.
-    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=False)
-    # vesin wants a zero box when nothing is periodic; its own cell check rejects degenerate
-    # periodic boxes, which callers validate earlier with a clearer message.
-    box = cell if np.any(pbc) else np.zeros((3, 3))
-    # copy=False: views into the calculator's buffers (valid while ``calculator`` lives); the
-    # int64 results below are the only copies, of the kept edges only.
-    with trace.span("vesin"):
-        i, j, shifts = calculator.compute(
-            np.ascontiguousarray(positions, dtype=np.float64),
-            np.ascontiguousarray(box, dtype=np.float64),
-            [bool(p) for p in pbc],
-            quantities="ijS",
-            copy=False,
-        )
+    if pairs is not None:
+        i, j, shifts = pairs
+    else:
+        calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=False)
+        # copy=False: views into the calculator's buffers (valid while ``calculator`` lives);
+        # the int64 results below are the only copies, of the kept edges only.
+        with trace.span("vesin"):
+            i, j, shifts = calculator.compute(
+                np.ascontiguousarray(positions, dtype=np.float64),
+                np.ascontiguousarray(search_box(cell, pbc), dtype=np.float64),
+                [bool(p) for p in pbc],
+                quantities="ijS",
+                copy=False,
+            )
     # Groups of (pair indices, mirrored?), concatenated in order.
     if receiver_mask is None:
         every = np.arange(len(i))
@@ -146,6 +150,12 @@ def neighbor_list(
             np.negative(part, out=part)
         start += len(index)
     return EdgeList(receivers=receivers, senders=senders, shifts=edge_shifts)
+
+
+def search_box(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """The box vesin is given: the cell, or zeros when nothing is periodic (vesin's own cell
+    check rejects degenerate periodic boxes, which callers validate earlier, more clearly)."""
+    return cell if np.any(pbc) else np.zeros((3, 3))
 
 
 def _take_int64(values: np.ndarray, index: np.ndarray) -> np.ndarray:

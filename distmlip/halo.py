@@ -18,6 +18,7 @@ Everything here is numpy; :mod:`distmlip.comm` moves the rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -129,12 +130,19 @@ class LocalGraph:
 
 
 def build_local_graph(
-    structure: Structure, owner: np.ndarray, rank: int, world_size: int, cutoff: float
+    structure: Structure,
+    owner: np.ndarray,
+    rank: int,
+    world_size: int,
+    cutoff: float,
+    pair_search: Callable[[np.ndarray, float], tuple | None] | None = None,
 ) -> LocalGraph:
     """Build worker ``rank``'s local graph from the replicated structure and owner array.
 
     Only the owned atoms and a one-cell-list-bin shell around them enter the neighbour search,
     so time and memory are O(N/P + shell) beyond reading the O(N) positions.
+    ``pair_search(region_atoms, cutoff)``: the half list ``(i, j, S)`` of those atoms from
+    another search (vesin-torch on the device, :mod:`distmlip.resident`), or None for vesin's.
     """
     owned_mask = owner == rank
     with trace.span("mask"):
@@ -148,6 +156,9 @@ def build_local_graph(
     # Interior edges (sender owned) come first: models that overlap the halo exchange with
     # interior work take them as one slice.
     with trace.span("neighbor_list"):
+        pairs = None
+        if pair_search is not None and len(region_atoms):
+            pairs = pair_search(region_atoms, cutoff)
         local_edges = neighbor_list(
             structure.positions[region_atoms],
             structure.cell,
@@ -155,6 +166,7 @@ def build_local_graph(
             cutoff,
             receiver_mask=owned_in_region,
             senders_in_mask_first=True,
+            pairs=pairs,
         )
     receivers, senders = local_edges.receivers, local_edges.senders
 

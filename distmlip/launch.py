@@ -34,7 +34,10 @@ import time
 import weakref
 from multiprocessing.connection import Connection, wait
 
+from distmlip.delta import StructureSender, resend_if_stale
+from distmlip.errors import OutOfMemoryError, WorkerError
 from distmlip.exchange import StructureRejected
+from distmlip.memory import KILLED_HINT, out_of_memory_message
 from distmlip.options import GraphOptions, WorkerOptions
 from distmlip.worker import STARTUP_ID, STARTUP_TIMEOUT, EvaluationRequest, WorkerConfig
 
@@ -50,19 +53,29 @@ touches. Measured (docs/performance.md, P=2): reference model, 32k atoms, 3.2-3.
 → 1.3-1.4 s per MD step, peak RSS up to +40 % (heap fragmentation, bounded after a few steps);
 CHGNet, 21,952 atoms, 49.8 s → 18.5 s per call after the first, peak RSS +21 %."""
 
+CUDA_ALLOCATOR_ENVIRONMENT = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+"""PyTorch CUDA allocator setting of workers with ``device="cuda"`` (unless the caller's
+environment sets ``PYTORCH_CUDA_ALLOC_CONF``): memory segments grow in place instead of being
+reserved in fixed blocks, so tensors whose sizes change from call to call (MD steps, rebuilt
+graphs) fragment the GPU's memory less."""
+
+
+def worker_environment(options: WorkerOptions, base=None) -> dict[str, str]:
+    """The environment of the worker processes: ``base`` (default ``os.environ``), plus the
+    allocator settings of :data:`KEEP_MEMORY_ENVIRONMENT` (``allocator="keep"``) and
+    :data:`CUDA_ALLOCATOR_ENVIRONMENT` (``device="cuda"``) that it does not set, and
+    ``OMP_NUM_THREADS``."""
+    base = os.environ if base is None else base
+    defaults = dict(KEEP_MEMORY_ENVIRONMENT) if options.allocator == "keep" else {}
+    if options.device == "cuda" and "PYTORCH_ALLOC_CONF" not in base:  # its newer name
+        defaults.update(CUDA_ALLOCATOR_ENVIRONMENT)
+    environment = {**defaults, **base}
+    environment["OMP_NUM_THREADS"] = str(options.threads)
+    return environment
+
+
 STOP_GRACE = 5.0
 """Seconds idle workers get to leave cleanly on :meth:`WorkerPool.close` before being killed."""
-
-
-class WorkerError(RuntimeError):
-    """A worker died, raised, or did not answer within the timeout. The workers were stopped;
-    the next call starts new ones. ``worker_traceback`` holds a raising worker's traceback."""
-
-    def __init__(self, message: str, worker_traceback: str | None = None):
-        super().__init__(message)
-        self.worker_traceback = worker_traceback
-        if worker_traceback and hasattr(self, "add_note"):  # shown by Python's traceback
-            self.add_note("worker traceback:\n" + worker_traceback.rstrip())
 
 
 class _ReplyFailure(Exception):
@@ -177,7 +190,9 @@ class _Processes:
                 pass
         code = process.poll()
         if code is not None:
-            return f"worker {rank} (pid {process.pid}) died with exit code {code}"
+            return f"worker {rank} (pid {process.pid}) died with exit code {code}" + (
+                KILLED_HINT if code == -9 else ""
+            )
         status = self._status(rank)
         if status == "stopped":
             return f"worker {rank} (pid {process.pid}) is stopped (SIGSTOP or Ctrl-Z)"
@@ -216,6 +231,8 @@ class WorkerPool:
         self._finalizer = None
         self._state = "stopped"  # → starting → ready ⇄ busy; anything else → stopping → stopped
         self._request_id = STARTUP_ID
+        self.resident = self.graph_options.resident_on(options.device)
+        self._sender = StructureSender()  # positions-only requests (distmlip.delta)
 
     @property
     def running(self) -> bool:
@@ -248,9 +265,7 @@ class WorkerPool:
     def _spawn(self, workers: _Processes) -> None:
         options = self.options
         init_method = f"tcp://127.0.0.1:{_free_port()}"
-        keep = options.allocator == "keep"
-        environment = dict(KEEP_MEMORY_ENVIRONMENT if keep else {}, **os.environ)
-        environment["OMP_NUM_THREADS"] = str(self.threads)
+        environment = worker_environment(options)
         available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         pin = len(available) >= self.nprocs * self.threads
         # PR_SET_PDEATHSIG would kill the workers when the starting thread ends.
@@ -286,6 +301,10 @@ class WorkerPool:
                 partitioner=self.graph_options.partitioner,
                 halo=self.graph_options.halo,
                 skin=self.graph_options.skin,
+                checkpoint=options.checkpoint,
+                backend=options.backend,
+                memory_limit=options.memory_limit,
+                resident=self.resident,
             )
             connection.send((config, self._model_bytes))
 
@@ -317,9 +336,14 @@ class WorkerPool:
             elif troubled:
                 message += f"; {causes}"
             self._discard(grace=0.0)
-            raise WorkerError(
+            error, details = WorkerError, ()
+            if report is not None and len(report) > 2:  # out of memory: say what to change
+                message = f"{what}: {out_of_memory_message(rank, report[2], self.nprocs)}"
+                error, details = OutOfMemoryError, (report[2],)
+            raise error(
                 message + "; all workers were stopped and restart on the next call",
                 None if report is None else report[1],
+                *details,
             ) from None
         except _NoAnswer as silence:
             states = "; ".join(workers.describe(rank) for rank in silence.ranks)
@@ -336,7 +360,11 @@ class WorkerPool:
 
         Each worker partitions it and builds (or reuses) its graph itself
         (:mod:`distmlip.builders`). ``trace``: workers record a :class:`~distmlip.trace.Trace`.
+        Only positions and cell are sent while the rest is unchanged (:mod:`distmlip.delta`).
         """
+        return resend_if_stale(self._evaluate, structure, compute_forces, trace)
+
+    def _evaluate(self, structure, compute_forces: bool, trace: bool) -> list:
         with self._lock:
             workers = self._workers
             if workers is not None and workers.owner_pid != os.getpid():
@@ -345,7 +373,8 @@ class WorkerPool:
                     "this forked copy; create a DistributedCalculator in each process"
                 )
             self.start()
-            request = EvaluationRequest(structure, bool(compute_forces), bool(trace))
+            sent, rest = self._sender.message(structure, self._workers)
+            request = EvaluationRequest(sent, bool(compute_forces), bool(trace))
             payload = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
             self._request_id += 1
             request_id = self._request_id
@@ -367,6 +396,7 @@ class WorkerPool:
                 self._discard(grace=0.0)
                 raise
             self._state = "ready"
+            self._sender.delivered(self._workers, request_id, rest)
             # Every worker answered (some refused the structure together): they stay in step.
             refused = [reply for reply in replies if isinstance(reply, StructureRejected)]
             if refused:

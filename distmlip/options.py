@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 import os
@@ -14,16 +15,26 @@ __all__ = [
     "ALLOCATORS",
     "DTYPES",
     "DEVICES",
+    "BACKENDS",
     "MAX_TIMEOUT",
+    "resolve_backend",
 ]
 
 ALLOCATORS = ("keep", "system")
 DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "cuda")
+BACKENDS = ("auto", "nccl", "gloo")
 MAX_TIMEOUT = 1e6
 """Seconds (11.6 days): beyond this the operating system's waits overflow."""
 MAX_WORKERS_PER_CORE = 16
 """More CPU workers than this per core is a typo, not a plan (each one is a Python process)."""
+
+
+def resolve_backend(device: str, backend: str) -> str:
+    """The torch.distributed backend that ``backend`` means on ``device``: "nccl" or "gloo"."""
+    if backend == "auto":
+        return "nccl" if device == "cuda" else "gloo"
+    return backend
 
 
 def _positive_int(name: str, value) -> int:
@@ -38,7 +49,10 @@ class WorkerOptions:
 
     Attributes:
         nprocs: number of workers P (a positive integer).
-        device: ``"cpu"`` (gloo) or ``"cuda"`` (NCCL, worker r on GPU r mod #GPUs).
+        device: ``"cpu"`` or ``"cuda"`` (worker r on GPU r mod #GPUs).
+        backend: ``"auto"`` (NCCL on ``"cuda"``, gloo on ``"cpu"``), ``"nccl"`` (one GPU per
+            worker) or ``"gloo"`` (on ``"cuda"``: several workers may share a GPU; halo
+            transfers go through host memory, so slower than NCCL).
         dtype: ``"float64"`` or ``"float32"``.
         timeout: seconds (finite, > 0); bounds every collective and every call.
         threads_per_worker: torch threads per worker (default: cores // P, at least 1). Where
@@ -46,6 +60,13 @@ class WorkerOptions:
         allocator: ``"keep"`` (workers keep freed memory mapped: no page faults at every
             step, somewhat higher peak memory; see :data:`KEEP_MEMORY_ENVIRONMENT`) or
             ``"system"`` (the C library's defaults: lowest peak memory).
+        checkpoint: activation checkpointing: keep only each message-passing layer's
+            boundaries for the backward and recompute its inside (about 3× less memory per
+            atom, about a third more time; see docs/performance.md). Same numbers to round-off.
+        memory_limit: GB (2^30 bytes) of memory each CPU worker may use, or None (no bound):
+            its data segment is capped (Linux ``RLIMIT_DATA``) before the model loads, so a
+            call that needs more raises :class:`~distmlip.OutOfMemoryError` instead of the
+            kernel's out-of-memory killer ending the worker (:mod:`distmlip.memory`).
     """
 
     nprocs: int = 2
@@ -54,6 +75,9 @@ class WorkerOptions:
     timeout: float = 600.0
     threads_per_worker: int | None = None
     allocator: str = "keep"
+    backend: str = "auto"
+    checkpoint: bool = False
+    memory_limit: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "nprocs", _positive_int("nprocs", self.nprocs))
@@ -68,21 +92,37 @@ class WorkerOptions:
                 f"got {self.timeout}"
             )
         object.__setattr__(self, "timeout", float(self.timeout))
+        from distmlip.memory import check_memory_limit
+
+        object.__setattr__(self, "memory_limit", check_memory_limit(self.memory_limit))
+        if not isinstance(self.checkpoint, bool):
+            raise ValueError(f"checkpoint must be True or False, got {self.checkpoint!r}")
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "nccl" and self.device == "cpu":
+            raise ValueError("backend='nccl' needs device='cuda'; use backend='gloo' on the CPU")
+        if self.device == "cuda" and self.memory_limit is not None:
+            raise ValueError(
+                "memory_limit bounds CPU workers; on device='cuda' the GPU's memory is the "
+                "bound (running out of it is an OutOfMemoryError too): use memory_limit=None"
+            )
         if self.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise ValueError("device='cuda' but torch sees no GPU; use device='cpu'")
-            if self.nprocs > torch.cuda.device_count():
+            gpus = torch.cuda.device_count()
+            if resolve_backend(self.device, self.backend) == "nccl" and self.nprocs > gpus:
                 raise ValueError(
-                    f"nprocs={self.nprocs} workers need as many GPUs, but torch sees "
-                    f"{torch.cuda.device_count()}; use nprocs <= {torch.cuda.device_count()}"
+                    f"nprocs={self.nprocs} NCCL workers need one GPU each, but torch sees "
+                    f"{gpus}; use nprocs <= {gpus}, or backend='gloo' to let several workers "
+                    "share a GPU (slower: transfers go through host memory)"
                 )
         cores = os.cpu_count() or 1
         if (self.threads_per_worker or 1) > MAX_WORKERS_PER_CORE * cores:
@@ -113,11 +153,16 @@ class GraphOptions:
         halo: ``"exchange"`` (zero redundancy) or ``"ghost"`` (the recomputing baseline).
         skin: Å (finite, >= 0): graphs are built with ``cutoff + skin`` and reused while they
             hold (exchange mode only: ``halo="ghost"`` rebuilds at every call).
+        resident: the per-call graph work (skin check, edge vectors, edge selection, model
+            inputs) in torch on the worker's device, and the neighbour search with vesin-torch
+            there (:mod:`distmlip.resident`); ``None`` (default): on for ``device="cuda"``, off
+            on the CPU. Same numbers as off, to round-off. Exchange mode only.
     """
 
     partitioner: str = "slab"
     halo: str = "exchange"
     skin: float = 0.0
+    resident: bool | None = None
 
     def __post_init__(self):
         from distmlip.partition import check_partitioner
@@ -139,6 +184,22 @@ class GraphOptions:
                 "at every call; use skin=0 with halo='ghost'"
             )
         object.__setattr__(self, "skin", float(skin))
+        if not (self.resident is None or isinstance(self.resident, bool)):
+            raise ValueError(f"resident must be True, False or None, got {self.resident!r}")
+        if self.resident and self.halo != "exchange":
+            raise ValueError("resident=True needs halo='exchange'; use resident=False with ghost")
+
+    def resident_on(self, device: str) -> bool:
+        """Whether the workers on ``device`` take the resident path (``None``: on CUDA)."""
+        resident = self.resident
+        if resident is None:
+            resident = device == "cuda" and self.halo == "exchange"
+        if resident and importlib.util.find_spec("vesin_torch") is None:
+            raise ValueError(
+                "resident=True (the default on device='cuda') needs vesin-torch: "
+                "pip install vesin-torch, or pass resident=False"
+            )
+        return resident
 
     def check_model(self, model) -> None:
         """Refuse settings the model cannot run with."""

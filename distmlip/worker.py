@@ -17,7 +17,6 @@ import ctypes
 import datetime
 import os
 import pickle
-import resource
 import signal
 import sys
 import threading
@@ -26,6 +25,14 @@ import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+
+from distmlip.memory import (
+    PeakMemory,
+    apply_memory_limit,
+    graph_sizes,
+    memory_report,
+    out_of_memory_kind,
+)
 
 __all__ = ["EvaluationRequest", "WorkerConfig", "STARTUP_ID", "STARTUP_TIMEOUT", "worker_main"]
 
@@ -43,7 +50,8 @@ class EvaluationRequest:
     Attributes:
         structure: the replicated :class:`~distmlip.graph.Structure`. Each worker partitions
             it and decides alone, by the same rule as its peers, whether its kept graph still
-            holds (:mod:`distmlip.builders`).
+            holds (:mod:`distmlip.builders`). Or a :class:`distmlip.delta.Moved`: new positions
+            and cell for the structure of an earlier request, which the worker kept.
         compute_forces: also forces and virial.
         trace: record a :class:`~distmlip.trace.Trace` of the call and return it.
     """
@@ -67,6 +75,13 @@ class WorkerConfig:
     partitioner: str = "slab"
     halo: str = "exchange"
     skin: float = 0.0
+    checkpoint: bool = False
+    backend: str = "auto"
+    """``"auto"``, ``"nccl"`` or ``"gloo"`` (:func:`distmlip.options.resolve_backend`)."""
+    memory_limit: float | None = None
+    """GB, or None (:func:`distmlip.memory.apply_memory_limit`)."""
+    resident: bool = False
+    """Per-call graph work in torch on the device (:mod:`distmlip.resident`)."""
 
 
 def error_summary(error: BaseException) -> str:
@@ -124,11 +139,14 @@ def worker_main(connection: Connection, pdeathsig: bool = True) -> None:
     import torch
     import torch.distributed as dist
 
+    from distmlip.options import resolve_backend
+
     torch.set_num_threads(config.threads)
     if config.cores and hasattr(os, "sched_setaffinity"):
         # One disjoint set of cores per worker: no two workers' threads fight over a core.
         os.sched_setaffinity(0, config.cores)
     try:
+        apply_memory_limit(config.memory_limit)  # before the model loads
         device = _worker_device(config)
         dtype = getattr(torch, config.dtype)
         model = pickle.loads(model_bytes)
@@ -137,7 +155,7 @@ def worker_main(connection: Connection, pdeathsig: bool = True) -> None:
             parameter.requires_grad_(False)
         if config.world_size > 1:
             dist.init_process_group(
-                backend="nccl" if device.type == "cuda" else "gloo",
+                backend=resolve_backend(device.type, config.backend),
                 init_method=config.init_method,
                 rank=config.rank,
                 world_size=config.world_size,
@@ -147,7 +165,7 @@ def worker_main(connection: Connection, pdeathsig: bool = True) -> None:
             )
         connection.send(("ready", STARTUP_ID, os.getpid()))
     except Exception as error:
-        connection.send(("error", STARTUP_ID, (error_summary(error), traceback.format_exc())))
+        connection.send(("error", STARTUP_ID, _failure(error, config, None, "starting")))
         return
     try:
         _serve(config, model, device, dtype, connection)
@@ -157,13 +175,17 @@ def worker_main(connection: Connection, pdeathsig: bool = True) -> None:
 
 
 def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> None:
-    import torch
-
     from distmlip import trace
     from distmlip.builders import graph_builder
+    from distmlip.delta import Moved, StructureStore
     from distmlip.exchange import StructureRejected
 
-    graphs = graph_builder(model, config.halo, config.partitioner, config.skin)
+    graphs = graph_builder(
+        model, config.halo, config.partitioner, config.skin, config.resident, device
+    )
+    structures = StructureStore()  # the last complete structure (positions-only requests)
+    peaks = PeakMemory(device)
+    sizes: dict = {}  # what this call's graph holds, for an out-of-memory report
     while True:
         try:
             command, request_id, payload = connection.recv()
@@ -172,30 +194,49 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
         if command == "stop":
             return
         try:
+            sizes.clear()
+            peaks.start()
             request: EvaluationRequest = pickle.loads(payload)
+            moved = isinstance(request.structure, Moved)
+            request = structures.resolve(request_id, request)  # before any collective
+            sizes["n_atoms"] = request.structure.n_atoms
             with trace.recording() if request.trace else nullcontext() as record:
-                result = _evaluate(request, config, model, graphs, device, dtype)
+                result = _evaluate(request, config, model, graphs, device, dtype, sizes)
             result.trace = record
-            # ru_maxrss is in KiB on Linux: the worker's high-water mark since it started.
-            result.stats["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            if device.type == "cuda":
-                result.stats["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            result.stats.update(peaks.stats())  # peak RSS (and GPU) of the call, and since start
+            result.stats["positions_only"] = int(moved)
             connection.send(("ok", request_id, result))
             # Free this call's graph and tensors before the next request arrives, not during it.
             del result, record
         except StructureRejected as error:  # refused by every worker together: stay in step
             connection.send(("rejected", request_id, str(error)))
         except Exception as error:
-            report = (error_summary(error), traceback.format_exc())
+            report = _failure(error, config, device, "evaluating", sizes)
             connection.send(("error", request_id, report))
 
 
-def _evaluate(request: EvaluationRequest, config: WorkerConfig, model, graphs, device, dtype):
+def _failure(error: Exception, config: WorkerConfig, device, phase: str, sizes=None) -> tuple:
+    """An ``error`` reply's payload: ``(summary, traceback)``, and a third item, the
+    :func:`~distmlip.memory.memory_report`, if the worker ran out of memory."""
+    report = (error_summary(error), traceback.format_exc())
+    kind = out_of_memory_kind(error)
+    if kind is None:
+        return report
+    # The traceback's frames hold the failed call's tensors: free them before reporting.
+    traceback.clear_frames(error.__traceback__)
+    return (*report, memory_report(error, kind, sizes, config.memory_limit, device, phase))
+
+
+def _evaluate(
+    request: EvaluationRequest, config: WorkerConfig, model, graphs, device, dtype, sizes=None
+):
     from distmlip.comm import Communicator
     from distmlip.engine import evaluate
 
     comm = Communicator(config.rank, config.world_size, device, config.timeout)
     call = graphs.get(request.structure, comm)
+    if sizes is not None:
+        sizes.update(graph_sizes(call.graph, request.structure.n_atoms))
     result = evaluate(
         model,
         call.graph,
@@ -207,6 +248,8 @@ def _evaluate(request: EvaluationRequest, config: WorkerConfig, model, graphs, d
         call.vectors,
         call.prepared,
         call.kept_edges,
+        checkpoint=config.checkpoint,
+        inputs=call.inputs,
     )
     # "graph" includes "prepare" (the model's per-graph structure, e.g. CHGNet's bonds).
     result.timings = {**call.timings, **result.timings}

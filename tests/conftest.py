@@ -98,10 +98,11 @@ class PoolCache:
         model=None,
         skin: float = 0.0,
         trace: bool = False,
+        checkpoint: bool = False,
     ):
         model = self.model if model is None else model
         name = id(model) if not isinstance(model, str) else model
-        key = (name, nprocs, partitioner, dtype, halo, skin, trace)
+        key = (name, nprocs, partitioner, dtype, halo, skin, trace, checkpoint)
         if key != self.key:
             self.close()
             self.calc = DistributedCalculator(
@@ -113,6 +114,7 @@ class PoolCache:
                 timeout=120,
                 skin=skin,
                 trace=trace,
+                checkpoint=checkpoint,
             )
             self.key = key
         return self.calc

@@ -72,7 +72,7 @@ def dense_evaluate(model, atoms: Atoms) -> dict:
         senders=torch.as_tensor(senders, dtype=torch.int64),
         n_owned=n,
     )
-    output = model(inputs, lambda owned: owned)  # one process owns every row: no halo
+    output = model(inputs, _NoHalo())
     energies = output[0] if isinstance(output, tuple) else output
     energy = energies.sum()
     position_gradient, strain_gradient = torch.autograd.grad(energy, [positions, strain])
@@ -86,3 +86,13 @@ def dense_evaluate(model, atoms: Atoms) -> dict:
         virial = strain_gradient.numpy()
         result["stress"] = full_3x3_to_voigt_6_stress(0.5 * (virial + virial.T) / volume)
     return result
+
+
+class _NoHalo:
+    """One process owns every row: the exchange is the identity, nothing is checkpointed."""
+
+    def __call__(self, owned):
+        return owned
+
+    def checkpoint(self, function, *args, **kwargs):
+        return function(*args, **kwargs)

@@ -230,6 +230,21 @@ def test_float64_matches_upstream(adapter, upstream64, nprocs, partitioner):
             assert all(stats["exchanges"] > 0 for stats in calc.last_stats)
 
 
+@pytest.mark.parametrize(("nprocs", "partitioner"), [(1, "slab"), (2, "rcb"), (3, "slab")])
+def test_checkpointed_matches_upstream(adapter, upstream64, nprocs, partitioner):
+    """Activation checkpointing recomputes each layer in the backward: the same numbers."""
+    with DistributedCalculator(
+        adapter, nprocs=nprocs, partitioner=partitioner, dtype="float64", checkpoint=True
+    ) as calc:
+        _compare_float64(calc, upstream64, f"checkpointed P={nprocs} {partitioner}")
+
+
+def test_checkpointing_keeps_fewer_activations(adapter):
+    from test_checkpoint import assert_checkpointing_keeps_less
+
+    assert_checkpointing_keeps_less(copy.deepcopy(adapter), crystal(), factor=3.0)
+
+
 def test_r2scan_matches_upstream():
     """The shipped r2SCAN-fine-tuned CHGNet loads by name and equals upstream (float64)."""
     adapter = resolve_model("chgnet-r2scan")

@@ -138,6 +138,8 @@ def _one_line_error(capsys) -> str:
         (["demo", "--skin", "-1"], 2, "--skin: must be a number >= 0"),
         (["bench", "--nprocs", "0"], 2, "--nprocs: must be a positive integer, got '0'"),
         (["bench", "--crystal", "nacl"], 2, "--crystal: invalid choice"),
+        (["bench", "--backend", "mpi"], 2, "--backend: invalid choice: 'mpi'"),
+        (["predict", "--backend", "nccl"], 1, "backend='nccl' needs device='cuda'"),
         (["bench", "--structure", "si"], 2, "unrecognized arguments: --structure"),
         ([], 2, "required: COMMAND"),
         (["frobnicate"], 2, "invalid choice: 'frobnicate'"),

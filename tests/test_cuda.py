@@ -1,11 +1,12 @@
-"""GPU path (NCCL): skipped cleanly on machines without enough CUDA devices."""
+"""GPU paths (NCCL, and gloo with several workers per GPU): skipped cleanly on machines
+without enough CUDA devices."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from conftest import SYSTEMS, evaluate
+from conftest import SYSTEMS, evaluate, relative_error
 
 from distmlip import DistributedCalculator
 
@@ -21,6 +22,39 @@ def test_cuda_equals_cpu(nprocs, reference_model, request):
             expected = single_process_results[name]
             assert got["energy"] == pytest.approx(expected["energy"], rel=1e-10)
             assert np.abs(got["forces"] - expected["forces"]).max() < 1e-9
+
+
+SHARED_GPU_SYSTEMS = ("bulk", "small_cell", "slab")
+
+
+@pytest.fixture(scope="module")
+def shared_gpu_references(reference_model):
+    """float64 results of P=1 on the GPU and P=2 on the CPU, the truths of the shared mode."""
+    if torch.cuda.device_count() < 1:
+        pytest.skip(f"needs a CUDA device, found {torch.cuda.device_count()}")
+    references = {}
+    for label, nprocs, device in (("P=1 on the GPU", 1, "cuda"), ("P=2 on the CPU", 2, "cpu")):
+        with DistributedCalculator(reference_model, nprocs=nprocs, device=device) as calc:
+            references[label] = {
+                name: evaluate(calc, SYSTEMS[name]()) for name in SHARED_GPU_SYSTEMS
+            }
+    return references
+
+
+@pytest.mark.parametrize("nprocs", [2, 3])
+def test_workers_sharing_gpus_over_gloo(nprocs, reference_model, shared_gpu_references):
+    """backend="gloo": P workers on however many GPUs there are (worker r on GPU r mod #GPUs),
+    halo transfers staged through host memory; the same numbers as P=1 and as the CPU."""
+    with DistributedCalculator(
+        reference_model, nprocs=nprocs, device="cuda", backend="gloo", timeout=300
+    ) as calc:
+        for name in SHARED_GPU_SYSTEMS:
+            got = evaluate(calc, SYSTEMS[name]())
+            for label, references in shared_gpu_references.items():
+                for key, expected in references[name].items():
+                    error = relative_error(got[key], expected)
+                    assert error <= 1e-10, f"P={nprocs} vs {label}, {name}: {key} {error:.2e}"
+        assert all(stats["peak_gpu_mb"] > 0 for stats in calc.last_stats)
 
 
 def test_cuda_without_gpu_is_a_clear_error():

@@ -120,6 +120,11 @@ def test_float64_matches_upstream(pools, reference64, nprocs, partitioner):
     assert np.abs(forces).max() > 1e-2, "forces too small to show anything"
 
 
+def test_checkpointed_matches_upstream(pools, reference64):
+    calc = pools.get(3, "rcb", checkpoint=True)
+    assert_matches_upstream(calc, reference64, evaluate, RTOL64, "checkpointed P=3 rcb")
+
+
 def test_ghost_baseline_matches_upstream(pools, reference64):
     calc = pools.get(3, "rcb", halo="ghost")
     assert_matches_upstream(calc, reference64, evaluate, RTOL64, "ghost P=3 rcb")
@@ -285,16 +290,22 @@ def uma_reference(uma_checkpoint):
 
 
 @pytest.mark.parametrize(
-    ("task", "nprocs", "partitioner"),
-    [("omat", 2, "slab"), ("omat", 3, "rcb"), ("omat", 4, "rcb"), ("omol", 3, "rcb")],
+    ("task", "nprocs", "partitioner", "checkpoint"),
+    [
+        ("omat", 2, "slab", False),
+        ("omat", 3, "rcb", False),
+        ("omat", 4, "rcb", False),
+        ("omol", 3, "rcb", False),
+        ("omat", 3, "slab", True),  # the experts stay mixed while the blocks are recomputed
+    ],
 )
 def test_uma_shaped_model_matches_upstream(
-    uma_checkpoint, uma_reference, task, nprocs, partitioner
+    uma_checkpoint, uma_reference, task, nprocs, partitioner, checkpoint
 ):
     adapter = ESENAdapter(uma_checkpoint, task_name=task)
     assert adapter.mixture and adapter.expert is not None
     with DistributedCalculator(
-        adapter, nprocs=nprocs, partitioner=partitioner, timeout=120
+        adapter, nprocs=nprocs, partitioner=partitioner, timeout=120, checkpoint=checkpoint
     ) as calc:
         for name, expected in uma_reference[task].items():
             got = evaluate(calc, name, expected, UMA_CASES[task])

@@ -268,6 +268,21 @@ def test_float64_matches_upstream(models, nprocs, partitioner):
         assert all(s["exchanges"] > 0 for s in stats)
 
 
+@pytest.mark.parametrize(("nprocs", "partitioner"), [(1, "slab"), (2, "rcb"), (3, "slab")])
+def test_checkpointed_matches_upstream(models, nprocs, partitioner):
+    """Each interaction and product block recomputed in the backward: the same numbers."""
+    shape = "residual_2x_L1_c3"
+    calc = models.pools.get(nprocs, partitioner, model=models.path(shape), checkpoint=True)
+    check_float64(calc, models.upstream(shape), f"checkpointed {shape} P={nprocs} {partitioner}")
+
+
+def test_checkpointing_keeps_fewer_activations(models):
+    from test_checkpoint import assert_checkpointing_keeps_less
+
+    model = resolve_model(models.path("residual_3x_L2_c2"))
+    assert_checkpointing_keeps_less(model, crystal(), factor=3.0)
+
+
 def test_ghost_baseline_matches_upstream(models):
     """The recomputing spatial-decomposition baseline (halo='ghost') is exact for MACE too."""
     shape = "residual_3x_L2_c2"

@@ -147,6 +147,11 @@ def test_float64_matches_upstream(pools, reference64, nprocs, partitioner):
     assert np.abs(forces).max() > 1e-2, "forces too small to show anything"
 
 
+def test_checkpointed_matches_upstream(pools, reference64):
+    calc = pools.get(3, "rcb", checkpoint=True)
+    assert_matches_upstream(calc, reference64, evaluate, RTOL64, "checkpointed P=3 rcb")
+
+
 def test_ghost_baseline_matches_upstream(pools, reference64):
     calc = pools.get(3, "rcb", halo="ghost")
     assert_matches_upstream(calc, reference64, evaluate, RTOL64, "ghost P=3 rcb")

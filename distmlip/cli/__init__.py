@@ -48,6 +48,7 @@ def bench(args) -> int:
         halos=tuple(args.halo),
         dtype=args.dtype,
         device=args.device,
+        backend=args.backend,
         total_threads=args.total_threads,
         repeats=args.repeats,
         memory_budget_gb=args.memory_budget_gb,
@@ -63,9 +64,16 @@ def bench(args) -> int:
 
 
 def _device_options(parser, dtype: str) -> None:
-    """--device and --dtype, the same in every command."""
+    """--device, --backend and --dtype, the same in every command."""
     parser.add_argument(
         "--device", default="cpu", choices=["cpu", "cuda"], help="where workers run"
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "nccl", "gloo"],
+        help="auto: NCCL on cuda, gloo on cpu; gloo on cuda lets several workers share a GPU "
+        "(transfers through host memory, slower)",
     )
     parser.add_argument("--dtype", default=dtype, choices=["float32", "float64"], help="precision")
 

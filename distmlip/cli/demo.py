@@ -30,7 +30,9 @@ def demo(args) -> int:
         atoms, temperature_K=args.temperature, rng=np.random.default_rng(0), force_temp=True
     )
     start_structure = atoms.copy()
-    settings = dict(device=args.device, dtype=args.dtype, timeout=args.timeout)
+    settings = dict(
+        device=args.device, backend=args.backend, dtype=args.dtype, timeout=args.timeout
+    )
     rows = [
         ("structure", f"{atoms.get_chemical_formula()} zincblende ({len(atoms)} atoms)"),
         ("model", f"{args.model} ({args.dtype})"),

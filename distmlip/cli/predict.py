@@ -116,6 +116,7 @@ def predict(args) -> int:
         nprocs=args.nprocs,
         partitioner=args.partitioner,
         device=args.device,
+        backend=args.backend,
         dtype=args.dtype,
         timeout=args.timeout,
     ) as calc:

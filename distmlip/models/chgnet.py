@@ -249,7 +249,7 @@ class CHGNetAdapter(DistributedModel):
         bases_ag = encoder.rbf_expansion_ag(bond_lengths)
         bases_bg = encoder.rbf_expansion_bg(bond_lengths)
 
-        atoms = chgnet.atom_embedding(inputs.numbers - 1)  # all local rows: species only
+        embedded = chgnet.atom_embedding(inputs.numbers - 1)  # all local rows: species only
         bond_feas = chgnet.bond_embedding(bases_ag)
         weights_ag = chgnet.bond_weights_ag(bases_ag)
         weights_bg = chgnet.bond_weights_bg(bases_bg)[:n_short]
@@ -258,6 +258,8 @@ class CHGNetAdapter(DistributedModel):
                 unit[angle_edges[:, 0]], unit[angle_edges[:, 1]]
             )
             angle_feas = chgnet.angle_embedding(angle_bases)
+        else:
+            angle_feas = None
 
         def convolve(layer, atoms: torch.Tensor, bonds: torch.Tensor) -> torch.Tensor:
             """One upstream AtomConv on the local graph; the owned rows of its output."""
@@ -269,19 +271,23 @@ class CHGNetAdapter(DistributedModel):
                 directed2undirected=edge_bond,
             )[:n_owned]
 
-        owned = atoms[:n_owned]
+        owned = embedded[:n_owned]
         magmoms = None
-        layers = zip(
-            chgnet.atom_conv_layers[:-1],
-            chgnet.bond_conv_layers,
-            chgnet.angle_layers,
-            strict=False,
+        layers = list(
+            zip(
+                chgnet.atom_conv_layers[:-1],
+                chgnet.bond_conv_layers,
+                chgnet.angle_layers,
+                strict=False,
+            )
         )
-        for idx, (atom_layer, bond_layer, angle_layer) in enumerate(layers):
-            if idx > 0:
-                atoms = exchange(owned)
-            owned = convolve(atom_layer, atoms, bond_feas)
 
+        def step(idx, owned, bond_feas, angle_feas):
+            """Message-passing layer ``idx``: new owned atoms, local bonds, angles."""
+            atom_layer, bond_layer, angle_layer = layers[idx]
+            # Layer 0 reads only species (known for the halo too): no exchange.
+            atoms = exchange(owned) if idx > 0 else embedded
+            owned = convolve(atom_layer, atoms, bond_feas)
             if has_angles and bond_layer is not None:
                 short = bond_feas[:n_short]
                 messages = bond_layer.twoBody_bond(
@@ -304,11 +310,20 @@ class CHGNetAdapter(DistributedModel):
                         angle_feas=angle_feas,
                         bond_graph=bond_graph,
                     )
+            return owned, bond_feas, angle_feas
+
+        for idx in range(len(layers)):
+            owned, bond_feas, angle_feas = exchange.checkpoint(
+                step, idx, owned, bond_feas, angle_feas
+            )
             if idx == chgnet.n_conv - 2:
                 magmoms = torch.abs(chgnet.site_wise(owned)).view(-1)
 
-        atoms = exchange(owned)
-        owned = convolve(chgnet.atom_conv_layers[-1], atoms, bond_feas)
+        owned = exchange.checkpoint(
+            lambda owned, bonds: convolve(chgnet.atom_conv_layers[-1], exchange(owned), bonds),
+            owned,
+            bond_feas,
+        )
         if chgnet.readout_norm is not None:
             owned = chgnet.readout_norm(owned)
         energies = chgnet.mlp(owned).view(-1)

@@ -192,7 +192,8 @@ class ESENAdapter(DistributedModel):
         wigner_inv_envelope = wigner_inv * envelope
         features = backbone.edge_degree_embedding(features, x_edge, receivers, wigner_inv_envelope)
         x_edge_per_layer = backbone.backend.get_layer_radial_emb(x_edge, backbone)
-        for block, x_edge_layer in zip(backbone.blocks, x_edge_per_layer, strict=True):
+
+        def run_block(block, features: torch.Tensor, x_edge_layer: torch.Tensor) -> torch.Tensor:
             # eSCNMD_Block.forward, with the exchange where its edge-wise part reads neighbours
             residual = features
             normed = block.norm_1(features)
@@ -207,7 +208,10 @@ class ESENAdapter(DistributedModel):
                 receivers,
             )
             features = messages + residual
-            features = block.atom_wise(block.norm_2(features)) + features
+            return block.atom_wise(block.norm_2(features)) + features
+
+        for block, x_edge_layer in zip(backbone.blocks, x_edge_per_layer, strict=True):
+            features = exchange.checkpoint(run_block, block, features, x_edge_layer)
         features = backbone.norm(features)
 
         if self.expert is not None:  # the dataset's expert of a MoE head, one-hot as upstream

@@ -227,15 +227,18 @@ class MACEAdapter(DistributedModel):
             "lammps_class": exchange,
             "natoms": (n_owned, n_halo),
         }
-        out = self.model(
-            data,
-            training=False,
-            compute_force=False,
-            compute_virials=False,
-            compute_stress=False,
-            compute_displacement=False,
-            lammps_mliap=True,
-        )
+        # Each interaction and product block is one checkpoint region when asked for.
+        blocks = [*self.model.interactions, *self.model.products]
+        with exchange.checkpoint_modules(blocks):
+            out = self.model(
+                data,
+                training=False,
+                compute_force=False,
+                compute_virials=False,
+                compute_stress=False,
+                compute_displacement=False,
+                lammps_mliap=True,
+            )
         energies = out["node_energy"]
         if energies is None or energies.shape != (n_owned,):
             raise RuntimeError(

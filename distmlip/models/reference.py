@@ -119,7 +119,9 @@ class ReferenceMPNN(DistributedModel):
         # Layer 0 needs only species, which every worker has for its halo: no exchange.
         local = self.embedding(inputs.numbers)
         owned = local[:n_owned]
-        for layer in range(self.num_layers):
+
+        def step(layer: int, owned: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+            """Message-passing layer ``layer``: the new owned rows."""
             if layer > 0 and overlap:
                 owned, pending = exchange.start(owned)
                 weights = self.filters[layer](radial_parts[0]) * envelope_parts[0]
@@ -138,9 +140,13 @@ class ReferenceMPNN(DistributedModel):
                 weights = self.filters[layer](radial) * envelope
                 messages = weights * self._node_message(layer, local)[senders]
                 aggregated = owned.new_zeros(owned.shape).index_add(0, receivers, messages)
-            owned = owned + self.update[layer](
+            return owned + self.update[layer](
                 torch.cat([owned, aggregated / math.sqrt(self.avg_neighbors)], dim=-1)
             )
+
+        for layer in range(self.num_layers):
+            owned = exchange.checkpoint(step, layer, owned, local)
+            local = None  # only layer 0 reads it (later layers exchange their own)
         energies = self.readout(owned).squeeze(-1)
         return energies + self.reference_energy(inputs.numbers[:n_owned]).squeeze(-1)
 

@@ -153,8 +153,12 @@ class TensorNetAdapter(DistributedModel):
         features, _ = model.tensor_embedding(
             node_type, edge_index, edge_attr, bond_dist, bond_vec, None
         )
+
+        def interact(layer, owned: torch.Tensor) -> torch.Tensor:
+            return layer(edge_index, bond_dist, edge_attr, exchange(owned))
+
         for layer in model.layers:
-            features = layer(edge_index, bond_dist, edge_attr, exchange(features[:n_owned]))
+            features = exchange.checkpoint(interact, layer, features[:n_owned])
         owned = features[:n_owned]
         scalars, skew, traceless = decompose_tensor(owned)
         x = torch.cat((tensor_norm(scalars), tensor_norm(skew), tensor_norm(traceless)), dim=-1)

@@ -1,0 +1,27 @@
+"""The errors a failed call raises in the driver (no torch import: the CLI reads them too)."""
+
+from __future__ import annotations
+
+__all__ = ["WorkerError", "OutOfMemoryError"]
+
+
+class WorkerError(RuntimeError):
+    """A worker died, raised, or did not answer within the timeout. The workers were stopped;
+    the next call starts new ones. ``worker_traceback`` holds a raising worker's traceback."""
+
+    def __init__(self, message: str, worker_traceback: str | None = None):
+        super().__init__(message)
+        self.worker_traceback = worker_traceback
+        if worker_traceback and hasattr(self, "add_note"):  # shown by Python's traceback
+            self.add_note("worker traceback:\n" + worker_traceback.rstrip())
+
+
+class OutOfMemoryError(WorkerError, MemoryError):
+    """A worker ran out of memory (host or GPU). The message names the worker, the atoms and
+    edges it held, the memory it had and what to change; ``report`` holds the same as a dict
+    (see :func:`distmlip.memory.memory_report`). The workers were stopped; the next call, e.g.
+    on a smaller structure or after more workers were asked for, starts new ones."""
+
+    def __init__(self, message: str, worker_traceback: str | None = None, report=None):
+        super().__init__(message, worker_traceback)
+        self.report = dict(report or {})

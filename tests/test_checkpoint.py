@@ -1,0 +1,107 @@
+"""Activation checkpointing (``checkpoint=True``) changes what is kept for the backward, not the
+numbers: equal to the plain evaluation and to the truth to round-off, forces equal to finite
+differences, the same messages sent, and far fewer activations kept.
+
+The adapters' own test files compare checkpointed runs with their upstream packages
+(test_chgnet, test_mace, test_tensornet, test_fairchem).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import SYSTEMS, evaluate, relative_error, small_cell
+
+from distmlip.builders import SkinGraphs
+from distmlip.comm import Communicator
+from distmlip.engine import evaluate as evaluate_worker
+from distmlip.graph import Structure
+
+RTOL = 1e-10
+
+
+@pytest.mark.parametrize(("nprocs", "partitioner"), [(1, "slab"), (2, "rcb"), (3, "slab")])
+def test_checkpointed_equals_single_process(nprocs, partitioner, pools, single_process_results):
+    calc = pools.get(nprocs, partitioner, checkpoint=True)
+    for name, make in SYSTEMS.items():
+        got = evaluate(calc, make())
+        for key, expected in single_process_results[name].items():
+            error = relative_error(got[key], expected)
+            assert error <= RTOL, f"{name}: {key} relative error {error:.2e} (P={nprocs})"
+
+
+def test_checkpointed_sends_the_same_messages(pools):
+    """Recomputation replays its exchanges from memory: not one message more."""
+    atoms = SYSTEMS["triclinic"]()
+    counts = {}
+    for checkpoint in (False, True):
+        calc = pools.get(3, "rcb", checkpoint=checkpoint)
+        evaluate(calc, atoms)
+        counts[checkpoint] = [(s["exchanges"], s["bytes_sent"]) for s in calc.last_stats]
+    assert counts[True] == counts[False]
+    assert all(exchanges > 0 for exchanges, _ in counts[True])
+
+
+def test_checkpointed_ghost_baseline(pools, single_process_results):
+    calc = pools.get(2, "slab", halo="ghost", checkpoint=True)
+    got = evaluate(calc, SYSTEMS["small_cell"]())
+    for key, expected in single_process_results["small_cell"].items():
+        assert relative_error(got[key], expected) <= RTOL, key
+
+
+def test_checkpointed_forces_match_finite_differences(pools):
+    calc = pools.get(2, "rcb", checkpoint=True)
+    atoms = small_cell()
+    forces = evaluate(calc, atoms)["forces"]
+    step = 1e-4
+    for atom in (0, 5, 11):
+        for axis in range(3):
+            energies = []
+            for sign in (1, -1):
+                displaced = atoms.copy()
+                displaced.positions[atom, axis] += sign * step
+                energies.append(evaluate(calc, displaced)["energy"])
+            numeric = -(energies[0] - energies[1]) / (2 * step)
+            assert forces[atom, axis] == pytest.approx(numeric, abs=1e-6), (atom, axis)
+
+
+def saved_for_backward(model, atoms, checkpoint: bool) -> tuple[int, float, np.ndarray]:
+    """Bytes of distinct storages autograd keeps for the backward outside checkpointed
+    regions (a region keeps only its inputs), and the energy and forces, in this process."""
+    model = model.double()
+    structure = Structure.from_ase(atoms)
+    comm = Communicator(0, 1, torch.device("cpu"))
+    call = SkinGraphs(model, "slab", 0.0).get(structure, comm)
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = evaluate_worker(
+            model,
+            call.graph,
+            structure,
+            comm,
+            torch.float64,
+            torch.device("cpu"),
+            vectors=call.vectors,
+            prepared=call.prepared,
+            checkpoint=checkpoint,
+        )
+    return sum(storages.values()), result.energy, result.forces
+
+
+def assert_checkpointing_keeps_less(model, atoms, factor: float) -> None:
+    plain, energy, forces = saved_for_backward(model, atoms, False)
+    kept, energy_ck, forces_ck = saved_for_backward(model, atoms, True)
+    assert energy_ck == pytest.approx(energy, rel=1e-12)
+    assert relative_error(forces_ck, forces) <= 1e-12
+    assert kept * factor <= plain, f"checkpointing kept {kept} of {plain} bytes"
+
+
+def test_reference_model_keeps_fewer_activations(reference_model):
+    assert_checkpointing_keeps_less(reference_model, SYSTEMS["triclinic"](), factor=3.0)
