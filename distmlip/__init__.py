@@ -28,8 +28,8 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from distmlip.calculator import DistributedCalculator
-    from distmlip.graph import Structure
     from distmlip.errors import OutOfMemoryError, WorkerError
+    from distmlip.graph import Structure
     from distmlip.models import DistributedModel, ReferenceMPNN
 
 

@@ -39,6 +39,8 @@ class BenchConfig:
     total_threads: int = 2
     repeats: int = 2
     memory_budget_gb: float = 20.0
+    checkpoint: bool = False
+    allocator: str = "keep"
     out: Path | None = None
 
 
@@ -63,6 +65,8 @@ def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: Benc
         threads_per_worker=threads,
         timeout=3600,
         trace=True,
+        checkpoint=config.checkpoint,
+        allocator=config.allocator,
     ) as calc:
         best = None
         for _ in range(config.repeats):

@@ -1,28 +1,27 @@
 """Capacity: predict each worker's peak memory for a structure and P from a short calibration.
 
-The method (:func:`estimate_memory`):
+The method (:func:`estimate_memory`; docs/performance.md, "Capacity"):
 
-1. **Carve** two or three smaller structures from the target (:func:`carve`). Along a
-   periodic axis on which the target repeats (a supercell: translating every atom by
-   ``cell[axis] / n`` maps the structure onto itself, within 0.6 Å), the pieces are smaller
-   periodic supercells of the same material, cut between lattice planes; along other axes
-   (open axes, amorphous or single-cell periodic axes) a slab of the atoms is cut and left
-   open (surfaces: fewer edges per atom, which the fit below accounts for).
-2. **Measure**: evaluate them (energy, forces and stress) on the calculator's own workers, in
-   ascending size after one warm-up call, and read each worker's peak memory *of that call*
-   (Linux: RSS high-water mark ``VmHWM``, reset before each call through
-   ``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated`` after
-   ``reset_peak_memory_stats``). The RSS peak includes the worker's baseline (interpreter,
-   torch, the model: a few hundred MB) and what the allocator kept mapped from earlier calls.
-3. **Fit** ``peak = base + slope × edges`` over every (structure, worker) pair by least squares:
-   a worker's edges (those with an owned receiver, ghost edges included in the ghost baseline)
-   carry the model's largest tensors (messages, radial and angular bases, bond graphs).
+1. **Carve** smaller structures from the target (:func:`carve`). Along a periodic axis on
+   which the target repeats (a supercell: translating every atom by ``cell[axis] / n`` maps the
+   structure onto itself, within 0.6 Å), the pieces are smaller periodic supercells of the same
+   material, cut between lattice planes; axes without a period (amorphous cells, open axes)
+   are cut open, last, which gives the pieces surfaces (fewer edges per atom).
+2. **Measure**: evaluate them (energy, forces and stress) on the calculator's own fresh
+   workers, in ascending size after one warm-up call, doubling from :data:`START_ATOMS` per
+   worker until the per-call peak has grown :data:`GROWTH_MB` (:func:`_calibrate`), and read
+   each worker's peak memory *of that call* (Linux: RSS high-water mark ``VmHWM``, reset before
+   each call through ``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated`` after
+   ``reset_peak_memory_stats``; :class:`distmlip.memory.PeakMemory`). The RSS peak includes the
+   worker's baseline (interpreter, torch, the model: a few hundred MB) and what the allocator
+   kept mapped from earlier, smaller calls.
+3. **Fit** ``peak = base + slope × edges`` over every (structure, worker) pair of the three
+   largest pieces by least squares: a worker's edges (those with an owned receiver, ghost
+   edges included in the ghost baseline) carry the model's largest tensors (messages, radial
+   and angular bases, bond graphs).
 4. **Predict** the target's per-worker edge counts at P by partitioning it and building each
    worker's local graph in turn here (numpy and vesin, one worker's graph at a time: no model
    runs, O(N/P + halo) memory), and apply the fit.
-
-Measured on this 2-core VM (reference model, P=2, tests/test_out_of_memory.py): within 10 %
-of the measured per-call peak of a structure 4× larger than the largest calibration one.
 """
 
 from __future__ import annotations
@@ -41,10 +40,11 @@ MIN_PERIOD = 1.0
 """Å: the shortest period along a cell vector that is looked for."""
 SLICE = 3.0
 """Å: the thickness steps in which an axis without a period is cut."""
-CALIBRATION_ATOMS = 500
-"""Default atoms per calibration worker of the largest calibration structure."""
-FRACTIONS = (0.25, 0.5, 1.0)
-"""Sizes of the calibration structures, relative to the largest one."""
+START_ATOMS = 64
+"""Atoms per worker of the smallest calibration structure."""
+GROWTH_MB = 256.0
+"""MB: calibration stops once a worker's per-call peak has grown this much over the smallest
+call's (the baseline), so that the slope is measured well above the allocator's noise."""
 
 
 @dataclass
@@ -278,6 +278,73 @@ def _as_structure(atoms, model) -> Structure:
     return Structure.from_ase(atoms, model.system_inputs(atoms))
 
 
+def _measure(calc, piece: Structure, periodic: bool) -> dict:
+    """One calibration call: per-worker edges and per-call peaks."""
+    calc.compute(piece, forces=True)
+    stats = calc.last_stats
+    record = {
+        "atoms": piece.n_atoms,
+        "periodic": periodic,
+        "edges": [s["edges"] for s in stats],
+        "peak_mb": [s["call_peak_rss_mb"] for s in stats],
+    }
+    if "call_peak_gpu_mb" in stats[0]:
+        record["gpu_peak_mb"] = [s["call_peak_gpu_mb"] for s in stats]
+    return record
+
+
+def _budget_mb(calc) -> float:
+    """Per-worker memory a calibration call may use: half of ``memory_limit``, or of the
+    machine's memory shared by the workers."""
+    from distmlip.memory import _machine_mb
+
+    limit = calc.pool.options.memory_limit
+    if limit is not None:
+        return 0.5 * limit * 1024
+    machine = _machine_mb()
+    return 0.5 * machine / calc.nprocs if machine else float("inf")
+
+
+def _calibrate(calc, target: Structure, largest: int) -> list[dict]:
+    """Calibration records, smallest first: sizes double from :data:`START_ATOMS` per worker
+    until the per-call peak has grown by :data:`GROWTH_MB` over the smallest (and there are at
+    least three), ``largest`` atoms are reached, or the next call could exceed the budget."""
+    frame = _frame(target)
+    counts = repeat_counts(target, frame)
+    key = "gpu_peak_mb" if calc.pool.options.device == "cuda" else "peak_mb"
+    budget = _budget_mb(calc)
+    size = min(START_ATOMS * calc.nprocs, largest)
+    records, warm = [], False
+    while True:
+        piece, periodic = carve(target, size / target.n_atoms, frame, counts)
+        if piece.n_atoms >= 2 * calc.nprocs and all(r["atoms"] != piece.n_atoms for r in records):
+            if not warm:  # one-time allocations (thread pools, buffers) are not a slope
+                calc.compute(piece, forces=True)
+                warm = True
+            records.append(_measure(calc, piece, periodic))
+        if records and len(records) >= 3:
+            grown = max(records[-1][key]) - min(records[0][key])
+            if grown >= GROWTH_MB:
+                break
+        if size >= largest:
+            break
+        following = min(2 * size, largest)
+        if len(records) >= 2:  # would the next call fit? (a straight line through the last two)
+            base, slope = _fit(
+                [e for r in records[-2:] for e in r["edges"]],
+                [m for r in records[-2:] for m in r["peak_mb"]],
+            )
+            if base + slope * max(records[-1]["edges"]) * following / size > budget:
+                break
+        size = following
+    if len(records) < 2:
+        raise ValueError(
+            f"cannot cut two calibration structures of different sizes from {target.n_atoms} "
+            "atoms; evaluate this structure directly and read calc.last_stats instead"
+        )
+    return records
+
+
 def estimate_memory(
     calc,
     atoms,
@@ -289,11 +356,12 @@ def estimate_memory(
 
     Args:
         calc: a :class:`~distmlip.DistributedCalculator`; its model, partitioner, halo mode
-            and dtype are those predicted for. Its workers run the calibration calls.
+            and dtype are those predicted for. Its workers run the calibration calls, fresh
+            (restarted first if the calculator has computed before).
         atoms: ASE ``Atoms`` or a :class:`~distmlip.graph.Structure`.
         nprocs: P of the prediction (the calibration runs on ``calc.nprocs`` workers).
-        calibration_atoms: atoms of the largest calibration structure (default
-            ``500 × calc.nprocs``, at most half the target); the others are 1/4 and 1/2 of it.
+        calibration_atoms: the most atoms a calibration structure may have (default and at
+            most: half the target's).
     """
     from distmlip.options import _positive_int
     from distmlip.validate import validate_structure
@@ -302,42 +370,17 @@ def estimate_memory(
     target = _as_structure(atoms, model)
     nprocs = calc.nprocs if nprocs is None else _positive_int("nprocs", nprocs)
     validate_structure(target, nprocs, model)
-    largest = CALIBRATION_ATOMS * calc.nprocs if calibration_atoms is None else calibration_atoms
-    largest = min(_positive_int("calibration_atoms", largest), max(target.n_atoms // 2, 1))
-    frame = _frame(target)
-    counts = repeat_counts(target, frame)
-    pieces, seen = [], set()
-    for fraction in FRACTIONS:
-        piece, periodic = carve(target, largest * fraction / target.n_atoms, frame, counts)
-        if piece.n_atoms >= 2 * calc.nprocs and piece.n_atoms not in seen:
-            seen.add(piece.n_atoms)
-            pieces.append((piece, periodic))
-    if len(pieces) < 2:
-        raise ValueError(
-            f"cannot cut two calibration structures of different sizes from {target.n_atoms} "
-            "atoms; evaluate this structure directly and read calc.last_stats instead"
-        )
-    pieces.sort(key=lambda item: item[0].n_atoms)
-    calc.compute(pieces[0][0], forces=True)  # warm-up: one-time allocations are not a slope
-    calibration = []
-    for piece, periodic in pieces:
-        calc.compute(piece, forces=True)
-        stats = calc.last_stats
-        calibration.append(
-            {
-                "atoms": piece.n_atoms,
-                "periodic": periodic,
-                "edges": [s["edges"] for s in stats],
-                "peak_mb": [s["call_peak_rss_mb"] for s in stats],
-                **(
-                    {"gpu_peak_mb": [s["call_peak_gpu_mb"] for s in stats]}
-                    if "call_peak_gpu_mb" in stats[0]
-                    else {}
-                ),
-            }
-        )
-    edges = [e for record in calibration for e in record["edges"]]
-    base, slope = _fit(edges, [m for record in calibration for m in record["peak_mb"]])
+    largest = max(target.n_atoms // 2, 1)
+    if calibration_atoms is not None:
+        largest = min(_positive_int("calibration_atoms", calibration_atoms), largest)
+    if calc.graph_builds or calc.graph_reuses:
+        # Workers keep memory from earlier calls mapped ("keep" allocator, heap fragments),
+        # which a per-call peak starts from: calibrate on fresh ones.
+        calc.pool.close()
+    calibration = _calibrate(calc, target, largest)
+    fitted = calibration[-3:]  # the largest: nearest to the target's regime
+    edges = [e for record in fitted for e in record["edges"]]
+    base, slope = _fit(edges, [m for record in fitted for m in record["peak_mb"]])
     sizes = worker_sizes(target, model, nprocs, calc.partitioner, calc.halo)
     estimate = MemoryEstimate(
         n_atoms=target.n_atoms,
@@ -349,7 +392,7 @@ def estimate_memory(
         calibration=calibration,
     )
     if "gpu_peak_mb" in calibration[0]:
-        gpu = [m for record in calibration for m in record["gpu_peak_mb"]]
+        gpu = [m for record in fitted for m in record["gpu_peak_mb"]]
         estimate.gpu_base_mb, estimate.gpu_mb_per_edge = _fit(edges, gpu)
         estimate.gpu_per_worker_mb = [
             estimate.gpu_base_mb + estimate.gpu_mb_per_edge * e for e in sizes["edges"]

@@ -35,9 +35,9 @@ import weakref
 from multiprocessing.connection import Connection, wait
 
 from distmlip.delta import StructureSender, resend_if_stale
-from distmlip.errors import OutOfMemoryError, WorkerError
+from distmlip.errors import WorkerError
 from distmlip.exchange import StructureRejected
-from distmlip.memory import KILLED_HINT, out_of_memory_message
+from distmlip.memory import KILLED_HINT, reply_error
 from distmlip.options import GraphOptions, WorkerOptions
 from distmlip.worker import STARTUP_ID, STARTUP_TIMEOUT, EvaluationRequest, WorkerConfig
 
@@ -190,9 +190,8 @@ class _Processes:
                 pass
         code = process.poll()
         if code is not None:
-            return f"worker {rank} (pid {process.pid}) died with exit code {code}" + (
-                KILLED_HINT if code == -9 else ""
-            )
+            hint = KILLED_HINT if code == -9 else ""  # the kernel's out-of-memory killer?
+            return f"worker {rank} (pid {process.pid}) died with exit code {code}{hint}"
         status = self._status(rank)
         if status == "stopped":
             return f"worker {rank} (pid {process.pid}) is stopped (SIGSTOP or Ctrl-Z)"
@@ -336,15 +335,7 @@ class WorkerPool:
             elif troubled:
                 message += f"; {causes}"
             self._discard(grace=0.0)
-            error, details = WorkerError, ()
-            if report is not None and len(report) > 2:  # out of memory: say what to change
-                message = f"{what}: {out_of_memory_message(rank, report[2], self.nprocs)}"
-                error, details = OutOfMemoryError, (report[2],)
-            raise error(
-                message + "; all workers were stopped and restart on the next call",
-                None if report is None else report[1],
-                *details,
-            ) from None
+            raise reply_error(what, rank, report, self.nprocs, message) from None
         except _NoAnswer as silence:
             states = "; ".join(workers.describe(rank) for rank in silence.ranks)
             self._discard(grace=0.0)

@@ -34,6 +34,7 @@ __all__ = [
     "out_of_memory_kind",
     "memory_report",
     "out_of_memory_message",
+    "reply_error",
     "graph_sizes",
 ]
 
@@ -209,14 +210,16 @@ def _cgroup_limit_mb() -> float | None:
     return None
 
 
-def graph_sizes(graph, n_atoms: int) -> dict[str, int]:
-    """What one worker's graph holds, for an out-of-memory report."""
+def graph_sizes(graph, n_atoms: int, inputs=None) -> dict[str, int]:
+    """What one worker's graph holds, for an out-of-memory report (``inputs``: the model
+    inputs already built on the device, whose edges are the call's; see distmlip.resident)."""
+    edges = len(graph.edges) if inputs is None else int(inputs.receivers.shape[0])
     return {
         "n_atoms": int(n_atoms),
         "owned_atoms": int(graph.n_owned),
         "halo_atoms": int(graph.n_halo),
         "computed_atoms": int(graph.n_computed),
-        "edges": len(graph.edges),
+        "edges": edges,
     }
 
 
@@ -257,6 +260,9 @@ def memory_report(
 
 
 def _gb(mb: float) -> str:
+    """``18.2 MB``, ``1.90 GB``, ``23.5 GB`` (MB and GB of 2^20 and 2^30 bytes)."""
+    if mb < 1024:
+        return f"{mb:.3g} MB" if mb < 100 else f"{mb:.0f} MB"
     return f"{mb / 1024:.2f} GB" if mb < 10 * 1024 else f"{mb / 1024:.1f} GB"
 
 
@@ -309,6 +315,18 @@ def out_of_memory_message(rank: int, report: dict, nprocs: int) -> str:
         + f". To fit, use {', '.join(remedies)}; "
         + "calc.estimate_memory(atoms, nprocs) predicts the peak per worker"
     )
+
+
+def reply_error(what: str, rank: int, report, nprocs: int, message: str):
+    """The driver's error for worker ``rank``'s failed reply (``report``: ``(summary,
+    traceback[, memory report])``, None if it died); ``message`` says what happened."""
+    from distmlip.errors import OutOfMemoryError, WorkerError
+
+    tail = "; all workers were stopped and restart on the next call"
+    if report is not None and len(report) > 2:  # out of memory: say what to change
+        text = f"{what}: {out_of_memory_message(rank, report[2], nprocs)}{tail}"
+        return OutOfMemoryError(text, report[1], report[2])
+    return WorkerError(message + tail, None if report is None else report[1])
 
 
 def check_memory_limit(value) -> float | None:

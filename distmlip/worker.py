@@ -236,7 +236,7 @@ def _evaluate(
     comm = Communicator(config.rank, config.world_size, device, config.timeout)
     call = graphs.get(request.structure, comm)
     if sizes is not None:
-        sizes.update(graph_sizes(call.graph, request.structure.n_atoms))
+        sizes.update(graph_sizes(call.graph, request.structure.n_atoms, call.inputs))
     result = evaluate(
         model,
         call.graph,

@@ -1,4 +1,4 @@
-"""The ``distmlip`` command: ``demo``, ``predict`` and ``bench``.
+"""The ``distmlip`` command: ``demo``, ``predict``, ``estimate`` and ``bench``.
 
 Errors are one line on stderr, ``distmlip: error: …``, with exit status 2 for a command line
 that cannot work as written and 1 for a failure while working; Ctrl-C prints one line and exits
@@ -173,6 +173,31 @@ def _parser() -> Parser:
     _worker_options(p, dtype="float64", timeout=600.0)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler="distmlip.cli.predict:predict")
+    e = commands.add_parser(
+        "estimate",
+        help="predicted peak memory per worker for a structure on P workers",
+        description="Predict each worker's peak memory (RSS; GPU memory on cuda) for a structure\n"
+        "on --nprocs workers, from a short calibration on smaller structures cut from it\n"
+        "(run on --calibration-nprocs workers here). See docs/performance.md, Capacity.",
+        formatter_class=Formatter,
+    )
+    e.add_argument("structure", type=structure_file, metavar="STRUCTURE", help="file ASE reads")
+    e.add_argument("--index", type=frame_index, help="frame of STRUCTURE (default: the last)")
+    _model_option(e, "chgnet")
+    _worker_options(e, dtype="float64", timeout=600.0)
+    e.add_argument(
+        "--calibration-nprocs",
+        type=positive_int,
+        default=2,
+        help="workers that run the calibration calls",
+    )
+    e.add_argument(
+        "--calibration-atoms",
+        type=positive_int,
+        help="most atoms of a calibration structure (default: half the structure's)",
+    )
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(handler="distmlip.cli.estimate:estimate")
     b = commands.add_parser(
         "bench",
         help="time, memory and communication, side by side",

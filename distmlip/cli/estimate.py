@@ -1,0 +1,86 @@
+"""``distmlip estimate``: predicted peak memory per worker for a structure, a model and P."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from distmlip.cli.arguments import UsageError
+from distmlip.cli.predict import read_frames
+
+__all__ = ["estimate"]
+
+
+def _size(mb: float) -> str:
+    return f"{mb:,.0f} MB" if mb < 10 * 1024 else f"{mb / 1024:,.1f} GB"
+
+
+def _print(result, args, source: str, seconds: float) -> None:
+    from distmlip.memory import _machine_mb
+
+    calibration = result.calibration
+    print(f"  {source}: {result.n_atoms:,} atoms; model {args.model} ({args.dtype})")
+    print(
+        f"  predicted peak memory per worker at P={result.nprocs} ({args.partitioner}), "
+        "resident (RSS), including each worker's baseline"
+    )
+    gpu = result.gpu_per_worker_mb
+    print("\n  rank    owned     halo       edges   peak RSS" + ("   peak GPU" if gpu else ""))
+    for rank, peak in enumerate(result.per_worker_mb):
+        row = (
+            f"  {rank:>4}  {result.owned_atoms[rank]:>7,}  {result.halo_atoms[rank]:>7,}"
+            f"  {result.edges[rank]:>10,}  {_size(peak):>9}"
+        )
+        print(row + (f"  {_size(gpu[rank]):>9}" if gpu else ""))
+    total = sum(result.per_worker_mb)
+    machine = _machine_mb()
+    print(
+        f"\n  largest worker {_size(result.peak_mb)}; all {result.nprocs} workers {_size(total)}"
+        + (f"; this machine has {_size(machine)}" if machine else "")
+    )
+    print(
+        f"  calibration: {len(calibration)} structures of {calibration[0]['atoms']:,}–"
+        f"{calibration[-1]['atoms']:,} atoms on {args.calibration_nprocs} workers in "
+        f"{seconds:.1f} s; fit {result.base_mb:.0f} MB + {result.mb_per_edge * 1024:.2f} KB "
+        "per edge"
+    )
+
+
+def estimate(args) -> int:
+    from distmlip import DistributedCalculator
+
+    index = -1 if args.index is None else args.index
+    frames = read_frames(args.structure, index)
+    if len(frames) != 1:
+        raise UsageError(f"--index {args.index} selects {len(frames)} frames; select one")
+    atoms = frames[0]
+    start = time.perf_counter()
+    with DistributedCalculator(
+        args.model,
+        nprocs=args.calibration_nprocs,
+        partitioner=args.partitioner,
+        device=args.device,
+        backend=args.backend,
+        dtype=args.dtype,
+        timeout=args.timeout,
+    ) as calc:
+        result = calc.estimate_memory(
+            atoms, nprocs=args.nprocs, calibration_atoms=args.calibration_atoms
+        )
+    seconds = time.perf_counter() - start
+    if args.json:
+        payload = {
+            "source": str(args.structure),
+            "model": str(args.model),
+            "partitioner": args.partitioner,
+            "dtype": args.dtype,
+            "calibration_nprocs": args.calibration_nprocs,
+            "seconds": seconds,
+            **result.to_dict(),
+        }
+        json.dump(payload, sys.stdout, indent=2)
+        print()
+    else:
+        _print(result, args, str(args.structure), seconds)
+    return 0
