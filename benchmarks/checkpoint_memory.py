@@ -125,7 +125,7 @@ def markdown(rows: list[dict], summary: list[dict]) -> str:
         "# Activation checkpointing: memory per atom and time",
         "",
         f"Machine: {machine_description()}. float32, P = 1, energy + forces + stress, fastest "
-        "call of a fresh worker pool per row, `allocator=\"system\"` (peak RSS = peak of live "
+        'call of a fresh worker pool per row, `allocator="system"` (peak RSS = peak of live '
         "memory). MB per atom: the slope of the worker's peak RSS "
         "between the two sizes (the process baseline cancels). Script: "
         "`benchmarks/checkpoint_memory.py`.",

@@ -14,7 +14,6 @@ The exchange is an autograd ``Function``:
 from __future__ import annotations
 
 import datetime
-import os
 import time
 from contextlib import contextmanager
 
@@ -24,84 +23,21 @@ import torch.distributed as dist
 
 from distmlip import trace
 from distmlip.halo import HaloPlan
+from distmlip.overlap import ExchangeStart, PendingExchange
+from distmlip.transport import (
+    CommunicationError,
+    _stages_transfers,
+    point_to_point,
+    post,
+    unstage,
+    wait_all,
+)
 
 __all__ = ["CommunicationError", "Communicator", "PendingExchange"]
 
 # Tags keep messages of different exchanges apart on gloo (NCCL orders point-to-point messages
 # per pair of ranks and ignores tags; every rank issues exchanges in the same order).
 _REQUEST_TAG = 1 << 30
-
-
-class CommunicationError(RuntimeError):
-    """A halo exchange failed or timed out (a peer died, hung, or the network broke)."""
-
-
-def _wait_all(works, timeout: float, what: str) -> None:
-    for work in works:
-        try:
-            completed = work.wait(datetime.timedelta(seconds=timeout))
-        except Exception as error:  # gloo raises on timeout and on closed connections
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            raise CommunicationError(
-                f"{what} failed ({reason}): a peer worker may have died or be stuck; "
-                "increase `timeout` if the system is just slow"
-            ) from error
-        if completed is False:
-            raise CommunicationError(
-                f"{what} timed out after {timeout:.0f} s: a peer worker may be stuck (stopped "
-                "or deadlocked) or dead; increase `timeout` if the system is just slow"
-            )
-
-
-_STAGE_ENVIRONMENT = "DISTMLIP_STAGE_TRANSFERS"
-"""``=1``: stage point-to-point transfers through host memory on any device (tests that path
-on the CPU)."""
-
-
-def _stages_transfers(device: torch.device) -> bool:
-    """Whether point-to-point transfers of ``device`` tensors must go through host memory.
-
-    gloo cannot send or receive CUDA tensors point-to-point (``batch_isend_irecv`` fails with
-    "writev: Bad address"; its collectives do take them), so workers that share GPUs over
-    gloo copy every message to the host and back. NCCL and CPU tensors need no copies.
-    """
-    if os.environ.get(_STAGE_ENVIRONMENT) == "1":
-        return True
-    return device.type == "cuda" and dist.is_initialized() and dist.get_backend() == "gloo"
-
-
-def _stage(sends, receives) -> tuple[list, list, list]:
-    """Host copies of ``sends``, host buffers for ``receives`` (both ``[(peer, tensor)]``),
-    and the ``(receive, buffer)`` pairs :func:`_unstage` copies after the transfer."""
-    buffers = [(peer, torch.empty(t.shape, dtype=t.dtype, device="cpu")) for peer, t in receives]
-    copies = [(t, buffer) for (_, t), (_, buffer) in zip(receives, buffers, strict=True)]
-    return [(peer, t.cpu()) for peer, t in sends], buffers, copies
-
-
-def _unstage(copies) -> None:
-    """Copy each received host buffer into its tensor (on the device)."""
-    for tensor, buffer in copies:
-        tensor.copy_(buffer)
-
-
-def _post(sends, receives, tag: int, staged: bool = False) -> tuple[list, list]:
-    """Post all sends and receives ``[(peer, tensor)]`` at once. Returns the works to wait for
-    and, if ``staged`` (see :func:`_stages_transfers`), the copies to :func:`_unstage` after."""
-    copies = []
-    if staged:
-        sends, receives, copies = _stage(sends, receives)
-    operations = [dist.P2POp(dist.isend, tensor, peer, tag=tag) for peer, tensor in sends]
-    operations += [dist.P2POp(dist.irecv, tensor, peer, tag=tag) for peer, tensor in receives]
-    return (dist.batch_isend_irecv(operations) if operations else []), copies
-
-
-def _point_to_point(
-    sends, receives, tag: int, timeout: float, what: str, staged: bool = False
-) -> None:
-    """Post all sends and receives ``[(peer, tensor)]`` at once, then wait for all of them."""
-    works, copies = _post(sends, receives, tag, staged)
-    _wait_all(works, timeout, what)
-    _unstage(copies)
 
 
 class Communicator:
@@ -178,7 +114,7 @@ class Communicator:
         ``tag``, ``bytes_sent``, ``seconds`` (spent posting and waiting) and ``done_at``.
         """
         start = time.perf_counter()
-        works, copies = _post(sends, receives, tag, self.staged)
+        works, copies = post(sends, receives, tag, self.staged)
         sent = sum(t.numel() * t.element_size() for _, t in sends)
         entry = trace.event("exchange", what=what, tag=tag, bytes_sent=sent, seconds=0.0)
         if entry is not None:
@@ -189,8 +125,8 @@ class Communicator:
     def _wait(self, posted: tuple) -> None:
         works, copies, what, entry, post_seconds = posted
         start = time.perf_counter()
-        _wait_all(works, self.timeout, what)
-        _unstage(copies)
+        wait_all(works, self.timeout, what)
+        unstage(copies)
         elapsed = post_seconds + time.perf_counter() - start
         self.seconds += elapsed
         if entry is not None:
@@ -258,7 +194,7 @@ class Communicator:
         if owned.shape[0] != plan.n_owned:
             raise ValueError(f"expected {plan.n_owned} owned rows, got {owned.shape[0]}")
         pending = PendingExchange(self, plan, self.next_tag())
-        routed = _ExchangeStart.apply(owned, pending)
+        routed = ExchangeStart.apply(owned, pending)
         pending._started = routed
         return routed, pending
 
@@ -346,114 +282,8 @@ class Communicator:
         buffers = [torch.empty(n, dtype=torch.int64, device=self.device) for n in incoming]
         receives = [(q, buffers[q]) for q in self._peers(incoming)]
         what = "exchanging halo requests"
-        _point_to_point(sends, receives, _REQUEST_TAG, self.timeout, what, self.staged)
+        point_to_point(sends, receives, _REQUEST_TAG, self.timeout, what, self.staged)
         return [buffer.cpu().numpy() for buffer in buffers]
-
-
-class PendingExchange:
-    """A halo refresh in flight (see :meth:`Communicator.start_exchange`).
-
-    Forward: the owned rows were posted to the peers and the halo rows are being received into
-    ``halo``. Backward (in reverse order): ``finish``'s backward posts the halo gradients to their
-    owners; the start's backward, which autograd runs after every use of the routed owned rows,
-    waits for the gradients peers send back and sums them into the owned rows.
-    """
-
-    def __init__(self, comm: Communicator, plan: HaloPlan, tag: int):
-        self.comm, self.plan, self.tag = comm, plan, tag
-        self._started: torch.Tensor | None = None  # the start's output, until finish
-        self.halo: torch.Tensor | None = None
-        self.posted = None
-        self.reverse = None  # (posted transfer, receive buffers) of the backward
-
-    def finish(self) -> torch.Tensor:
-        """(n_halo, ...) halo rows; waits for the transfer started by ``start_exchange``."""
-        return self.comm.replayed(self._finish)
-
-    def _finish(self) -> torch.Tensor:
-        if self._started is None:
-            raise RuntimeError("finish() called twice, or before start_exchange()")
-        # Dropping the start's output here keeps autograd nodes from referencing this object
-        # while it references them (a cycle Python's collector cannot see through).
-        started, self._started = self._started, None
-        halo = _ExchangeFinish.apply(started, self)
-        if halo.requires_grad:
-            self.comm.outputs.append(halo)
-        return halo
-
-    def post_forward(self, owned: torch.Tensor) -> None:
-        comm, plan = self.comm, self.plan
-        self.halo = owned.new_empty((plan.n_local - plan.n_owned, *owned.shape[1:]))
-        if comm.world_size == 1:
-            return
-        send_index, _ = comm._indices(plan)
-        sends = [(q, owned[send_index[q]].contiguous()) for q in comm._peers(plan.send_counts)]
-        receives = [(q, self.halo[self._halo_slice(q)]) for q in comm._peers(plan.recv_counts)]
-        self.posted = comm._post(sends, receives, self.tag, "halo exchange (overlapped)")
-
-    def _halo_slice(self, peer: int) -> slice:
-        """Rows of ``peer``'s atoms within the (n_halo, ...) halo block."""
-        rows = self.comm._indices(self.plan)[1][peer]
-        return slice(rows.start - self.plan.n_owned, rows.stop - self.plan.n_owned)
-
-    def wait_forward(self) -> torch.Tensor:
-        if self.posted is not None:
-            self.comm._wait(self.posted)
-            self.posted = None
-        halo, self.halo = self.halo, None
-        return halo
-
-    def post_backward(self, grad_halo: torch.Tensor) -> None:
-        comm, plan = self.comm, self.plan
-        if comm.world_size == 1:
-            return
-        send_index, _ = comm._indices(plan)
-        grad_halo = grad_halo.contiguous()
-        sends = [(q, grad_halo[self._halo_slice(q)]) for q in comm._peers(plan.recv_counts)]
-        buffers = {
-            q: grad_halo.new_empty((len(send_index[q]), *grad_halo.shape[1:]))
-            for q in comm._peers(plan.send_counts)
-        }
-        posted = comm._post(sends, list(buffers.items()), self.tag + 1, "reverse halo exchange")
-        self.reverse = (posted, buffers)
-
-    def wait_backward(self, grad_owned: torch.Tensor) -> torch.Tensor:
-        if self.reverse is None:
-            return grad_owned
-        posted, buffers = self.reverse
-        self.reverse = None
-        self.comm._wait(posted)
-        send_index, _ = self.comm._indices(self.plan)
-        grad_owned = grad_owned.clone()
-        for q, buffer in buffers.items():
-            grad_owned.index_add_(0, send_index[q], buffer)
-        return grad_owned
-
-
-class _ExchangeStart(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, owned, pending: PendingExchange):
-        ctx.pending = pending
-        pending.post_forward(owned)
-        return owned.view_as(owned)
-
-    @staticmethod
-    def backward(ctx, grad_owned: torch.Tensor):
-        return ctx.pending.wait_backward(grad_owned), None
-
-
-class _ExchangeFinish(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, owned, pending: PendingExchange):
-        ctx.pending = pending
-        ctx.owned_shape = owned.shape
-        return pending.wait_forward()
-
-    @staticmethod
-    def backward(ctx, grad_halo: torch.Tensor):
-        ctx.pending.post_backward(grad_halo)
-        # The halo's gradient reaches the owned rows through the start's backward, on the peers.
-        return grad_halo.new_zeros(ctx.owned_shape), None
 
 
 class _HaloExchange(torch.autograd.Function):

@@ -386,8 +386,9 @@ class WorkerPool:
                 # workers may still be computing, or a reply may be half read. Never reuse them.
                 self._discard(grace=0.0)
                 raise
-            self._state = "ready"
+            # Before "ready": an interruption between the two leaves "busy", so fresh workers.
             self._sender.delivered(self._workers, request_id, rest)
+            self._state = "ready"
             # Every worker answered (some refused the structure together): they stay in step.
             refused = [reply for reply in replies if isinstance(reply, StructureRejected)]
             if refused:

@@ -11,9 +11,11 @@ import torch
 from conftest import SYSTEMS, evaluate, relative_error
 
 from distmlip import DistributedCalculator
-from distmlip.comm import Communicator, _stage, _unstage
+from distmlip.comm import Communicator
 from distmlip.launch import CUDA_ALLOCATOR_ENVIRONMENT, KEEP_MEMORY_ENVIRONMENT, worker_environment
 from distmlip.options import WorkerOptions, resolve_backend
+from distmlip.transport import _stage
+from distmlip.transport import unstage as _unstage
 
 
 @pytest.fixture

@@ -33,6 +33,9 @@ class Recording(ReferenceMPNN):
                 seen.append(weakref.ref(local))
                 return local
 
+            def checkpoint(self, function, *args, **kwargs):
+                return exchange.checkpoint(function, *args, **kwargs)
+
             def start(self, rows):
                 owned, pending = exchange.start(rows)
                 seen.extend([weakref.ref(owned), weakref.ref(pending)])
@@ -50,18 +53,24 @@ class Recording(ReferenceMPNN):
         return super().forward(inputs, RecordingExchange())
 
 
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["kept", "checkpointed"])
 @pytest.mark.parametrize("overlap", [False, True], ids=["blocking", "overlapped"])
-def test_exchanged_tensors_are_freed_after_the_call(overlap):
+def test_exchanged_tensors_are_freed_after_the_call(overlap, checkpoint):
     model = Recording(overlap).double()
     structure = Structure.from_ase(small_cell())
     owner = np.zeros(structure.n_atoms, dtype=np.int64)
     graph = build_local_graph(structure, owner, 0, 1, model.cutoff)
     comm = Communicator(0, 1, torch.device("cpu"))
     resolve_send_index(graph, comm.exchange_requests(graph.requests()))
-    result = evaluate(model, graph, structure, comm, torch.float64, torch.device("cpu"))
+    result = evaluate(
+        model, graph, structure, comm, torch.float64, torch.device("cpu"), checkpoint=checkpoint
+    )
     per_exchange = 3 if overlap else 1
     assert np.isfinite(result.energy)
-    assert len(model.seen) == per_exchange * (model.num_layers - 1)
+    # A checkpointed layer runs twice (forward, then recomputed in the backward, its exchanges
+    # replayed: the same tensors again).
+    runs = 2 if checkpoint else 1
+    assert len(model.seen) == per_exchange * (model.num_layers - 1) * runs
     gc.collect()
     # The autograd node of an exchange references the communicator, which held its output:
     # a cycle through C++ that leaked one call's tensors per call until the engine broke it.

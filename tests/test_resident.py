@@ -243,3 +243,42 @@ def test_positions_only_requests_are_never_stale():
         store.resolve(7, EvaluationRequest(Moved(4, structure.positions, structure.cell)))
     with pytest.raises(StaleBase, match="holds none"):
         StructureStore().resolve(7, EvaluationRequest(Moved(5, moved.positions, moved.cell)))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", sorted(SYSTEMS))
+def test_vesin_torch_on_cuda_equals_vesin(name):
+    """The CUDA search: the same edges as vesin on the host (in its own order), or None where
+    it refuses the system (then the host search is used)."""
+    structure = Structure.from_ase(SYSTEMS[name]())
+    positions = torch.tensor(structure.positions, device="cuda")
+    atoms = np.arange(structure.n_atoms)
+    for cutoff in (3.0, 5.5):
+        pairs = device_pairs(positions, structure.cell, structure.pbc, atoms, cutoff)
+        if pairs is None:
+            continue
+        host = neighbor_list(structure.positions, structure.cell, structure.pbc, cutoff)
+        device = neighbor_list(
+            structure.positions, structure.cell, structure.pbc, cutoff, pairs=pairs
+        )
+        np.testing.assert_array_equal(_edge_set(device), _edge_set(host))
+
+
+@needs_cuda
+def test_resident_on_cuda_equals_host_path_on_cpu(reference_model):
+    walks = _walks({"small_cell": small_cell, "cluster": cluster, "slab": surface_slab}, 5, 0.12)
+    expected, counts = _run(reference_model, 1, walks, resident=False)
+    with DistributedCalculator(
+        reference_model, nprocs=1, device="cuda", skin=0.4, timeout=120
+    ) as calc:
+        assert calc.resident  # the default on CUDA
+        for name, frames in walks.items():
+            for step, atoms in enumerate(frames):
+                got = evaluate(calc, atoms)
+                for key, value in expected[name][step].items():
+                    error = np.abs(got[key] - value).max() / max(np.abs(value).max(), 1e-300)
+                    assert error <= 1e-10, (name, step, key, error)  # GPU edge order
+        assert (calc.graph_builds, calc.graph_reuses) == counts
