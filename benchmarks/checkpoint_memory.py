@@ -9,8 +9,8 @@ the model) cancels. Models (random weights where upstream's need a download; wei
 change the cost):
 
 * CHGNet 0.3.0 (shipped weights), Si diamond;
-* MACE with the shape of MACE-MP "medium" (benchmarks/mace_scaling.py), Cu fcc;
-* the reference model (distmlip.models.ReferenceMPNN), Cu fcc.
+* MACE with the shape of MACE-MP "medium" (benchmarks/mace_scaling.py), Cu fcc.
+(The reference model's activations, ~0.1 MB per atom, are within the noise of RSS slopes.)
 
     python benchmarks/checkpoint_memory.py --out docs/benchmarks
     python benchmarks/checkpoint_memory.py --quick      # small systems, a smoke run
@@ -47,12 +47,10 @@ def models(directory: Path, quick: bool) -> dict:
     sizes = {
         "chgnet": (216, 512) if quick else (1000, 2000),
         "mace": (108, 256) if quick else (500, 1000),
-        "reference": (500, 1000) if quick else (4000, 8000),
     }
     return {
         "chgnet": ("chgnet", "si", sizes["chgnet"]),
         "mace": (str(mace_path), "cu", sizes["mace"]),
-        "reference": ("reference", "cu", sizes["reference"]),
     }
 
 
