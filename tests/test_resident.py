@@ -153,11 +153,23 @@ def test_in_process_resident_equals_host_path(which, reference_model, request, o
         assert built[0] and any(built[1:]) and not all(built), (name, built)
         for step, ((a, _), (b, call)) in enumerate(zip(host, device, strict=True)):
             assert call.inputs is not None and call.inputs.vectors.device == CPU
+            plans = [call.graph.plan, *call.prepared.row_plans.values()]  # uploaded per build
+            assert all(isinstance(rows, torch.Tensor) for p in plans for rows in p.send_index)
             expected = {"energy": a.energy, "forces": a.forces, "virial": a.virial}
             expected.update(a.site_properties)
             got = {"energy": b.energy, "forces": b.forces, "virial": b.virial}
             got.update(b.site_properties)
             _assert_close(got, expected, f"{which} {name} step {step}")
+        if which == "reference":  # without a skin: every call builds, every edge is used
+            for (a, _), (b, call) in zip(
+                _in_process(model, frames[:2], 0.0, resident=False),
+                _in_process(model, frames[:2], 0.0, resident=True),
+                strict=True,
+            ):
+                assert call.built and call.kept_edges is None
+                got = {"energy": b.energy, "forces": b.forces, "virial": b.virial}
+                expected = {"energy": a.energy, "forces": a.forces, "virial": a.virial}
+                _assert_close(got, expected, f"{name} skin 0")
         if which == "chgnet":  # BondGraph.on: one upload per build, reused by every call
             tensors = [call.prepared.value.on(CPU) for _, call in device]
             for step in range(1, len(device)):
