@@ -174,6 +174,20 @@ def evaluate(calc, atoms: Atoms) -> dict:
     return {key: np.array(calc.results[key], copy=True) for key in properties}
 
 
+def assert_forces_are_finite_differences(calc, atoms: Atoms, indices, step: float = 1e-4) -> None:
+    """The forces of ``atoms[indices]`` equal central differences of the energy (1e-6 eV/Å)."""
+    forces = evaluate(calc, atoms)["forces"]
+    for atom in indices:
+        for axis in range(3):
+            energies = []
+            for sign in (1, -1):
+                displaced = atoms.copy()
+                displaced.positions[atom, axis] += sign * step
+                energies.append(evaluate(calc, displaced)["energy"])
+            numeric = -(energies[0] - energies[1]) / (2 * step)
+            assert abs(forces[atom, axis] - numeric) <= 1e-6, (atom, axis, numeric)
+
+
 def trajectory(atoms: Atoms, steps: int, step_size: float, seed: int = 0) -> list[Atoms]:
     """``steps`` configurations, each atom moving ``step_size`` Å in a random direction per step
     (a random walk, so displacements since any rebuild grow as in MD)."""

@@ -11,7 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import SYSTEMS, evaluate, relative_error, small_cell
+from conftest import (
+    SYSTEMS,
+    assert_forces_are_finite_differences,
+    evaluate,
+    relative_error,
+    small_cell,
+)
 
 from distmlip.builders import SkinGraphs
 from distmlip.comm import Communicator
@@ -52,18 +58,7 @@ def test_checkpointed_ghost_baseline(pools, single_process_results):
 
 def test_checkpointed_forces_match_finite_differences(pools):
     calc = pools.get(2, "rcb", checkpoint=True)
-    atoms = small_cell()
-    forces = evaluate(calc, atoms)["forces"]
-    step = 1e-4
-    for atom in (0, 5, 11):
-        for axis in range(3):
-            energies = []
-            for sign in (1, -1):
-                displaced = atoms.copy()
-                displaced.positions[atom, axis] += sign * step
-                energies.append(evaluate(calc, displaced)["energy"])
-            numeric = -(energies[0] - energies[1]) / (2 * step)
-            assert forces[atom, axis] == pytest.approx(numeric, abs=1e-6), (atom, axis)
+    assert_forces_are_finite_differences(calc, small_cell(), (0, 5, 11))
 
 
 def saved_for_backward(model, atoms, checkpoint: bool) -> tuple[int, float, np.ndarray]:
