@@ -82,9 +82,11 @@ class DistributedCalculator(Calculator):
             (MD) do not pay page faults again (faster steps, up to ~40 % higher peak memory for
             cheap models); ``"system"``: the C library's defaults (lowest peak memory).
         checkpoint: activation checkpointing (default False). Each message-passing layer keeps
-            only its inputs for the backward and is recomputed there, its halo exchanges
-            replayed from memory rather than sent again: several times less memory per atom for
-            about a third more time, the same numbers to round-off (docs/performance.md).
+            only its inputs for the backward and is recomputed there, its edge messages summed
+            in chunks of ``checkpoint`` edges (``True``: 32,768) so the backward holds one
+            chunk at a time; halo exchanges are replayed from memory rather than sent again.
+            Several times less memory per atom for some more time, the same numbers to
+            round-off (docs/performance.md).
         memory_limit: GB (2^30 bytes) each CPU worker may use (default None: no bound). A call
             that needs more raises :class:`~distmlip.OutOfMemoryError`, which names the worker,
             its atoms, its memory and what to change, instead of the kernel killing the worker;
@@ -124,7 +126,7 @@ class DistributedCalculator(Calculator):
         skin: float = 0.0,
         resident: bool | None = None,
         allocator: str = "keep",
-        checkpoint: bool = False,
+        checkpoint: bool | int = False,
         memory_limit: float | None = None,
         trace: bool = False,
         **kwargs,

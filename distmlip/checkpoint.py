@@ -22,7 +22,36 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
-__all__ = ["Replay", "checkpointed", "patched_forwards"]
+__all__ = [
+    "DEFAULT_CHUNK_EDGES",
+    "chunk_edges",
+    "chunks",
+    "Replay",
+    "checkpointed",
+    "patched_forwards",
+]
+
+DEFAULT_CHUNK_EDGES = 32768
+"""Edges per chunk with ``checkpoint=True``. Adapters sum a layer's edge messages chunk by
+chunk, each chunk a checkpoint region, so the backward holds one chunk's edge activations at a
+time (MACE-MP-medium: ~30 kB per edge in float32, so ~1 GB per chunk; CHGNet ~3 kB)."""
+
+
+def chunk_edges(checkpoint: bool | int) -> int:
+    """Edges per chunk of a ``checkpoint`` setting: 0 (off), :data:`DEFAULT_CHUNK_EDGES`
+    (``True``) or the positive integer given."""
+    if checkpoint is True:
+        return DEFAULT_CHUNK_EDGES
+    if checkpoint is False or checkpoint is None:
+        return 0
+    return int(checkpoint)
+
+
+def chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """``[(start, stop)]`` covering ``range(n)`` in pieces of at most ``size`` (0: one piece)."""
+    if size <= 0 or n <= size:
+        return [(0, n)]
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 class Replay:
@@ -92,9 +121,10 @@ def checkpointed(
 
 @contextmanager
 def patched_forwards(
-    modules: Iterable[torch.nn.Module], wrap: Callable[[Callable], Callable]
+    modules: Iterable[torch.nn.Module], wrap: Callable[[torch.nn.Module, Callable], Callable]
 ) -> Iterator[None]:
-    """Run each module's ``forward`` through ``wrap(forward)`` for the duration of the block.
+    """Run each module's ``forward`` through ``wrap(module, forward)`` for the duration of the
+    block.
 
     For upstream forwards that loop over their layers themselves (MACE): their layer modules
     are checkpointed without copying the loop. The instance attribute shadows the class's
@@ -105,7 +135,7 @@ def patched_forwards(
         for module in modules:
             if "forward" in vars(module):
                 raise RuntimeError(f"{type(module).__name__}.forward is already patched")
-            module.forward = wrap(module.forward)
+            module.forward = wrap(module, module.forward)
             patched.append(module)
         yield
     finally:

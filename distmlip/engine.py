@@ -181,7 +181,7 @@ def evaluate(
     vectors: np.ndarray | None = None,
     prepared: Prepared | None = None,
     kept_edges: np.ndarray | torch.Tensor | None = None,
-    checkpoint: bool = False,
+    checkpoint: bool | int = False,
     inputs: GraphInputs | None = None,
 ) -> WorkerResult:
     """Run the model on this worker's local graph; see the module docstring.
@@ -190,7 +190,8 @@ def evaluate(
     ``prepared``: what :func:`prepare` gave for the graph this one was selected from
     (``kept_edges``: the index of each edge there); prepared here if not given.
     ``checkpoint``: the adapter's ``exchange.checkpoint`` regions recompute their activations
-    in the backward instead of keeping them (:mod:`distmlip.checkpoint`).
+    in the backward instead of keeping them, edges in chunks of ``exchange.chunks``
+    (``True``: the default chunk; an integer: edges per chunk; :mod:`distmlip.checkpoint`).
     ``inputs``: the model inputs already on ``device`` (:mod:`distmlip.resident`: float64
     vectors, which are cast here; ``kept_edges`` a device tensor); ``graph`` then gives only the
     rows and the halo plan, and ``vectors``/``kept_edges`` are not used.

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distmlip.checkpoint import checkpointed, patched_forwards
+from distmlip.checkpoint import checkpointed, chunk_edges, chunks, patched_forwards
 from distmlip.comm import Communicator, PendingExchange
 from distmlip.halo import HaloPlan, rows_of
 
@@ -184,13 +184,20 @@ def undirected_edge_keys(
     return keys, ~flip, topology.row_owner[owner_row]
 
 
-def checkpoint_modules(exchange, modules):
+def checkpoint_modules(exchange, modules, replace=None):
     """Context manager: ``exchange.checkpoint`` every call of each module (see
-    :func:`distmlip.checkpoint.patched_forwards`); nothing changes without checkpointing."""
+    :func:`distmlip.checkpoint.patched_forwards`); nothing changes without checkpointing.
+
+    ``replace(module, forward)``, if given, may return a function that runs instead of the
+    module's ``forward`` (e.g. in edge chunks, each checkpointed), or None for the default.
+    """
     if not exchange.checkpointing:
         return patched_forwards((), None)
 
-    def wrap(forward):
+    def wrap(module, forward):
+        custom = replace(module, forward) if replace is not None else None
+        if custom is not None:
+            return custom
         return lambda *args, **kwargs: exchange.checkpoint(forward, *args, **kwargs)
 
     return patched_forwards(modules, wrap)
@@ -221,12 +228,18 @@ class Exchange(RowExchange):
         comm: Communicator,
         plan: HaloPlan,
         row_plans: dict[str, HaloPlan],
-        checkpointing: bool = False,
+        checkpoint: bool | int = False,
     ):
         super().__init__(comm, plan)
         self._row_plans = row_plans
         self._lammps_tags: list[int] = []
-        self.checkpointing = bool(checkpointing)
+        self.chunk_edges = chunk_edges(checkpoint)
+        self.checkpointing = self.chunk_edges > 0
+
+    def chunks(self, n_edges: int) -> list[tuple[int, int]]:
+        """``[(start, stop)]`` pieces of a layer's ``n_edges`` edges to compute, and
+        :meth:`checkpoint`, one at a time: one piece unless checkpointing."""
+        return chunks(n_edges, self.chunk_edges)
 
     def checkpoint(self, function, *args, **kwargs):
         """``function(*args, **kwargs)``; with ``checkpoint=True`` its activations are not kept
@@ -240,10 +253,11 @@ class Exchange(RowExchange):
             return function(*args, **kwargs)
         return checkpointed(function, args, kwargs, self._comm.bound)
 
-    def checkpoint_modules(self, modules):
+    def checkpoint_modules(self, modules, replace=None):
         """Context manager: calls of each module in ``modules`` are :meth:`checkpoint` ed
-        (for upstream forwards that loop over their layers themselves)."""
-        return checkpoint_modules(self, modules)
+        (for upstream forwards that loop over their layers themselves); ``replace(module,
+        forward)`` may return a function to run instead (None: the default)."""
+        return checkpoint_modules(self, modules, replace)
 
     def start(self, owned: torch.Tensor) -> tuple[torch.Tensor, PendingExchange]:
         """``(owned, pending)`` at once; ``pending.finish()`` → (n_halo, ...) halo rows later.

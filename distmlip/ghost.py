@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distmlip.checkpoint import checkpointed
+from distmlip.checkpoint import checkpointed, chunk_edges, chunks
 from distmlip.exchange import StructureRejected, checkpoint_modules
 from distmlip.graph import EdgeList, Structure, neighbor_list, neighborhood_mask
 from distmlip.halo import LocalGraph
@@ -84,17 +84,21 @@ class GhostExchange:
     feed nodes whose features are already out of their exact range, so zeros serve.
     """
 
-    def __init__(self, n_computed: int, n_local: int, checkpointing: bool = False):
+    def __init__(self, n_computed: int, n_local: int, checkpoint: bool | int = False):
         self.n_owned, self.n_local = n_computed, n_local
-        self.checkpointing = bool(checkpointing)
+        self.chunk_edges = chunk_edges(checkpoint)
+        self.checkpointing = self.chunk_edges > 0
+
+    def chunks(self, n_edges: int) -> list[tuple[int, int]]:
+        return chunks(n_edges, self.chunk_edges)
 
     def checkpoint(self, function, *args, **kwargs):
         if not self.checkpointing:
             return function(*args, **kwargs)
         return checkpointed(function, args, kwargs)
 
-    def checkpoint_modules(self, modules):
-        return checkpoint_modules(self, modules)
+    def checkpoint_modules(self, modules, replace=None):
+        return checkpoint_modules(self, modules, replace)
 
     def _outer(self, computed: torch.Tensor) -> torch.Tensor:
         return computed.new_zeros((self.n_local - self.n_owned, *computed.shape[1:]))

@@ -61,8 +61,9 @@ class WorkerOptions:
             step, somewhat higher peak memory; see :data:`KEEP_MEMORY_ENVIRONMENT`) or
             ``"system"`` (the C library's defaults: lowest peak memory).
         checkpoint: activation checkpointing: keep only each message-passing layer's
-            boundaries for the backward and recompute its inside (about 3× less memory per
-            atom, about a third more time; see docs/performance.md). Same numbers to round-off.
+            boundaries for the backward and recompute its inside, its edges in chunks
+            (``True``: :data:`~distmlip.checkpoint.DEFAULT_CHUNK_EDGES` edges per chunk; or a
+            positive integer: that many). Same numbers to round-off; see docs/performance.md.
         memory_limit: GB (2^30 bytes) of memory each CPU worker may use, or None (no bound):
             its data segment is capped (Linux ``RLIMIT_DATA``) before the model loads, so a
             call that needs more raises :class:`~distmlip.OutOfMemoryError` instead of the
@@ -76,7 +77,7 @@ class WorkerOptions:
     threads_per_worker: int | None = None
     allocator: str = "keep"
     backend: str = "auto"
-    checkpoint: bool = False
+    checkpoint: bool | int = False
     memory_limit: float | None = None
 
     def __post_init__(self):
@@ -95,8 +96,14 @@ class WorkerOptions:
         from distmlip.memory import check_memory_limit
 
         object.__setattr__(self, "memory_limit", check_memory_limit(self.memory_limit))
-        if not isinstance(self.checkpoint, bool):
-            raise ValueError(f"checkpoint must be True or False, got {self.checkpoint!r}")
+        checkpoint = self.checkpoint
+        if not isinstance(checkpoint, bool) and not (
+            isinstance(checkpoint, numbers.Integral) and checkpoint > 0
+        ):
+            raise ValueError(
+                "checkpoint must be True, False or a positive number of edges per chunk, "
+                f"got {checkpoint!r}"
+            )
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")
         if self.dtype not in DTYPES:

@@ -75,7 +75,7 @@ class WorkerConfig:
     partitioner: str = "slab"
     halo: str = "exchange"
     skin: float = 0.0
-    checkpoint: bool = False
+    checkpoint: bool | int = False
     backend: str = "auto"
     """``"auto"``, ``"nccl"`` or ``"gloo"`` (:func:`distmlip.options.resolve_backend`)."""
     memory_limit: float | None = None

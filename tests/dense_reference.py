@@ -96,3 +96,6 @@ class _NoHalo:
 
     def checkpoint(self, function, *args, **kwargs):
         return function(*args, **kwargs)
+
+    def chunks(self, n_edges):
+        return [(0, n_edges)]

@@ -20,8 +20,10 @@ from conftest import (
 )
 
 from distmlip.builders import SkinGraphs
+from distmlip.checkpoint import chunks
 from distmlip.comm import Communicator
 from distmlip.engine import evaluate as evaluate_worker
+from distmlip.exchange import Exchange
 from distmlip.graph import Structure
 
 RTOL = 1e-10
@@ -61,21 +63,34 @@ def test_checkpointed_forces_match_finite_differences(pools):
     assert_forces_are_finite_differences(calc, small_cell(), (0, 5, 11))
 
 
-def saved_for_backward(model, atoms, checkpoint: bool) -> tuple[int, float, np.ndarray]:
+def saved_for_backward(model, atoms, checkpoint: bool | int) -> tuple[int, float, np.ndarray, int]:
     """Bytes of distinct storages autograd keeps for the backward outside checkpointed
-    regions (a region keeps only its inputs), and the energy and forces, in this process."""
+    regions (a region keeps only its inputs), the energy and forces, in this process, and the
+    most edge chunks a layer was split into."""
     model = model.double()
     structure = Structure.from_ase(atoms)
     comm = Communicator(0, 1, torch.device("cpu"))
     call = SkinGraphs(model, "slab", 0.0).get(structure, comm)
     storages: dict[int, int] = {}
+    pieces = [0]
 
     def pack(tensor):
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    chunks = Exchange.chunks
+
+    def counted(exchange, n_edges):
+        split = chunks(exchange, n_edges)
+        pieces[0] = max(pieces[0], len(split))
+        return split
+
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+    ):
+        patch.setattr(Exchange, "chunks", counted)
         result = evaluate_worker(
             model,
             call.graph,
@@ -87,16 +102,27 @@ def saved_for_backward(model, atoms, checkpoint: bool) -> tuple[int, float, np.n
             prepared=call.prepared,
             checkpoint=checkpoint,
         )
-    return sum(storages.values()), result.energy, result.forces
+    return sum(storages.values()), result.energy, result.forces, pieces[0]
 
 
-def assert_checkpointing_keeps_less(model, atoms, factor: float) -> None:
-    plain, energy, forces = saved_for_backward(model, atoms, False)
-    kept, energy_ck, forces_ck = saved_for_backward(model, atoms, True)
+def assert_checkpointing_keeps_less(model, atoms, factor: float, chunk: int | None = None) -> None:
+    """Checkpointing keeps ``factor`` × fewer bytes for the backward, with the same energy and
+    forces; with ``chunk`` edges per chunk, some layer's edges really are split in pieces."""
+    plain, energy, forces, _ = saved_for_backward(model, atoms, False)
+    kept, energy_ck, forces_ck, pieces = saved_for_backward(model, atoms, chunk or True)
     assert energy_ck == pytest.approx(energy, rel=1e-12)
     assert relative_error(forces_ck, forces) <= 1e-12
     assert kept * factor <= plain, f"checkpointing kept {kept} of {plain} bytes"
+    if chunk is not None:
+        assert pieces > 1, "no layer was split into edge chunks"
 
 
 def test_reference_model_keeps_fewer_activations(reference_model):
     assert_checkpointing_keeps_less(reference_model, SYSTEMS["triclinic"](), factor=3.0)
+
+
+def test_edge_chunks_cover_every_edge_once():
+    assert chunks(10, 0) == [(0, 10)]
+    assert chunks(10, 10) == [(0, 10)]
+    assert chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert chunks(0, 4) == [(0, 0)]

@@ -36,6 +36,9 @@ class Recording(ReferenceMPNN):
             def checkpoint(self, function, *args, **kwargs):
                 return exchange.checkpoint(function, *args, **kwargs)
 
+            def chunks(self, n_edges):
+                return exchange.chunks(n_edges)
+
             def start(self, rows):
                 owned, pending = exchange.start(rows)
                 seen.extend([weakref.ref(owned), weakref.ref(pending)])

@@ -240,7 +240,6 @@ class CHGNetAdapter(DistributedModel):
         angle_center = inputs.receivers[angle_edges[:, 0]]
         angle_i, angle_j = edge_bond[angle_edges[:, 0]], edge_bond[angle_edges[:, 1]]
         bond_graph = torch.stack([angle_center, angle_i, angle_j], dim=1)
-        atom_graph = torch.stack([inputs.receivers, inputs.senders], dim=1)
         # Upstream skips bond and angle updates when the whole structure has no angle.
         has_angles = exchange.sum_over_ranks(len(angle_edges)) > 0
 
@@ -261,15 +260,59 @@ class CHGNetAdapter(DistributedModel):
         else:
             angle_feas = None
 
+        centre, neighbour = inputs.receivers, inputs.senders
+
         def convolve(layer, atoms: torch.Tensor, bonds: torch.Tensor) -> torch.Tensor:
-            """One upstream AtomConv on the local graph; the owned rows of its output."""
-            return layer(
-                atom_feas=atoms,
-                bond_feas=bonds,
-                bond_weights=weights_ag,
-                atom_graph=atom_graph,
-                directed2undirected=edge_bond,
-            )[:n_owned]
+            """Upstream ``AtomConv.forward`` on the local graph, re-sequenced so that its edge
+            messages are summed in chunks (each a checkpoint region when checkpointing: one
+            chunk's activations at a time); the owned rows of its output."""
+
+            def add_messages(aggregated, atoms, bonds, start: int, stop: int):
+                part = slice(start, stop)
+                undirected = edge_bond[part]
+                messages = torch.cat(
+                    [atoms[centre[part]], bonds[undirected], atoms[neighbour[part]]], dim=1
+                )
+                messages = layer.twoBody_atom(messages) * weights_ag[undirected]
+                return aggregated.index_add(0, centre[part], messages)
+
+            aggregated = atoms.new_zeros((n_owned, atoms.shape[1]))  # receivers are owned
+            for start, stop in exchange.chunks(len(centre)):
+                aggregated = exchange.checkpoint(
+                    add_messages, aggregated, atoms, bonds, start, stop
+                )
+            # Per atom from here (mlp_out, residual, norm): the owned rows are all we need.
+            if layer.use_mlp_out:
+                aggregated = layer.mlp_out(aggregated)
+            if layer.resnet:
+                aggregated = aggregated + atoms[:n_owned]
+            if layer.atom_norm is not None:
+                aggregated = layer.atom_norm(aggregated)
+            return aggregated
+
+        def update_bonds(idx, owned, bond_feas, angle_feas):
+            """Layer ``idx``'s bond and angle updates: new local bonds and angles."""
+            _, bond_layer, angle_layer = layers[idx]
+            short = bond_feas[:n_short]
+            messages = bond_layer.twoBody_bond(
+                torch.cat([short[angle_i], short[angle_j], angle_feas, owned[angle_center]], dim=1)
+            )
+            messages = messages * weights_bg[angle_i] * weights_bg[angle_j]
+            partial = short.new_zeros(short.shape).index_add(0, angle_i, messages)
+            summed = bond_rows.reduce(partial)
+            new_owned = self._bond_tail(bond_layer, summed, short[: bond_rows.n_owned])
+            new_short = bond_rows(new_owned)
+            long = bond_feas[n_short:]
+            new_long = self._bond_tail(bond_layer, torch.zeros_like(long), long)
+            bond_feas = torch.cat([new_short, new_long], dim=0)
+            if angle_layer is not None:
+                angle_feas = angle_layer(
+                    atom_feas=owned,
+                    bond_feas=new_short,
+                    angle_feas=angle_feas,
+                    bond_graph=bond_graph,
+                )
+            return bond_feas, angle_feas
 
         owned = embedded[:n_owned]
         magmoms = None
@@ -281,49 +324,18 @@ class CHGNetAdapter(DistributedModel):
                 strict=False,
             )
         )
-
-        def step(idx, owned, bond_feas, angle_feas):
-            """Message-passing layer ``idx``: new owned atoms, local bonds, angles."""
-            atom_layer, bond_layer, angle_layer = layers[idx]
+        for idx, (atom_layer, bond_layer, _) in enumerate(layers):
             # Layer 0 reads only species (known for the halo too): no exchange.
             atoms = exchange(owned) if idx > 0 else embedded
             owned = convolve(atom_layer, atoms, bond_feas)
             if has_angles and bond_layer is not None:
-                short = bond_feas[:n_short]
-                messages = bond_layer.twoBody_bond(
-                    torch.cat(
-                        [short[angle_i], short[angle_j], angle_feas, owned[angle_center]], dim=1
-                    )
+                bond_feas, angle_feas = exchange.checkpoint(
+                    update_bonds, idx, owned, bond_feas, angle_feas
                 )
-                messages = messages * weights_bg[angle_i] * weights_bg[angle_j]
-                partial = short.new_zeros(short.shape).index_add(0, angle_i, messages)
-                summed = bond_rows.reduce(partial)
-                new_owned = self._bond_tail(bond_layer, summed, short[: bond_rows.n_owned])
-                new_short = bond_rows(new_owned)
-                long = bond_feas[n_short:]
-                new_long = self._bond_tail(bond_layer, torch.zeros_like(long), long)
-                bond_feas = torch.cat([new_short, new_long], dim=0)
-                if angle_layer is not None:
-                    angle_feas = angle_layer(
-                        atom_feas=owned,
-                        bond_feas=new_short,
-                        angle_feas=angle_feas,
-                        bond_graph=bond_graph,
-                    )
-            return owned, bond_feas, angle_feas
-
-        for idx in range(len(layers)):
-            owned, bond_feas, angle_feas = exchange.checkpoint(
-                step, idx, owned, bond_feas, angle_feas
-            )
             if idx == chgnet.n_conv - 2:
                 magmoms = torch.abs(chgnet.site_wise(owned)).view(-1)
 
-        owned = exchange.checkpoint(
-            lambda owned, bonds: convolve(chgnet.atom_conv_layers[-1], exchange(owned), bonds),
-            owned,
-            bond_feas,
-        )
+        owned = convolve(chgnet.atom_conv_layers[-1], exchange(owned), bond_feas)
         if chgnet.readout_norm is not None:
             owned = chgnet.readout_norm(owned)
         energies = chgnet.mlp(owned).view(-1)

@@ -147,6 +147,50 @@ def _check_accelerators(model) -> None:
                 ) from error
 
 
+EDGE_LINEAR_INTERACTIONS = ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock")
+"""Interaction blocks whose message is linear in the sum over edges (``linear`` and
+``skip_tp`` act on the scattered sum; the residual ``sc`` reads only nodes), so the message of
+all edges is the sum of the messages of edge chunks."""
+
+
+def _edge_chunks(exchange: Exchange, node_attrs: torch.Tensor, n_owned: int):
+    """``replace`` for ``exchange.checkpoint_modules``: an edge-linear interaction block runs
+    once per edge chunk (``exchange.chunks``), each call a checkpoint region, and the messages
+    are summed, so the backward holds one chunk's edge tensor products at a time.
+
+    The halo refresh moves before ``linear_up`` (a per-row linear map, so the halo rows are the
+    same), done once by distmlip's exchange instead of MACE's LAMMPS hook; each chunk then runs
+    upstream's own ``forward`` without the hook, on all local rows.
+    """
+
+    def replace(module, forward):
+        if type(module).__name__ not in EDGE_LINEAR_INTERACTIONS or hasattr(module, "conv_fusion"):
+            return None
+
+        def run(*, node_feats, edge_attrs, edge_feats, edge_index, cutoff=None, **kwargs):
+            first_layer = bool(kwargs.get("first_layer", False))
+            local = node_feats if first_layer else exchange(node_feats[:n_owned])
+            message, skip = None, None
+            for start, stop in exchange.chunks(edge_index.shape[1]):
+                part = slice(start, stop)
+                chunk_message, skip = exchange.checkpoint(
+                    forward,
+                    node_attrs=node_attrs,
+                    node_feats=local,
+                    edge_attrs=edge_attrs[part],
+                    edge_feats=edge_feats[part],
+                    edge_index=edge_index[:, part],
+                    cutoff=None if cutoff is None else cutoff[part],
+                    first_layer=first_layer,
+                )
+                message = chunk_message if message is None else message + chunk_message
+            return message[:n_owned], None if skip is None else skip[:n_owned]
+
+        return run
+
+    return replace
+
+
 def _select_head(model, head: str | None) -> tuple[str, int]:
     """The head MACECalculator would use: the given one, the only one, or 'default'."""
     heads = list(getattr(model, "heads", None) or ["Default"])
@@ -227,9 +271,11 @@ class MACEAdapter(DistributedModel):
             "lammps_class": exchange,
             "natoms": (n_owned, n_halo),
         }
-        # Each interaction and product block is one checkpoint region when asked for.
+        # With checkpointing: interactions in edge chunks where that is exact (see
+        # _edge_chunks), every other interaction and product block one checkpoint region.
         blocks = [*self.model.interactions, *self.model.products]
-        with exchange.checkpoint_modules(blocks):
+        chunked = _edge_chunks(exchange, data["node_attrs"], n_owned)
+        with exchange.checkpoint_modules(blocks, chunked):
             out = self.model(
                 data,
                 training=False,
