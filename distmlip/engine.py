@@ -272,6 +272,7 @@ def evaluate(
         "edges": int(inputs.receivers.shape[0]),
         "exchanges": comm.calls,
         "bytes_sent": comm.bytes_sent,
+        "checkpoint_regions": getattr(exchange, "regions", 0),
     }
     timings["communication"] = comm.seconds
     return WorkerResult(

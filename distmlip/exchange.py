@@ -41,6 +41,7 @@ __all__ = [
     "Exchange",
     "RowExchange",
     "undirected_edge_keys",
+    "sum_into",
 ]
 
 
@@ -184,6 +185,29 @@ def undirected_edge_keys(
     return keys, ~flip, topology.row_owner[owner_row]
 
 
+class _SumInto(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, target, index, source):
+        ctx.save_for_backward(index)
+        return target.index_add(0, index, source)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, index)
+
+
+def sum_into(target: torch.Tensor, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``target.index_add(0, index, source)``, whose backward keeps only ``index``.
+
+    For summing edge chunks into atoms outside the chunks' checkpoint regions: torch's own
+    ``index_add`` keeps ``source`` for its backward, which would keep every chunk.
+    """
+    if not torch.is_grad_enabled():
+        return target.index_add(0, index, source)
+    return _SumInto.apply(target, index, source)
+
+
 def checkpoint_modules(exchange, modules, replace=None):
     """Context manager: ``exchange.checkpoint`` every call of each module (see
     :func:`distmlip.checkpoint.patched_forwards`); nothing changes without checkpointing.
@@ -235,6 +259,7 @@ class Exchange(RowExchange):
         self._lammps_tags: list[int] = []
         self.chunk_edges = chunk_edges(checkpoint)
         self.checkpointing = self.chunk_edges > 0
+        self.regions = 0  # checkpoint regions run (statistics: proof that it is on)
 
     def chunks(self, n_edges: int) -> list[tuple[int, int]]:
         """``[(start, stop)]`` pieces of a layer's ``n_edges`` edges to compute, and
@@ -249,8 +274,9 @@ class Exchange(RowExchange):
         layers read: its tensor inputs and outputs are what stays in memory. The region must
         be a function of its arguments (and of tensors created before it) only.
         """
-        if not self.checkpointing:
+        if not self.checkpointing or not torch.is_grad_enabled():
             return function(*args, **kwargs)
+        self.regions += 1
         return checkpointed(function, args, kwargs, self._comm.bound)
 
     def checkpoint_modules(self, modules, replace=None):

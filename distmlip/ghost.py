@@ -88,13 +88,15 @@ class GhostExchange:
         self.n_owned, self.n_local = n_computed, n_local
         self.chunk_edges = chunk_edges(checkpoint)
         self.checkpointing = self.chunk_edges > 0
+        self.regions = 0
 
     def chunks(self, n_edges: int) -> list[tuple[int, int]]:
         return chunks(n_edges, self.chunk_edges)
 
     def checkpoint(self, function, *args, **kwargs):
-        if not self.checkpointing:
+        if not self.checkpointing or not torch.is_grad_enabled():
             return function(*args, **kwargs)
+        self.regions += 1
         return checkpointed(function, args, kwargs)
 
     def checkpoint_modules(self, modules, replace=None):

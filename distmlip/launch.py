@@ -74,6 +74,9 @@ def worker_environment(options: WorkerOptions, base=None) -> dict[str, str]:
     return environment
 
 
+PORT_ATTEMPTS = 3
+"""Start-ups tried when the rendezvous port is taken between choosing and using it."""
+
 STOP_GRACE = 5.0
 """Seconds idle workers get to leave cleanly on :meth:`WorkerPool.close` before being killed."""
 
@@ -248,18 +251,28 @@ class WorkerPool:
         with self._lock:
             if self._state == "ready":
                 return
-            self._discard(grace=0.0)
-            workers = self._workers = _Processes()
-            self._finalizer = weakref.finalize(self, workers.stop, STOP_GRACE)
-            self._state = "starting"
-            _LIVE_POOLS.add(self)
-            try:
-                self._spawn(workers)
-                self._collect(STARTUP_ID, "starting workers", max(self.timeout, STARTUP_TIMEOUT))
-            except BaseException:
+            for attempt in range(PORT_ATTEMPTS):
                 self._discard(grace=0.0)
-                raise
-            self._state = "ready"
+                workers = self._workers = _Processes()
+                self._finalizer = weakref.finalize(self, workers.stop, STOP_GRACE)
+                self._state = "starting"
+                _LIVE_POOLS.add(self)
+                try:
+                    self._spawn(workers)
+                    timeout = max(self.timeout, STARTUP_TIMEOUT)
+                    self._collect(STARTUP_ID, "starting workers", timeout)
+                except WorkerError as error:
+                    self._discard(grace=0.0)
+                    # The rendezvous port was free when chosen, but another process took it
+                    # before rank 0 listened on it: start again on a new port.
+                    if "EADDRINUSE" in str(error) and attempt + 1 < PORT_ATTEMPTS:
+                        continue
+                    raise
+                except BaseException:
+                    self._discard(grace=0.0)
+                    raise
+                self._state = "ready"
+                return
 
     def _spawn(self, workers: _Processes) -> None:
         options = self.options

@@ -55,7 +55,8 @@ def _stage(sends, receives) -> tuple[list, list, list]:
     and the ``(receive, buffer)`` pairs :func:`unstage` copies after the transfer."""
     buffers = [(peer, torch.empty(t.shape, dtype=t.dtype, device="cpu")) for peer, t in receives]
     copies = [(t, buffer) for (_, t), (_, buffer) in zip(receives, buffers, strict=True)]
-    return [(peer, t.cpu()) for peer, t in sends], buffers, copies
+    # A copy even of a host tensor, so the CPU test of this path sends what the GPU path sends.
+    return [(peer, t.to("cpu", copy=True)) for peer, t in sends], buffers, copies
 
 
 def unstage(copies) -> None:

@@ -47,6 +47,8 @@ def test_checkpointed_sends_the_same_messages(pools):
         calc = pools.get(3, "rcb", checkpoint=checkpoint)
         evaluate(calc, atoms)
         counts[checkpoint] = [(s["exchanges"], s["bytes_sent"]) for s in calc.last_stats]
+        regions = [s["checkpoint_regions"] for s in calc.last_stats]
+        assert all(r == (3 if checkpoint else 0) for r in regions), regions  # one per layer
     assert counts[True] == counts[False]
     assert all(exchanges > 0 for exchanges, _ in counts[True])
 

@@ -240,6 +240,8 @@ def test_checkpointed_matches_upstream(adapter, upstream64, nprocs, partitioner,
         adapter, nprocs=nprocs, partitioner=partitioner, dtype="float64", checkpoint=checkpoint
     ) as calc:
         _compare_float64(calc, upstream64, f"checkpointed P={nprocs} {partitioner}")
+        # Each of the 5 atom convolutions ran in chunks; bond and angle updates as regions.
+        assert all(s["checkpoint_regions"] >= 5 for s in calc.last_stats)
 
 
 def test_checkpointing_keeps_fewer_activations(adapter):

@@ -214,3 +214,29 @@ def test_workers_outlive_the_thread_that_started_them(reference_model):
         assert calc.pool.pids == pids and abs(result["energy"]) > 0
     finally:
         calc.close()
+
+
+def test_start_retries_on_a_new_port_when_the_port_is_taken(monkeypatch):
+    """The rendezvous port can be taken between choosing and using it (another job starting
+    workers at the same moment): the pool starts again on a new one."""
+    import socket
+
+    import distmlip.launch as launch
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = [busy.getsockname()[1]]
+        chosen = []
+        choose = launch._free_port
+
+        def free_port():
+            chosen.append(ports.pop() if ports else choose())
+            return chosen[-1]
+
+        monkeypatch.setattr(launch, "_free_port", free_port)
+        with DistributedCalculator("reference", nprocs=2, timeout=120) as calc:
+            atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+            atoms.calc = calc
+            assert np.isfinite(atoms.get_potential_energy())
+        assert len(chosen) == 2, chosen  # the taken port, then a free one

@@ -275,6 +275,7 @@ def test_float64_matches_upstream(models, nprocs, partitioner):
         ("residual_2x_L1_c3", 2, "rcb", 97),
         ("residual_2x_L1_c3", 3, "slab", 400),
         ("plain_1x_L0_c1", 2, "slab", 61),  # the non-residual interaction, chunked
+        ("nonlinear_2x_L1_c2", 2, "rcb", True),  # not chunked: whole blocks, exchange replayed
     ],
 )
 def test_checkpointed_matches_upstream(models, shape, nprocs, partitioner, checkpoint):
@@ -282,12 +283,14 @@ def test_checkpointed_matches_upstream(models, shape, nprocs, partitioner, check
     (an integer: several chunks here), each product block as a whole: the same numbers."""
     calc = models.pools.get(nprocs, partitioner, model=models.path(shape), checkpoint=checkpoint)
     names = tuple(STRUCTURES) if shape == "residual_2x_L1_c3" else OTHER_SHAPE_STRUCTURES
+    assert shape in SHAPES
     check_float64(
         calc,
         models.upstream(shape, names=names),
         f"checkpointed {shape} P={nprocs} {partitioner}",
         names,
     )
+    assert all(s["checkpoint_regions"] > 0 for s in calc.last_stats)
 
 
 def test_checkpointing_keeps_fewer_activations(models):

@@ -150,6 +150,7 @@ def test_float64_matches_upstream(pools, reference64, nprocs, partitioner):
 def test_checkpointed_matches_upstream(pools, reference64):
     calc = pools.get(3, "rcb", checkpoint=True)
     assert_matches_upstream(calc, reference64, evaluate, RTOL64, "checkpointed P=3 rcb")
+    assert all(s["checkpoint_regions"] > 0 for s in calc.last_stats)
 
 
 def test_ghost_baseline_matches_upstream(pools, reference64):

@@ -89,6 +89,16 @@ def _worker_options(parser, dtype: str, timeout: float) -> None:
     )
     _device_options(parser, dtype)
     parser.add_argument(
+        "--checkpoint",
+        nargs="?",
+        const=True,
+        default=False,
+        type=positive_int,
+        metavar="EDGES",
+        help="activation checkpointing: less memory per atom, more time, the same numbers "
+        "(optional: edges per chunk, default 32768)",
+    )
+    parser.add_argument(
         "--timeout",
         type=timeout_seconds,
         default=timeout,

@@ -31,7 +31,11 @@ def demo(args) -> int:
     )
     start_structure = atoms.copy()
     settings = dict(
-        device=args.device, backend=args.backend, dtype=args.dtype, timeout=args.timeout
+        device=args.device,
+        backend=args.backend,
+        dtype=args.dtype,
+        timeout=args.timeout,
+        checkpoint=args.checkpoint,
     )
     rows = [
         ("structure", f"{atoms.get_chemical_formula()} zincblende ({len(atoms)} atoms)"),

@@ -62,6 +62,7 @@ def estimate(args) -> int:
         partitioner=args.partitioner,
         device=args.device,
         backend=args.backend,
+        checkpoint=args.checkpoint,
         dtype=args.dtype,
         timeout=args.timeout,
     ) as calc:

@@ -117,6 +117,7 @@ def predict(args) -> int:
         partitioner=args.partitioner,
         device=args.device,
         backend=args.backend,
+        checkpoint=args.checkpoint,
         dtype=args.dtype,
         timeout=args.timeout,
     ) as calc:

@@ -43,7 +43,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distmlip.exchange import Exchange, GraphTopology, RowDeclarer, undirected_edge_keys
+from distmlip.exchange import (
+    Exchange,
+    GraphTopology,
+    RowDeclarer,
+    sum_into,
+    undirected_edge_keys,
+)
 from distmlip.models.base import DistributedModel, GraphInputs
 
 __all__ = ["CHGNetAdapter", "BondGraph", "build_bond_graph", "load_chgnet"]
@@ -267,20 +273,18 @@ class CHGNetAdapter(DistributedModel):
             messages are summed in chunks (each a checkpoint region when checkpointing: one
             chunk's activations at a time); the owned rows of its output."""
 
-            def add_messages(aggregated, atoms, bonds, start: int, stop: int):
+            def messages(atoms, bonds, start: int, stop: int):
                 part = slice(start, stop)
                 undirected = edge_bond[part]
                 messages = torch.cat(
                     [atoms[centre[part]], bonds[undirected], atoms[neighbour[part]]], dim=1
                 )
-                messages = layer.twoBody_atom(messages) * weights_ag[undirected]
-                return aggregated.index_add(0, centre[part], messages)
+                return layer.twoBody_atom(messages) * weights_ag[undirected]
 
             aggregated = atoms.new_zeros((n_owned, atoms.shape[1]))  # receivers are owned
             for start, stop in exchange.chunks(len(centre)):
-                aggregated = exchange.checkpoint(
-                    add_messages, aggregated, atoms, bonds, start, stop
-                )
+                chunk = exchange.checkpoint(messages, atoms, bonds, start, stop)
+                aggregated = sum_into(aggregated, centre[start:stop], chunk)  # keeps no chunk
             # Per atom from here (mlp_out, residual, norm): the owned rows are all we need.
             if layer.use_mlp_out:
                 aggregated = layer.mlp_out(aggregated)

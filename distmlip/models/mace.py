@@ -50,7 +50,7 @@ from pathlib import Path
 import mace  # noqa: F401
 import torch
 
-from distmlip.exchange import Exchange
+from distmlip.exchange import Exchange, sum_into
 from distmlip.models.base import DistributedModel, GraphInputs
 
 __all__ = ["MACEAdapter", "is_mace_model", "load_mace_model"]
@@ -148,43 +148,59 @@ def _check_accelerators(model) -> None:
 
 
 EDGE_LINEAR_INTERACTIONS = ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock")
-"""Interaction blocks whose message is linear in the sum over edges (``linear`` and
-``skip_tp`` act on the scattered sum; the residual ``sc`` reads only nodes), so the message of
-all edges is the sum of the messages of edge chunks."""
+"""Interaction blocks (mace-torch 0.3.16) whose forward is re-sequenced in edge chunks: their
+message is ``linear`` (no bias) of the scattered sum over edges, then ``skip_tp`` (bilinear)
+for the plain block; the residual block's ``sc`` reads only nodes."""
 
 
 def _edge_chunks(exchange: Exchange, node_attrs: torch.Tensor, n_owned: int):
-    """``replace`` for ``exchange.checkpoint_modules``: an edge-linear interaction block runs
-    once per edge chunk (``exchange.chunks``), each call a checkpoint region, and the messages
-    are summed, so the backward holds one chunk's edge tensor products at a time.
+    """``replace`` for ``exchange.checkpoint_modules``: the forward of an edge-linear
+    interaction block, re-sequenced with upstream's modules so that the edge tensor products
+    are computed in chunks (``exchange.chunks``), each a checkpoint region, and summed into the
+    owned atoms: the backward holds one chunk's edge activations at a time.
 
-    The halo refresh moves before ``linear_up`` (a per-row linear map, so the halo rows are the
-    same), done once by distmlip's exchange instead of MACE's LAMMPS hook; each chunk then runs
-    upstream's own ``forward`` without the hook, on all local rows.
+    The halo refresh moves before ``linear_up`` (a per-row linear map: the same halo rows),
+    done by distmlip's exchange instead of MACE's LAMMPS hook.
     """
 
     def replace(module, forward):
         if type(module).__name__ not in EDGE_LINEAR_INTERACTIONS or hasattr(module, "conv_fusion"):
             return None
+        residual = type(module).__name__ == "RealAgnosticResidualInteractionBlock"
+
+        def edge_messages(up, edge_attrs, edge_feats, cutoff, senders):
+            weights = module.conv_tp_weights(edge_feats)
+            if cutoff is not None:
+                weights = weights * cutoff
+            return module.conv_tp(up[senders], edge_attrs, weights)
 
         def run(*, node_feats, edge_attrs, edge_feats, edge_index, cutoff=None, **kwargs):
             first_layer = bool(kwargs.get("first_layer", False))
             local = node_feats if first_layer else exchange(node_feats[:n_owned])
-            message, skip = None, None
+            attrs = node_attrs[:n_owned]
+            sc = exchange.checkpoint(module.skip_tp, local[:n_owned], attrs) if residual else None
+            up = exchange.checkpoint(module.linear_up, local)
+            message = None
             for start, stop in exchange.chunks(edge_index.shape[1]):
                 part = slice(start, stop)
-                chunk_message, skip = exchange.checkpoint(
-                    forward,
-                    node_attrs=node_attrs,
-                    node_feats=local,
-                    edge_attrs=edge_attrs[part],
-                    edge_feats=edge_feats[part],
-                    edge_index=edge_index[:, part],
-                    cutoff=None if cutoff is None else cutoff[part],
-                    first_layer=first_layer,
+                mji = exchange.checkpoint(
+                    edge_messages,
+                    up,
+                    edge_attrs[part],
+                    edge_feats[part],
+                    None if cutoff is None else cutoff[part],
+                    edge_index[0, part],
                 )
-                message = chunk_message if message is None else message + chunk_message
-            return message[:n_owned], None if skip is None else skip[:n_owned]
+                if message is None:
+                    message = mji.new_zeros((n_owned, mji.shape[1]))
+                message = sum_into(message, edge_index[1, part], mji)  # keeps no chunk
+            return exchange.checkpoint(finish, message, attrs), sc
+
+        def finish(message, attrs):
+            message = module.linear(message) / module.avg_num_neighbors
+            if not residual:
+                message = module.skip_tp(message, attrs)
+            return module.reshape(message)
 
         return run
 
