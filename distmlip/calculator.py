@@ -202,6 +202,18 @@ class DistributedCalculator(Calculator):
         return self.pool.graph_options.skin
 
     @property
+    def checkpoint(self) -> bool | int:
+        return self.pool.options.checkpoint
+
+    @property
+    def memory_limit(self) -> float | None:
+        return self.pool.options.memory_limit
+
+    @property
+    def backend(self) -> str:
+        return self.pool.options.backend
+
+    @property
     def resident(self) -> bool:
         """Whether the workers take the resident path (``resident=None`` resolved)."""
         return self.pool.resident

@@ -24,6 +24,8 @@ import torch.utils.checkpoint
 
 __all__ = [
     "DEFAULT_CHUNK_EDGES",
+    "MIN_CHUNK_EDGES",
+    "warm_up",
     "chunk_edges",
     "chunks",
     "Replay",
@@ -35,6 +37,16 @@ DEFAULT_CHUNK_EDGES = 32768
 """Edges per chunk with ``checkpoint=True``. Adapters sum a layer's edge messages chunk by
 chunk, each chunk a checkpoint region, so the backward holds one chunk's edge activations at a
 time (MACE-MP-medium: ~30 kB per edge in float32, so ~1 GB per chunk; CHGNet ~3 kB)."""
+
+
+MIN_CHUNK_EDGES = 64
+"""Fewer edges per chunk than this is a typo (``checkpoint=1`` for ``True``), not a plan."""
+
+
+def warm_up() -> None:
+    """Run one tiny checkpointed backward, so torch's lazy imports happen now."""
+    leaf = torch.ones(1, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(torch.square, leaf, use_reentrant=False).sum().backward()
 
 
 def chunk_edges(checkpoint: bool | int) -> int:

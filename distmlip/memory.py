@@ -305,7 +305,8 @@ def out_of_memory_message(rank: int, report: dict, nprocs: int) -> str:
     failed = f"could not allocate {_gb(requested / MB)}" if requested else report.get("error")
     memory = _memory(report)
     remedies = [f"more workers (nprocs > {nprocs})"]
-    remedies.append("checkpoint=True (recomputes activations in the backward pass)")
+    if not report.get("checkpoint"):
+        remedies.append("checkpoint=True (recomputes activations in the backward pass)")
     if report.get("memory_limit_mb"):
         remedies.append("a larger memory_limit")
     remedies.append("or a smaller structure")

@@ -96,13 +96,16 @@ class WorkerOptions:
         from distmlip.memory import check_memory_limit
 
         object.__setattr__(self, "memory_limit", check_memory_limit(self.memory_limit))
+        from distmlip.checkpoint import MIN_CHUNK_EDGES
+
         checkpoint = self.checkpoint
         if not isinstance(checkpoint, bool) and not (
-            isinstance(checkpoint, numbers.Integral) and checkpoint > 0
+            isinstance(checkpoint, numbers.Integral) and checkpoint >= MIN_CHUNK_EDGES
         ):
             raise ValueError(
-                "checkpoint must be True, False or a positive number of edges per chunk, "
-                f"got {checkpoint!r}"
+                f"checkpoint must be True, False or a number of edges per chunk >= "
+                f"{MIN_CHUNK_EDGES}, got {checkpoint!r}"
+                + (" (use True for the default chunks)" if checkpoint == 1 else "")
             )
         if self.allocator not in ALLOCATORS:
             raise ValueError(f"allocator must be one of {ALLOCATORS}, got {self.allocator!r}")

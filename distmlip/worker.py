@@ -153,6 +153,12 @@ def worker_main(connection: Connection, pdeathsig: bool = True) -> None:
         model = model.to(device=device, dtype=dtype).eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
+        if config.checkpoint:
+            # torch's checkpoint imports ~70 MB of modules (dynamo, fsdp) at its first use: at
+            # start-up, not in the middle of the first call, under the memory limit.
+            from distmlip.checkpoint import warm_up
+
+            warm_up()
         if config.world_size > 1:
             dist.init_process_group(
                 backend=resolve_backend(device.type, config.backend),
@@ -224,7 +230,9 @@ def _failure(error: Exception, config: WorkerConfig, device, phase: str, sizes=N
         return report
     # The traceback's frames hold the failed call's tensors: free them before reporting.
     traceback.clear_frames(error.__traceback__)
-    return (*report, memory_report(error, kind, sizes, config.memory_limit, device, phase))
+    details = memory_report(error, kind, sizes, config.memory_limit, device, phase)
+    details["checkpoint"] = bool(config.checkpoint)
+    return (*report, details)
 
 
 def _evaluate(

@@ -38,6 +38,12 @@ BAD_OPTIONS = [
     ({"halo": "ghost", "skin": 1.0}, "skin=1.0 needs halo='exchange'"),
     ({"trace": "no"}, "trace must be True or False, got 'no'"),
     ({"trace": 1}, "trace must be True or False"),
+    ({"checkpoint": "yes"}, "checkpoint must be True, False or a number of edges per chunk >= 64"),
+    ({"checkpoint": 0}, "checkpoint must be True, False or a number of edges per chunk >= 64"),
+    ({"checkpoint": -5}, "checkpoint must be True, False or a number of edges per chunk >= 64"),
+    ({"checkpoint": 2.5}, "checkpoint must be True, False or a number of edges per chunk >= 64"),
+    ({"checkpoint": 63}, "got 63$"),
+    ({"checkpoint": 1}, "got 1 .use True for the default chunks"),
 ]
 
 
@@ -74,16 +80,21 @@ def test_skin_larger_than_the_model_supports(reference_model):
 
 def test_settings_are_read_only(reference_model):
     """The workers were started for these settings: changing one would silently not apply."""
-    with DistributedCalculator(reference_model, nprocs=1, skin=0.2) as calc:
+    with DistributedCalculator(reference_model, nprocs=1, skin=0.2, checkpoint=128) as calc:
         for name, value in [
             ("nprocs", 3),
             ("skin", 2.0),
             ("partitioner", "rcb"),
             ("halo", "ghost"),
+            ("checkpoint", False),
+            ("memory_limit", 4),
+            ("backend", "nccl"),
+            ("resident", True),
         ]:
             with pytest.raises(AttributeError):
                 setattr(calc, name, value)
         assert (calc.nprocs, calc.skin, calc.partitioner) == (1, 0.2, "slab")
+        assert (calc.checkpoint, calc.memory_limit, calc.backend) == (128, None, "auto")
 
 
 def test_a_calculator_cannot_be_copied_or_pickled(reference_model):

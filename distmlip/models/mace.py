@@ -148,9 +148,10 @@ def _check_accelerators(model) -> None:
 
 
 EDGE_LINEAR_INTERACTIONS = ("RealAgnosticInteractionBlock", "RealAgnosticResidualInteractionBlock")
-"""Interaction blocks (mace-torch 0.3.16) whose forward is re-sequenced in edge chunks: their
-message is ``linear`` (no bias) of the scattered sum over edges, then ``skip_tp`` (bilinear)
-for the plain block; the residual block's ``sc`` reads only nodes."""
+"""Interaction blocks (mace-torch 0.3.x; pyproject pins < 0.4) whose forward is re-sequenced
+in edge chunks: their message is ``linear`` (no bias) of the scattered sum over edges, then
+``skip_tp`` (bilinear) for the plain block; the residual block's ``sc`` reads only nodes. The
+exactness tests (tests/test_mace.py, several chunks) guard the re-sequencing."""
 
 
 def _edge_chunks(exchange: Exchange, node_attrs: torch.Tensor, n_owned: int):
