@@ -21,6 +21,7 @@ Writes ``<out>/checkpoint.json``, ``.md`` and ``.png``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from dataclasses import replace
@@ -55,6 +56,12 @@ def models(directory: Path, quick: bool) -> dict:
     }
 
 
+MMAP_THRESHOLD = str(1 << 17)
+"""glibc serves allocations above this (bytes) with their own mappings, unmapped when freed, so
+a worker's RSS follows its live tensors. Its default threshold grows to 32 MB after large frees,
+and chunk-sized tensors then come from the heap, whose holes inflate the peak RSS."""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -62,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", MMAP_THRESHOLD)  # the workers inherit it
     # allocator="system": freed blocks go back to the kernel, so the peak RSS is the peak of
     # live tensors (the "keep" allocator's heap fragmentation would blur the comparison).
     config = BenchConfig(
@@ -124,7 +132,8 @@ def markdown(rows: list[dict], summary: list[dict]) -> str:
         "# Activation checkpointing: memory per atom and time",
         "",
         f"Machine: {machine_description()}. float32, P = 1, energy + forces + stress, fastest "
-        'call of a fresh worker pool per row, `allocator="system"`. MB per atom: the slope '
+        'call of a fresh worker pool per row, `allocator="system"` with '
+        "`MALLOC_MMAP_THRESHOLD_=131072` (RSS follows live tensors). MB per atom: the slope "
         "of the worker's peak RSS between the two sizes (the process baseline cancels), after "
         "the pool's first call (a fresh process: that call's peak) and after all `--repeats` "
         "calls (heap fragmentation over repeated calls adds to it). Script: "
