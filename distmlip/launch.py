@@ -322,6 +322,14 @@ class WorkerPool:
                 message = f"{what}: {causes}; worker {rank} raised {report[0]}"
             elif troubled:
                 message += f"; {causes}"
+            limit = self.options.memory_limit
+            if limit is not None and request_id == STARTUP_ID:
+                # Below what torch and the model need, a worker fails in ways that do not say
+                # "memory" (an allocator's EAGAIN, OpenBLAS exiting).
+                message += (
+                    f" (memory_limit={limit:g} GB may be less than a worker needs to start: "
+                    "torch and the model alone take 0.25 GB or more; raise it)"
+                )
             self._discard(grace=0.0)
             raise reply_error(what, rank, report, self.nprocs, message) from None
         except _NoAnswer as silence:

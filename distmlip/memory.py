@@ -304,6 +304,18 @@ def out_of_memory_message(rank: int, report: dict, nprocs: int) -> str:
     requested = report.get("requested_bytes")
     failed = f"could not allocate {_gb(requested / MB)}" if requested else report.get("error")
     memory = _memory(report)
+    if report.get("phase") == "starting":  # no structure yet: only the bound can change
+        change = (
+            "raise memory_limit (a worker needs at least the peak above to load torch and "
+            "the model)"
+            if report.get("memory_limit_mb")
+            else "free memory on this machine or use a smaller model"
+        )
+        return (
+            f"worker {rank} ran out of {where} ({failed}){_held(report)}"
+            + (f"; {memory}" if memory else "")
+            + f". To start, {change}"
+        )
     remedies = [f"more workers (nprocs > {nprocs})"]
     if not report.get("checkpoint"):
         remedies.append("checkpoint=True (recomputes activations in the backward pass)")

@@ -189,6 +189,15 @@ def test_out_of_memory_while_starting_is_the_same_clear_error():
         DistributedCalculator("reference", nprocs=1, timeout=60, memory_limit=0.05)
 
 
+@linux
+def test_a_limit_below_what_a_worker_needs_to_start_says_to_raise_it():
+    """Below torch's own footprint a worker fails in ways that do not say "memory" (an
+    allocator's EAGAIN, OpenBLAS exiting): the error names the limit either way."""
+    with pytest.raises(WorkerError, match="^starting workers") as caught:
+        DistributedCalculator("reference", nprocs=1, timeout=60, memory_limit=0.2)
+    assert "memory_limit" in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_a_worker_killed_by_sigkill_is_said_to_be_probably_out_of_memory(reference_model):
     with DistributedCalculator(reference_model, nprocs=2, timeout=30) as calc:
         os.kill(calc.pool.pids[1], signal.SIGKILL)
