@@ -31,6 +31,7 @@ __all__ = [
     "Replay",
     "checkpointed",
     "patched_forwards",
+    "CheckpointRegions",
 ]
 
 DEFAULT_CHUNK_EDGES = 32768
@@ -153,3 +154,50 @@ def patched_forwards(
     finally:
         for module in patched:
             del module.forward
+
+
+class CheckpointRegions:
+    """The checkpointing half of an ``exchange``, the same for the halo exchange and the ghost
+    baseline: ``chunks``, ``checkpoint`` and ``checkpoint_modules``. ``_bind`` is the
+    communicator's record/replay context (None: no collectives to replay)."""
+
+    _bind: Callable[[Replay], Any] | None = None
+
+    def _init_checkpointing(self, checkpoint: bool | int) -> None:
+        self.chunk_edges = chunk_edges(checkpoint)
+        self.checkpointing = self.chunk_edges > 0
+        self.regions = 0  # checkpoint regions run (statistics: proof that it is on)
+
+    def chunks(self, n_edges: int) -> list[tuple[int, int]]:
+        """``[(start, stop)]`` pieces of a layer's ``n_edges`` edges to compute, and
+        :meth:`checkpoint`, one at a time: one piece unless checkpointing."""
+        return chunks(n_edges, self.chunk_edges)
+
+    def checkpoint(self, function, *args, **kwargs):
+        """``function(*args, **kwargs)``; with ``checkpoint=True`` its activations are not kept
+        but recomputed in the backward, its exchanges replayed.
+
+        Wrap one message-passing layer (or a part of one) whose output is all that later
+        layers read: its tensor inputs and outputs are what stays in memory. The region must
+        be a function of its arguments (and of tensors created before it) only.
+        """
+        if not self.checkpointing or not torch.is_grad_enabled():
+            return function(*args, **kwargs)
+        self.regions += 1
+        return checkpointed(function, args, kwargs, self._bind)
+
+    def checkpoint_modules(self, modules, replace=None):
+        """Context manager: every call of each module in ``modules`` is :meth:`checkpoint` ed
+        (for upstream forwards that loop over their layers themselves); nothing changes
+        without checkpointing. ``replace(module, forward)`` may return a function to run
+        instead (e.g. in edge chunks, each checkpointed), or None for the default."""
+        if not self.checkpointing:
+            return patched_forwards((), None)
+
+        def wrap(module, forward):
+            custom = replace(module, forward) if replace is not None else None
+            if custom is not None:
+                return custom
+            return lambda *args, **kwargs: self.checkpoint(forward, *args, **kwargs)
+
+        return patched_forwards(modules, wrap)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distmlip.checkpoint import checkpointed, chunk_edges, chunks, patched_forwards
+from distmlip.checkpoint import CheckpointRegions
 from distmlip.comm import Communicator, PendingExchange
 from distmlip.halo import HaloPlan, rows_of
 
@@ -208,25 +208,6 @@ def sum_into(target: torch.Tensor, index: torch.Tensor, source: torch.Tensor) ->
     return _SumInto.apply(target, index, source)
 
 
-def checkpoint_modules(exchange, modules, replace=None):
-    """Context manager: ``exchange.checkpoint`` every call of each module (see
-    :func:`distmlip.checkpoint.patched_forwards`); nothing changes without checkpointing.
-
-    ``replace(module, forward)``, if given, may return a function that runs instead of the
-    module's ``forward`` (e.g. in edge chunks, each checkpointed), or None for the default.
-    """
-    if not exchange.checkpointing:
-        return patched_forwards((), None)
-
-    def wrap(module, forward):
-        custom = replace(module, forward) if replace is not None else None
-        if custom is not None:
-            return custom
-        return lambda *args, **kwargs: exchange.checkpoint(forward, *args, **kwargs)
-
-    return patched_forwards(modules, wrap)
-
-
 class RowExchange:
     """Differentiable halo refresh and reduce of one row kind (atoms or a declared kind)."""
 
@@ -244,7 +225,7 @@ class RowExchange:
         return self._comm.reduce(local, self._plan)
 
 
-class Exchange(RowExchange):
+class Exchange(CheckpointRegions, RowExchange):
     """The ``exchange`` adapters receive (halo-exchange mode); see the module docstring."""
 
     def __init__(
@@ -257,33 +238,8 @@ class Exchange(RowExchange):
         super().__init__(comm, plan)
         self._row_plans = row_plans
         self._lammps_tags: list[int] = []
-        self.chunk_edges = chunk_edges(checkpoint)
-        self.checkpointing = self.chunk_edges > 0
-        self.regions = 0  # checkpoint regions run (statistics: proof that it is on)
-
-    def chunks(self, n_edges: int) -> list[tuple[int, int]]:
-        """``[(start, stop)]`` pieces of a layer's ``n_edges`` edges to compute, and
-        :meth:`checkpoint`, one at a time: one piece unless checkpointing."""
-        return chunks(n_edges, self.chunk_edges)
-
-    def checkpoint(self, function, *args, **kwargs):
-        """``function(*args, **kwargs)``; with ``checkpoint=True`` its activations are not kept
-        but recomputed in the backward, its exchanges replayed (:mod:`distmlip.checkpoint`).
-
-        Wrap one message-passing layer (or a part of one) whose output is all that later
-        layers read: its tensor inputs and outputs are what stays in memory. The region must
-        be a function of its arguments (and of tensors created before it) only.
-        """
-        if not self.checkpointing or not torch.is_grad_enabled():
-            return function(*args, **kwargs)
-        self.regions += 1
-        return checkpointed(function, args, kwargs, self._comm.bound)
-
-    def checkpoint_modules(self, modules, replace=None):
-        """Context manager: calls of each module in ``modules`` are :meth:`checkpoint` ed
-        (for upstream forwards that loop over their layers themselves); ``replace(module,
-        forward)`` may return a function to run instead (None: the default)."""
-        return checkpoint_modules(self, modules, replace)
+        self._bind = comm.bound  # a checkpointed region records, its re-run replays
+        self._init_checkpointing(checkpoint)
 
     def start(self, owned: torch.Tensor) -> tuple[torch.Tensor, PendingExchange]:
         """``(owned, pending)`` at once; ``pending.finish()`` → (n_halo, ...) halo rows later.

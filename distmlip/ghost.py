@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distmlip.checkpoint import checkpointed, chunk_edges, chunks
-from distmlip.exchange import StructureRejected, checkpoint_modules
+from distmlip.checkpoint import CheckpointRegions
+from distmlip.exchange import StructureRejected
 from distmlip.graph import EdgeList, Structure, neighbor_list, neighborhood_mask
 from distmlip.halo import LocalGraph
 
@@ -77,7 +77,7 @@ def build_ghost_graph(
     )
 
 
-class GhostExchange:
+class GhostExchange(CheckpointRegions):
     """The ghost baseline's ``exchange``: ghost rows are recomputed, nothing is fetched.
 
     The outermost ghosts only ever matter through their species (layer 0); at later layers they
@@ -86,21 +86,7 @@ class GhostExchange:
 
     def __init__(self, n_computed: int, n_local: int, checkpoint: bool | int = False):
         self.n_owned, self.n_local = n_computed, n_local
-        self.chunk_edges = chunk_edges(checkpoint)
-        self.checkpointing = self.chunk_edges > 0
-        self.regions = 0
-
-    def chunks(self, n_edges: int) -> list[tuple[int, int]]:
-        return chunks(n_edges, self.chunk_edges)
-
-    def checkpoint(self, function, *args, **kwargs):
-        if not self.checkpointing or not torch.is_grad_enabled():
-            return function(*args, **kwargs)
-        self.regions += 1
-        return checkpointed(function, args, kwargs)
-
-    def checkpoint_modules(self, modules, replace=None):
-        return checkpoint_modules(self, modules, replace)
+        self._init_checkpointing(checkpoint)  # no collectives: nothing to replay
 
     def _outer(self, computed: torch.Tensor) -> torch.Tensor:
         return computed.new_zeros((self.n_local - self.n_owned, *computed.shape[1:]))
