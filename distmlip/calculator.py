@@ -101,7 +101,10 @@ class DistributedCalculator(Calculator):
     one evaluation. Options after ``model`` are keyword-only; the settings are read-only. After
     each call ``last_timings`` (seconds per phase; ``communication`` is the part of forward,
     backward and forces spent waiting on exchanges) and ``last_stats`` (sizes, bytes, peak RSS)
-    hold per-worker records, and ``last_traces`` per-worker traces when ``trace=True``.
+    hold per-worker records, ``last_owners`` the rank that owned each atom (N,), and
+    ``last_traces`` per-worker traces when ``trace=True``. Owners are re-assigned at every graph
+    build (an MD run rebalances whenever its atoms have moved skin/2), so slab and rcb keep the
+    owned atoms per worker within one of each other.
 
     Use as a context manager or call :meth:`close`; workers also stop when the calculator is
     dropped and at interpreter exit. Calls from several threads are serialised. A call that is
@@ -177,6 +180,7 @@ class DistributedCalculator(Calculator):
         self.last_timings: list[dict[str, float]] = []
         self.last_stats: list[dict[str, int]] = []
         self.last_traces: list = []
+        self.last_owners: np.ndarray | None = None
         self.pool.start()
 
     # Read-only: the workers were started for these; changing one would need new workers.
@@ -226,6 +230,7 @@ class DistributedCalculator(Calculator):
     def _compute(self, structure: Structure, forces: bool) -> dict:
         # A failed or interrupted call must not leave the previous structure's records.
         self.last_timings, self.last_stats, self.last_traces = [], [], []
+        self.last_owners = None
         validate_structure(structure, self.nprocs, self.model)
         results = self.pool.evaluate(structure, compute_forces=forces, trace=self._trace)
         if results[0].stats["graph_reused"]:
@@ -235,6 +240,10 @@ class DistributedCalculator(Calculator):
         self.last_timings = [r.timings for r in results]
         self.last_stats = [r.stats for r in results]
         self.last_traces = [r.trace for r in results] if self._trace else []
+        owners = np.empty(structure.n_atoms, dtype=np.int64)
+        for rank, result in enumerate(results):
+            owners[result.global_index] = rank
+        self.last_owners = owners
         return assemble(results, structure.n_atoms, structure.volume)
 
     def estimate_memory(self, atoms, nprocs: int | None = None, **options):

@@ -1,4 +1,4 @@
-"""The ``distmlip`` command: ``demo``, ``predict``, ``estimate`` and ``bench``.
+"""The ``distmlip`` command: ``demo``, ``predict``, ``md``, ``relax``, ``estimate`` and ``bench``.
 
 Errors are one line on stderr, ``distmlip: error: …``, with exit status 2 for a command line
 that cannot work as written and 1 for a failure while working; Ctrl-C prints one line and exits
@@ -24,6 +24,7 @@ from distmlip.cli.arguments import (
     structure_file,
     timeout_seconds,
 )
+from distmlip.cli.structures import add_structure_arguments
 from distmlip.systems import CRYSTALS
 
 __all__ = ["main"]
@@ -157,32 +158,128 @@ def _parser() -> Parser:
     d.set_defaults(handler="distmlip.cli.demo:demo")
     p = commands.add_parser(
         "predict",
-        help="energy, forces and stress of the structures in a file",
-        description="Evaluate every selected frame of a structure file (any format ASE reads),\n"
-        "or, without --structure, a generated rattled fcc Cu crystal.",
+        help="energy, forces and stress of a structure, or of every frame of a file",
+        description="Evaluate STRUCTURE (every selected frame of a file ASE reads, or a\n"
+        "generated crystal, bulk:SYMBOL:CRYSTAL[:A]), or without it a rattled fcc Cu crystal.\n"
+        "--json prints one JSON object (energy eV, forces eV/Å, stress eV/Å³ Voigt) and\n"
+        "nothing else on standard output.",
         formatter_class=Formatter,
     )
+    add_structure_arguments(p, optional=True)
     _model_option(p, "chgnet")
     p.add_argument(
         "--structure",
+        dest="structure_option",
         type=structure_file,
         metavar="FILE",
-        help="structure file ASE can read (default: a generated Cu crystal, see --size)",
-    )
-    p.add_argument(
-        "--index",
-        type=frame_index,
-        help="frames of --structure to evaluate, ASE syntax: 0, -1, 2:10, ':' (default: all)",
+        help="the same as STRUCTURE, for a file",
     )
     p.add_argument(
         "--size",
         type=positive_int,
-        default=6,
-        help="without --structure: n×n×n Cu conventional cells of 4 atoms (6 = 864 atoms)",
+        help="without STRUCTURE: n×n×n Cu conventional cells of 4 atoms (default 6: 864 atoms)",
     )
     _worker_options(p, dtype="float64", timeout=600.0)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(handler="distmlip.cli.predict:predict")
+    m = commands.add_parser(
+        "md",
+        help="molecular dynamics (NVE, NVT, NPT), restartable, with a trajectory and a log",
+        description="Molecular dynamics of STRUCTURE on P workers with ASE's integrators: NVE\n"
+        "(velocity Verlet), NVT (Langevin or Nosé–Hoover chain), NPT (MTK, full cell).\n"
+        "Every --log-every steps a frame goes to --trajectory, a row to the log and the\n"
+        "integrator state beside the trajectory; --restart FILE continues FILE's last frame\n"
+        "(--steps is the step to end at). See docs/md.md.",
+        formatter_class=Formatter,
+    )
+    add_structure_arguments(m, optional=True, index_default="-1")
+    _model_option(m, "chgnet")
+    m.add_argument("--ensemble", default="nve", choices=["nve", "nvt", "npt"], help="ensemble")
+    m.add_argument(
+        "--thermostat",
+        default="langevin",
+        choices=["langevin", "nose-hoover"],
+        help="NVT thermostat",
+    )
+    m.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=300.0,
+        help="K: initial velocities (Maxwell–Boltzmann from --seed) and thermostat target",
+    )
+    m.add_argument("--timestep", type=positive_float, default=1.0, help="fs")
+    m.add_argument("--steps", type=positive_int, default=1000, help="the step to end at")
+    m.add_argument("--friction", type=positive_float, help="Langevin friction, 1/fs (default 0.01)")
+    m.add_argument(
+        "--tdamp", type=positive_float, help="Nosé–Hoover thermostat time, fs (default 100 steps)"
+    )
+    m.add_argument("--pressure", type=float, default=0.0, help="NPT external pressure, GPa")
+    m.add_argument(
+        "--pdamp", type=positive_float, help="NPT barostat time, fs (default 1000 steps)"
+    )
+    m.add_argument(
+        "--trajectory",
+        default="md.extxyz",
+        metavar="FILE",
+        help=".extxyz/.xyz (extended XYZ) or .traj (ASE)",
+    )
+    m.add_argument("--log", metavar="FILE", help="thermo log (default: the trajectory's .log)")
+    m.add_argument(
+        "--log-every", type=positive_int, default=10, help="steps between frames and log rows"
+    )
+    m.add_argument(
+        "--extras",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="per-atom outputs to store in every frame, e.g. magmoms (CHGNet)",
+    )
+    m.add_argument("--restart", metavar="FILE", help="continue from FILE's last complete frame")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing trajectory")
+    m.add_argument(
+        "--keep-velocities",
+        action="store_true",
+        help="start from STRUCTURE's momenta instead of drawing them",
+    )
+    m.add_argument(
+        "--skin",
+        type=non_negative_float,
+        default=1.0,
+        help="Å; graphs are reused until an atom has moved skin/2 (0: rebuild every step)",
+    )
+    _worker_options(m, dtype="float32", timeout=1800.0)
+    m.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    m.set_defaults(handler="distmlip.cli.md:md")
+    r = commands.add_parser(
+        "relax",
+        help="relax atoms (and optionally the cell) to a force threshold",
+        description="Minimise the energy of STRUCTURE with FIRE or BFGS until every force is\n"
+        "below --fmax (and, with --cell, every stress component below --smax, through ASE's\n"
+        "FrechetCellFilter); writes the relaxed structure to --output.",
+        formatter_class=Formatter,
+    )
+    add_structure_arguments(r, index_default="-1")
+    _model_option(r, "chgnet")
+    r.add_argument("--optimizer", default="fire", choices=["fire", "bfgs"], help="optimizer")
+    r.add_argument("--fmax", type=positive_float, default=0.05, help="force threshold, eV/Å")
+    r.add_argument("--cell", action="store_true", help="relax the cell too")
+    r.add_argument(
+        "--smax", type=positive_float, default=0.1, help="with --cell: stress threshold, GPa"
+    )
+    r.add_argument(
+        "--pressure", type=float, default=0.0, help="with --cell: external pressure, GPa"
+    )
+    r.add_argument("--steps", type=positive_int, default=500, help="most optimizer steps")
+    r.add_argument(
+        "--output",
+        metavar="FILE",
+        help="relaxed structure, any format ASE writes (default: relaxed.extxyz)",
+    )
+    r.add_argument("--trajectory", metavar="FILE", help="every optimizer step (.traj/.extxyz)")
+    r.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _worker_options(r, dtype="float64", timeout=600.0)
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.set_defaults(handler="distmlip.cli.relax:relax")
     e = commands.add_parser(
         "estimate",
         help="predicted peak memory per worker for a structure on P workers",

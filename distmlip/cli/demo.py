@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from distmlip.cli.predict import _table
+from distmlip.cli.output import table
 from distmlip.systems import crystal
 
 __all__ = ["demo"]
@@ -128,5 +128,5 @@ def demo(args) -> int:
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
-        print(_table(rows))
+        print(table(rows))
     return 0

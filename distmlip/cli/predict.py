@@ -3,13 +3,12 @@ crystal."""
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 import numpy as np
 
 from distmlip.cli.arguments import UsageError
+from distmlip.cli.output import json_only_stdout, print_json, table
 
 __all__ = ["predict", "read_frames", "GPA_PER_EV_PER_A3"]
 
@@ -54,6 +53,9 @@ def _evaluate(atoms, calc) -> dict:
     stress = computed["stress"] if periodic_volume else None
     elapsed = time.perf_counter() - start
     return {
+        "energy": energy,
+        "forces": forces,
+        "stress": stress,
         "atoms": len(atoms),
         "formula": atoms.get_chemical_formula(),
         "energy_eV": energy,
@@ -65,11 +67,6 @@ def _evaluate(atoms, calc) -> dict:
             {"timings_s": t, **s} for t, s in zip(calc.last_timings, calc.last_stats, strict=True)
         ],
     }
-
-
-def _table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
 
 def _print_frame(result: dict, args) -> None:
@@ -85,7 +82,7 @@ def _print_frame(result: dict, args) -> None:
         voigt = " ".join(f"{value:+.4f}" for value in result["stress_GPa"])
         rows.append(("stress (GPa)", f"[{voigt}]  xx yy zz yz xz xy"))
     rows.append(("evaluation", f"{result['evaluation_s']:.3f} s (energy + forces + stress)"))
-    print(_table(rows))
+    print(table(rows))
     print("\n  rank  owned  halo   edges    graph_s  forward_s  backward_s")
     for rank, worker in enumerate(result["workers"]):
         t = worker["timings_s"]
@@ -96,31 +93,45 @@ def _print_frame(result: dict, args) -> None:
         )
 
 
+def _frames(args) -> tuple[list, str]:
+    from distmlip.cli.structures import load_structures
+
+    if args.structure is not None and args.structure_option is not None:
+        raise UsageError("give the structure once: as STRUCTURE or as --structure FILE")
+    args.structure = args.structure if args.structure is not None else args.structure_option
+    if args.structure is not None:
+        if args.size is not None:
+            raise UsageError("--size sets the generated Cu crystal; it cannot resize STRUCTURE")
+        return load_structures(args)
+    if args.index is not None:
+        raise UsageError("--index selects frames of a STRUCTURE file; give one")
+    if args.repeat or args.rattle:
+        raise UsageError("--repeat and --rattle apply to STRUCTURE; give one (or use --size)")
+    size = 6 if args.size is None else args.size
+    return [_generated(size)], f"generated fcc Cu, {size}³ cells"
+
+
 def predict(args) -> int:
     from distmlip import DistributedCalculator
 
-    if args.structure is not None:
-        frames = read_frames(args.structure, slice(None) if args.index is None else args.index)
-        source = str(args.structure)
-    else:
-        if args.index is not None:
-            raise UsageError("--index selects frames of --structure; give --structure FILE")
-        frames = [_generated(args.size)]
-        source = f"generated fcc Cu, {args.size}³ cells"
+    frames, source = _frames(args)
     start = time.perf_counter()
     results = []
     # Several frames as a table: a row as soon as each frame is done, so long jobs show progress.
     streaming = not args.json and len(frames) > 1
-    with DistributedCalculator(
-        args.model,
-        nprocs=args.nprocs,
-        partitioner=args.partitioner,
-        device=args.device,
-        backend=args.backend,
-        checkpoint=args.checkpoint,
-        dtype=args.dtype,
-        timeout=args.timeout,
-    ) as calc:
+    with (
+        json_only_stdout(args.json),
+        DistributedCalculator(
+            args.model,
+            nprocs=args.nprocs,
+            partitioner=args.partitioner,
+            device=args.device,
+            backend=args.backend,
+            checkpoint=args.checkpoint,
+            dtype=args.dtype,
+            timeout=args.timeout,
+        ) as calc,
+    ):
         startup = time.perf_counter() - start
         if streaming:
             print(f"  {source}: {len(frames)} frames; worker start-up {startup:.2f} s\n")
@@ -141,11 +152,15 @@ def predict(args) -> int:
             "nprocs": args.nprocs,
             "partitioner": args.partitioner,
             "dtype": args.dtype,
+            "units": {
+                "energy": "eV",
+                "forces": "eV/Å",
+                "stress": "eV/Å³ (Voigt xx yy zz yz xz xy)",
+            },
             "startup_s": startup,
         }
         payload = {**common, **results[0]} if len(results) == 1 else {**common, "frames": results}
-        json.dump(payload, sys.stdout, indent=2)
-        print()
+        print_json(payload)
     elif not streaming:
         print(f"  {source}; worker start-up {startup:.2f} s")
         _print_frame(results[0], args)

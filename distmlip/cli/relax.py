@@ -1,0 +1,146 @@
+"""``distmlip relax``: FIRE or BFGS on P workers to a force (and, with the cell, stress) threshold."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from distmlip.cli.arguments import UsageError
+from distmlip.cli.output import json_only_stdout, print_json, table
+
+__all__ = ["relax", "residuals"]
+
+GPA_PER_EV_PER_A3 = 160.21766208
+
+
+def residuals(atoms, pressure_GPa: float = 0.0, cell: bool = False) -> tuple[float, float]:
+    """(largest atomic force, eV/Å; largest stress component minus the external pressure, GPa).
+
+    The stress residual is 0 when the cell is not relaxed."""
+    forces = atoms.get_forces()
+    fmax = float(np.linalg.norm(forces, axis=1).max()) if len(forces) else 0.0
+    if not cell:
+        return fmax, 0.0
+    stress = atoms.get_stress() * GPA_PER_EV_PER_A3  # Voigt, GPa; tension positive
+    stress[:3] += pressure_GPa  # at equilibrium the stress is -p on the diagonal
+    return fmax, float(np.abs(stress).max())
+
+
+def relax(args) -> int:
+    from ase.io import write
+
+    from distmlip import DistributedCalculator
+    from distmlip.cli.structures import load_structures
+
+    output = Path(args.output or "relaxed.extxyz")
+    for path in (output, args.trajectory):
+        if path is not None and Path(path).exists() and not args.overwrite:
+            raise UsageError(f"{str(path)!r} exists; give --overwrite or another name")
+    if not args.cell and args.pressure != 0:
+        raise UsageError("--pressure applies with --cell")
+    frames, description = load_structures(args, default_index=-1)
+    if len(frames) != 1:
+        raise UsageError("--index must select one frame to relax")
+    atoms = frames[0]
+    if args.cell and not (np.all(atoms.pbc) and atoms.cell.volume > 0):
+        raise UsageError("--cell needs a periodic cell in all three directions")
+    with (
+        json_only_stdout(args.json),
+        DistributedCalculator(
+            args.model,
+            nprocs=args.nprocs,
+            partitioner=args.partitioner,
+            device=args.device,
+            backend=args.backend,
+            dtype=args.dtype,
+            timeout=args.timeout,
+            checkpoint=args.checkpoint,
+        ) as calc,
+    ):
+        atoms.calc = calc
+        start = time.perf_counter()
+        energy0 = atoms.get_potential_energy()
+        initial = residuals(atoms, args.pressure, args.cell)
+        optimizer = _optimizer(atoms, args)
+        steps, converged = 0, _converged(initial, args)
+        iterator = optimizer.irun(fmax=0.0, steps=args.steps)
+        next(iterator)  # the first evaluation, done above and cached
+        while not converged and steps < args.steps:
+            try:
+                next(iterator)
+            except StopIteration:
+                break
+            steps += 1
+            current = residuals(atoms, args.pressure, args.cell)
+            converged = _converged(current, args)
+            print(
+                f"step {steps}: E {atoms.get_potential_energy():.6f} eV, "
+                f"max |F| {current[0]:.4f} eV/Å"
+                + (f", max |σ + p| {current[1]:.4f} GPa" if args.cell else ""),
+                file=sys.stderr,
+                flush=True,
+            )
+        final = residuals(atoms, args.pressure, args.cell)
+        energy = atoms.get_potential_energy()
+        elapsed = time.perf_counter() - start
+        relaxed = atoms.copy()
+        relaxed.calc = None
+    write(str(output), relaxed)
+    result = {
+        "source": description,
+        "atoms": len(atoms),
+        "optimizer": args.optimizer,
+        "cell": args.cell,
+        "converged": converged,
+        "steps": steps,
+        "initial_energy_eV": energy0,
+        "energy_eV": energy,
+        "initial_max_force_eV_per_A": initial[0],
+        "max_force_eV_per_A": final[0],
+        "max_stress_residual_GPa": final[1] if args.cell else None,
+        "volume_A3": float(relaxed.cell.volume),
+        "output": str(output),
+        "seconds": elapsed,
+    }
+    if args.json:
+        print_json(result)
+    else:
+        rows = [
+            ("structure", f"{description} ({len(atoms)} atoms)"),
+            ("optimizer", f"{args.optimizer.upper()}" + (" with the cell" if args.cell else "")),
+            ("result", f"{'converged' if converged else 'NOT converged'} in {steps} steps"),
+            ("energy", f"{energy0:.6f} → {energy:.6f} eV"),
+            ("max |force|", f"{initial[0]:.4f} → {final[0]:.4f} eV/Å (fmax {args.fmax})"),
+        ]
+        if args.cell:
+            rows.append(("max |σ + p|", f"{final[1]:.4f} GPa (smax {args.smax})"))
+        rows += [("output", str(output)), ("time", f"{elapsed:.1f} s")]
+        print(table(rows))
+    if not converged:
+        print(
+            f"distmlip: error: not converged in {args.steps} steps (max |F| {final[0]:.4f} eV/Å); "
+            f"the last structure is in {output}; raise --steps or relax from it",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _converged(residual: tuple[float, float], args) -> bool:
+    return residual[0] < args.fmax and (not args.cell or residual[1] < args.smax)
+
+
+def _optimizer(atoms, args):
+    from ase.optimize import BFGS, FIRE
+
+    target = atoms
+    if args.cell:
+        from ase.filters import FrechetCellFilter
+        from ase.units import GPa
+
+        target = FrechetCellFilter(atoms, scalar_pressure=args.pressure * GPa)
+    kind = FIRE if args.optimizer == "fire" else BFGS
+    return kind(target, logfile=None, trajectory=args.trajectory)

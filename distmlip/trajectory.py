@@ -1,0 +1,246 @@
+"""MD output that an interruption cannot corrupt: trajectory frames, the thermo log, the restart
+state.
+
+* :class:`FrameWriter` writes extended XYZ (``.xyz``/``.extxyz``) or ASE trajectories
+  (``.traj``); each frame holds positions, momenta, cell, pbc, energy, forces, stress (periodic
+  cells) and any asked-for per-atom outputs, with ``step`` and ``time_fs`` in ``atoms.info``.
+  A frame is written in one piece and flushed to disk before the next step starts.
+* :func:`last_frame` reads the last complete frame of a trajectory, dropping a torn final frame
+  (a process killed mid-write) so the file can be appended to.
+* :class:`ThermoLog` writes whitespace-separated columns with a ``#`` header
+  (``numpy.loadtxt`` reads it).
+* :func:`save_state` / :func:`load_state` keep the integrator state of the last frame in
+  ``<trajectory>.state.json``, replaced atomically.
+* :func:`interrupts_deferred` holds Ctrl-C until a frame and its state are both written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "FrameWriter",
+    "last_frame",
+    "ThermoLog",
+    "THERMO_COLUMNS",
+    "state_path",
+    "save_state",
+    "load_state",
+    "interrupts_deferred",
+    "trajectory_format",
+]
+
+EXTXYZ_SUFFIXES = (".xyz", ".extxyz")
+
+
+def trajectory_format(path: Path) -> str:
+    """``"extxyz"`` or ``"traj"`` from the file name; ValueError for anything else."""
+    suffix = Path(path).suffix.lower()
+    if suffix in EXTXYZ_SUFFIXES:
+        return "extxyz"
+    if suffix == ".traj":
+        return "traj"
+    raise ValueError(
+        f"trajectory {str(path)!r}: name it .extxyz, .xyz (extended XYZ) or .traj (ASE)"
+    )
+
+
+def _frame(atoms, results: dict, step: int, time_fs: float, extras: tuple[str, ...]):
+    """A copy of ``atoms`` carrying ``results`` (energy, forces, stress, extras) and the step."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    frame = atoms.copy()  # positions, momenta, cell, pbc, numbers; not the calculator
+    frame.info = {key: value for key, value in atoms.info.items() if _plain_info(value)}
+    frame.info.update(step=int(step), time_fs=float(time_fs))
+    stored = {name: results[name] for name in ("energy", "forces", "stress") if name in results}
+    stored.update({name: results[name] for name in extras if name in results})
+    frame.calc = SinglePointCalculator(frame, **stored)
+    return frame
+
+
+def _plain_info(value) -> bool:
+    return isinstance(value, int | float | str | bool) and not isinstance(value, np.ndarray)
+
+
+class FrameWriter:
+    """Appends frames to ``path``; ``append=False`` starts the file anew. The file is opened at
+    the first frame, so a run that fails before its first frame leaves no empty file behind."""
+
+    def __init__(self, path, append: bool = False, extras: tuple[str, ...] = ()):
+        self.path = Path(path)
+        self.format = trajectory_format(self.path)
+        self.extras = tuple(extras)
+        self.frames = 0
+        self._append = append
+        self._trajectory = self._file = None
+
+    def _open(self) -> None:
+        mode = "a" if self._append else "w"
+        if self.format == "traj":
+            from ase.io.trajectory import Trajectory
+
+            self._trajectory = Trajectory(str(self.path), mode)
+        else:
+            self._file = open(self.path, mode)  # noqa: SIM115
+
+    def write(self, atoms, results: dict, step: int, time_fs: float) -> None:
+        """One complete frame, on disk when this returns."""
+        frame = _frame(atoms, results, step, time_fs, self.extras)
+        if self._trajectory is None and self._file is None:
+            self._open()
+        if self.format == "traj":
+            self._trajectory.write(frame)  # ULM: the frame counts only once it is complete
+            self._trajectory.backend.fd.flush()
+            os.fsync(self._trajectory.backend.fd.fileno())
+        else:
+            from ase.io import write
+
+            text = io.StringIO()
+            write(text, frame, format="extxyz")
+            self._file.write(text.getvalue())  # one write: a frame is torn only by a kill
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        self.frames += 1
+
+    def close(self) -> None:
+        for handle in (self._trajectory, self._file):
+            if handle is not None:
+                handle.close()
+
+    def __enter__(self) -> FrameWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def last_frame(path) -> tuple[object, int]:
+    """The last complete frame of trajectory ``path`` and how many complete frames it holds.
+
+    An extended XYZ file whose final frame is torn is rewritten without it, so appending to it
+    leaves a readable file. Raises ValueError if no complete frame can be read.
+    """
+    from ase.io import iread
+
+    path = Path(path)
+    fmt = trajectory_format(path)
+    frames = []
+    torn = False
+    try:
+        for frame in iread(str(path), index=":", format=fmt):
+            frames.append(frame)
+    except Exception:  # a torn final frame: ASE raises various types mid-frame
+        torn = True
+    if not frames:
+        raise ValueError(f"no complete frame in {str(path)!r} to restart from")
+    if torn and fmt == "extxyz":
+        from ase.io import write
+
+        temporary = path.with_name(path.name + ".repair")
+        write(str(temporary), frames, format="extxyz")
+        os.replace(temporary, path)
+    return frames[-1], len(frames)
+
+
+THERMO_COLUMNS = (
+    "step",
+    "time_fs",
+    "epot_eV",
+    "ekin_eV",
+    "etotal_eV",
+    "temperature_K",
+    "pressure_GPa",
+    "volume_A3",
+    "seconds_per_step",
+    "graph_builds",
+    "imbalance",
+)
+"""The thermo log's columns. ``pressure_GPa`` includes the kinetic (ideal-gas) part and is nan
+for a cell without volume; ``seconds_per_step`` is the wall time of the steps since the last row;
+``graph_builds`` counts neighbour-list builds so far; ``imbalance`` is the largest worker's edge
+count over the mean (1 = perfectly balanced)."""
+
+
+class ThermoLog:
+    """The thermo log at ``path``: a header, then one row per :meth:`write`."""
+
+    def __init__(self, path, append: bool = False):
+        self.path = Path(path)
+        self._append = append
+        self._file = None
+
+    def write(self, **values) -> None:
+        if self._file is None:  # opened at the first row, like the trajectory
+            header = not (self._append and self.path.exists() and self.path.stat().st_size > 0)
+            self._file = open(self.path, "a" if self._append else "w")  # noqa: SIM115
+            if header:
+                self._file.write("# " + " ".join(THERMO_COLUMNS) + "\n")
+        cells = []
+        for name in THERMO_COLUMNS:
+            value = values[name]
+            if isinstance(value, int | np.integer):
+                cells.append(str(int(value)))
+            else:
+                cells.append("nan" if not math.isfinite(value) else f"{value:.10g}")
+        self._file.write(" ".join(cells) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self) -> ThermoLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def state_path(trajectory) -> Path:
+    """Where the restart state of ``trajectory``'s last frame lives."""
+    trajectory = Path(trajectory)
+    return trajectory.with_name(trajectory.name + ".state.json")
+
+
+def save_state(trajectory, state: dict) -> None:
+    """Replace the restart state atomically (a reader sees the old or the new, never half)."""
+    target = state_path(trajectory)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(json.dumps(state))
+    os.replace(temporary, target)
+
+
+def load_state(trajectory) -> dict | None:
+    """The saved restart state, or None if there is none (or it cannot be read)."""
+    try:
+        return json.loads(state_path(trajectory).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Ctrl-C (SIGINT) inside the block is held and raised as KeyboardInterrupt at its end.
+
+    Only in the main thread (elsewhere Python delivers no signals, and the block runs as is).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

@@ -1,0 +1,222 @@
+"""``distmlip md``, ``distmlip relax`` and ``predict --json`` end to end, on small systems."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+from ase.build import bulk
+from ase.io import read
+from test_interrupts import is_worker
+from test_launch import assert_all_gone
+
+from distmlip import DistributedCalculator
+from distmlip.cli import main
+from distmlip.trajectory import THERMO_COLUMNS
+
+CU = ["bulk:Cu:fcc:3.61:cubic", "--repeat", "2", "2", "2"]  # 32 atoms
+COMMON = ["--model", "reference", "--dtype", "float64", "--nprocs", "2"]
+
+
+def md(tmp_path, *extra, name="run.extxyz", steps=20, every=5) -> list[str]:
+    return ["md", *CU, *COMMON, "--steps", str(steps), "--log-every", str(every),
+            "--trajectory", str(tmp_path / name), *extra]  # fmt: skip
+
+
+def thermo(path) -> np.ndarray:
+    with open(path) as handle:
+        assert handle.readline().split() == ["#", *THERMO_COLUMNS]
+    return np.atleast_2d(np.loadtxt(path))
+
+
+def test_predict_json_is_all_of_stdout_and_equals_the_python_api():
+    command = [sys.executable, "-m", "distmlip", "predict", "bulk:Al:fcc:4.05", "--repeat"]
+    command += ["3", "3", "3", "--rattle", "0.05", "--seed", "3", *COMMON, "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)  # the whole of stdout is one JSON object
+    atoms = bulk("Al", "fcc", a=4.05).repeat((3, 3, 3))
+    atoms.rattle(stdev=0.05, seed=3)
+    with DistributedCalculator("reference", nprocs=1, dtype="float64") as calc:
+        expected = calc.get_properties(["energy", "forces", "stress"], atoms)
+    assert result["energy"] == pytest.approx(expected["energy"], rel=1e-10)
+    np.testing.assert_allclose(result["forces"], expected["forces"], rtol=0, atol=1e-10)
+    np.testing.assert_allclose(result["stress"], expected["stress"], rtol=0, atol=1e-12)
+    assert np.shape(result["forces"]) == (27, 3) and len(result["stress"]) == 6
+
+
+def test_md_writes_frames_and_a_parseable_log_and_conserves_energy(tmp_path, capsys):
+    assert main(md(tmp_path, "--temperature", "500")) == 0
+    assert "outside the model" in capsys.readouterr().out
+    frames = read(tmp_path / "run.extxyz", ":")
+    assert [frame.info["step"] for frame in frames] == [5, 10, 15, 20]  # steps / log-every
+    for frame in frames:
+        assert frame.get_momenta().shape == (32, 3) and np.abs(frame.get_momenta()).max() > 0
+        assert frame.get_forces().shape == (32, 3) and frame.get_stress().shape == (6,)
+        assert np.isfinite(frame.get_potential_energy())
+    log = thermo(tmp_path / "run.log")
+    columns = dict(zip(THERMO_COLUMNS, log.T, strict=True))
+    assert list(columns["step"]) == [0, 5, 10, 15, 20]
+    assert columns["temperature_K"][0] == pytest.approx(500)
+    np.testing.assert_allclose(columns["epot_eV"][1:], [f.get_potential_energy() for f in frames])
+    total = columns["etotal_eV"]
+    assert np.ptp(columns["epot_eV"]) > 20 * np.ptp(total)  # energy moves between the two
+    assert np.ptp(total) < 1e-4 * len(frames[0])  # NVE: total energy conserved
+    assert np.all(np.isfinite(columns["pressure_GPa"])) and np.all(columns["imbalance"] >= 1)
+    state = json.loads((tmp_path / "run.extxyz.state.json").read_text())
+    assert state["step"] == 20 and state["integrator_state"]["integrator"] == "VelocityVerlet"
+
+
+@pytest.mark.parametrize(
+    "ensemble", [["--ensemble", "nvt"], ["--ensemble", "nvt", "--thermostat", "nose-hoover"]]
+)
+def test_restart_continues_the_step_count_and_the_trajectory(tmp_path, ensemble):
+    """Interrupted at step 10 and restarted to 20 equals one run to 20 (thermostat state and
+    random stream carried over); .traj keeps positions bit for bit."""
+    assert main(md(tmp_path, *ensemble, name="whole.traj")) == 0
+    assert main(md(tmp_path, *ensemble, name="part.traj", steps=10)) == 0
+    assert main(md(tmp_path, *ensemble, name="part.traj")) == 2  # it exists: refused
+    part = str(tmp_path / "part.traj")
+    argv = ["md", *COMMON, *ensemble, "--steps", "20", "--log-every", "5"]
+    assert main([*argv, "--restart", part, "--trajectory", part]) == 0
+    whole, part = read(tmp_path / "whole.traj", ":"), read(tmp_path / "part.traj", ":")
+    assert [f.info["step"] for f in part] == [5, 10, 15, 20]
+    for a, b in zip(whole, part, strict=True):
+        np.testing.assert_allclose(b.positions, a.positions, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(b.get_momenta(), a.get_momenta(), rtol=0, atol=1e-12)
+    log = thermo(tmp_path / "part.log")
+    assert list(log[:, 0]) == [0, 5, 10, 15, 20]  # one header, rows continue
+
+
+def test_restart_without_the_saved_state_warns_and_nve_needs_none(tmp_path, capsys):
+    assert main(md(tmp_path, "--ensemble", "nvt", steps=5)) == 0
+    (tmp_path / "run.extxyz.state.json").unlink()
+    argv = ["md", *COMMON, "--ensemble", "nvt", "--steps", "10", "--log-every", "5"]
+    argv += [
+        "--restart",
+        str(tmp_path / "run.extxyz"),
+        "--trajectory",
+        str(tmp_path / "run.extxyz"),
+    ]
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "thermostat variables start from zero" in capsys.readouterr().err
+    assert [f.info["step"] for f in read(tmp_path / "run.extxyz", ":")] == [5, 10]
+    assert main(argv) == 0  # already at step 10: nothing to run
+    assert "nothing to run" in capsys.readouterr().out
+
+
+def test_npt_moves_a_triclinic_cell(tmp_path):
+    argv = ["md", "bulk:Cu:fcc:3.4", "--repeat", "3", "3", "3", *COMMON, "--ensemble", "npt"]
+    argv += ["--pressure", "1", "--pdamp", "20", "--steps", "10", "--log-every", "5"]
+    argv += ["--trajectory", str(tmp_path / "npt.extxyz")]
+    assert main(argv) == 0
+    start = bulk("Cu", "fcc", a=3.4).repeat(3)
+    last = read(tmp_path / "npt.extxyz")
+    assert last.cell.angles() == pytest.approx(start.cell.angles(), abs=5)  # triclinic (60°)
+    assert not np.allclose(last.cell[:], start.cell[:], atol=1e-4)  # the barostat moved it
+    volumes = thermo(tmp_path / "npt.log")[:, THERMO_COLUMNS.index("volume_A3")]
+    assert len(set(volumes)) == len(volumes)
+
+
+def test_relax_lowers_the_largest_force_below_the_threshold(tmp_path, capsys):
+    output = tmp_path / "relaxed.extxyz"
+    argv = ["relax", *CU, "--rattle", "0.1", *COMMON, "--fmax", "0.02", "--optimizer", "bfgs"]
+    assert main([*argv, "--output", str(output), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["converged"] and result["initial_max_force_eV_per_A"] > 0.1
+    relaxed = read(output)
+    with DistributedCalculator("reference", nprocs=1, dtype="float64") as calc:
+        forces = calc.get_properties(["forces"], relaxed)["forces"]
+    assert np.linalg.norm(forces, axis=1).max() < 0.02
+    assert result["energy_eV"] < result["initial_energy_eV"]
+
+
+def test_relax_with_the_cell_reaches_the_stress_threshold(tmp_path, capsys):
+    output = tmp_path / "cell.extxyz"
+    argv = ["relax", "bulk:Cu:fcc:3.75:cubic", "--model", "reference", "--nprocs", "1"]
+    argv += ["--cell", "--smax", "0.05", "--fmax", "0.01", "--output", str(output), "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["converged"] and result["max_stress_residual_GPa"] < 0.05
+    relaxed = read(output)
+    with DistributedCalculator("reference", nprocs=1, dtype="float64") as calc:
+        stress = calc.get_properties(["stress"], relaxed)["stress"] * 160.21766208
+    assert np.abs(stress).max() < 0.05
+    assert relaxed.cell.volume != pytest.approx(3.75**3, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["md", *CU, "--ensemble", "nve", "--pressure", "1"], "--pressure and --pdamp apply to"),
+        (["md", *CU, "--friction", "0.1"], "--friction applies to the Langevin"),
+        (["md", *CU, "--thermostat", "nose-hoover"], "--thermostat applies to --ensemble nvt"),
+        (["md", *CU, "--trajectory", "out.pdb"], "name it .extxyz, .xyz"),
+        (["md"], "give STRUCTURE"),
+        (["md", *CU, "--restart", "x.traj"], "leave out STRUCTURE"),
+        (["md", "--restart", "missing.traj"], "no such file 'missing.traj'"),
+        (["md", "bulk:Cu:fcx:3.6"], "unknown crystal structure 'fcx'"),
+        (["md", "bulk:Qq:fcc:3.6"], "'Qq' is not a chemical symbol"),
+        (["md", "bulk:Cu"], "a generator spec is bulk:SYMBOL:CRYSTAL"),
+        (["md", *CU, "--repeat", "2", "0", "2"], "--repeat: must be a positive integer"),
+        (["md", *CU, "--model", "reference", "--extras", "charges"], "--extras 'charges'"),
+        (["predict", "bulk:Cu:fcc:3.6", "--index", "0"], "--index selects frames of a STRUCTURE"),
+        (["relax", *CU, "--pressure", "2"], "--pressure applies with --cell"),
+    ],
+)
+def test_bad_md_and_relax_command_lines(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) in (1, 2)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert message in error[-1] and error[-1].startswith("distmlip: error:")
+    assert not list(tmp_path.glob("md.*"))  # nothing half-written
+
+
+def _run_until_frames(command: list[str], trajectory, frames: int) -> subprocess.Popen:
+    driver = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None:
+        if trajectory.exists() and trajectory.read_text().count("Lattice=") >= frames:
+            return driver
+        time.sleep(0.2)
+    driver.kill()
+    raise AssertionError(f"no {frames} frames: {driver.communicate()[1]}")
+
+
+@pytest.mark.parametrize("fault", ["sigint", "dead worker"])
+def test_interrupted_md_leaves_a_readable_trajectory_and_no_workers(tmp_path, fault):
+    trajectory = tmp_path / "long.extxyz"
+    command = [sys.executable, "-m", "distmlip", "md", "bulk:Cu:fcc:3.61:cubic", "--repeat"]
+    command += ["5", "5", "5", *COMMON, "--steps", "100000", "--log-every", "2"]
+    command += ["--trajectory", str(trajectory), "--timeout", "60"]
+    driver = _run_until_frames(command, trajectory, 3)
+    workers = [p for p in psutil.Process(driver.pid).children() if is_worker(p)]
+    assert len(workers) == 2
+    if fault == "sigint":
+        os.killpg(driver.pid, signal.SIGINT)
+    else:
+        workers[1].kill()
+    _, stderr = driver.communicate(timeout=90)
+    assert driver.returncode == (130 if fault == "sigint" else 1), stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("distmlip: ") and f"--restart {trajectory}" in last
+    frames = read(trajectory, ":")
+    steps = [frame.info["step"] for frame in frames]
+    assert len(steps) >= 3 and steps == list(range(2, 2 * len(steps) + 1, 2))
+    assert f"up to step {steps[-1]};" in last
+    assert_all_gone([worker.pid for worker in workers])
