@@ -24,6 +24,7 @@ __all__ = [
     "MDSettings",
     "make_dynamics",
     "initial_velocities",
+    "maxwell_boltzmann",
     "dynamics_state",
     "restore_dynamics_state",
 ]
@@ -97,17 +98,31 @@ class MDSettings:
 def initial_velocities(atoms, temperature_K: float, seed: int) -> None:
     """Maxwell–Boltzmann momenta at ``temperature_K`` from ``seed``, no centre-of-mass drift,
     rescaled to exactly that temperature."""
-    from ase.md import velocitydistribution
+    from ase.md.velocitydistribution import Stationary
 
     if temperature_K == 0 or len(atoms) < 2:
         atoms.set_momenta(np.zeros((len(atoms), 3)))
         return
-    # ASE 3.29 renamed MaxwellBoltzmannDistribution (the same draws); older releases lack the name.
-    draw = getattr(velocitydistribution, "thermalize_momenta", None)
-    draw = draw or velocitydistribution.MaxwellBoltzmannDistribution
-    draw(atoms, temperature_K=temperature_K, rng=np.random.default_rng(seed))
-    velocitydistribution.Stationary(atoms)
+    maxwell_boltzmann(atoms, temperature_K, np.random.default_rng(seed))
+    Stationary(atoms)
     atoms.set_momenta(atoms.get_momenta() * np.sqrt(temperature_K / atoms.get_temperature()))
+
+
+def maxwell_boltzmann(atoms, temperature_K: float, rng, exact: bool = False) -> None:
+    """ASE's Maxwell–Boltzmann momenta (``exact``: rescaled to exactly ``temperature_K``).
+
+    ASE 3.29 renamed ``MaxwellBoltzmannDistribution`` to ``thermalize_momenta`` (the same
+    draws); older releases have only the old name."""
+    from ase.md import velocitydistribution
+
+    if hasattr(velocitydistribution, "thermalize_momenta"):
+        velocitydistribution.thermalize_momenta(
+            atoms, temperature_K=temperature_K, rng=rng, exact_temperature=exact
+        )
+    else:
+        velocitydistribution.MaxwellBoltzmannDistribution(
+            atoms, temperature_K=temperature_K, rng=rng, force_temp=exact
+        )
 
 
 def make_dynamics(atoms, settings: MDSettings):

@@ -122,7 +122,7 @@ def _one_line_error(capsys) -> str:
         (["predict", "--model", "nosuch"], 2, "unknown model 'nosuch'"),
         (["predict", "--model", "chgnet-9.9"], 2, "unknown model"),
         (["predict", "--model", "{tmp}/missing.model"], 2, "no model file"),
-        (["predict", "--index", "1"], 2, "--index selects frames of --structure"),
+        (["predict", "--index", "1"], 2, "--index selects frames of a STRUCTURE file"),
         (["predict", "--index", "abc", "--structure", "{two}"], 2, "--index"),
         (["predict", "--size", "-2"], 2, "--size: must be a positive integer, got '-2'"),
         (["predict", "--nprocs", "1.7"], 2, "--nprocs: must be a positive integer"),

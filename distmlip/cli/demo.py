@@ -17,18 +17,16 @@ __all__ = ["demo"]
 
 def demo(args) -> int:
     from ase import units
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
     from ase.md.verlet import VelocityVerlet
     from tqdm import tqdm
 
     from distmlip import DistributedCalculator
+    from distmlip.dynamics import maxwell_boltzmann
 
     # GaAs: four bonds per atom inside CHGNet's 3 Å bond cutoff keep the angle count (the
     # memory of three-body models) modest; dense oxides have ten times more angles per atom.
     atoms = crystal("gaas", repeat=args.size, rattle=0.02, seed=0)
-    MaxwellBoltzmannDistribution(
-        atoms, temperature_K=args.temperature, rng=np.random.default_rng(0), force_temp=True
-    )
+    maxwell_boltzmann(atoms, args.temperature, np.random.default_rng(0), exact=True)
     start_structure = atoms.copy()
     settings = dict(
         device=args.device,

@@ -1,0 +1,162 @@
+"""MD output files: complete frames only, torn frames dropped, Ctrl-C held while writing; and
+the STRUCTURE argument."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.io import read
+
+from distmlip.cli.structures import BulkSpec, structure_argument
+from distmlip.trajectory import (
+    FrameWriter,
+    ThermoLog,
+    interrupts_deferred,
+    last_frame,
+    load_state,
+    save_state,
+    trajectory_format,
+)
+
+
+def results(atoms, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "energy": float(rng.normal()),
+        "forces": rng.normal(size=(len(atoms), 3)),
+        "stress": rng.normal(size=6),
+        "magmoms": rng.normal(size=len(atoms)),
+    }
+
+
+@pytest.mark.parametrize("name", ["frames.extxyz", "frames.traj"])
+def test_frames_hold_what_a_restart_needs(tmp_path, name):
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    atoms.set_momenta(np.random.default_rng(0).normal(size=(32, 3)))
+    written = []
+    with FrameWriter(tmp_path / name, extras=("magmoms",)) as writer:
+        for step in (5, 10):
+            atoms.positions += 0.01
+            written.append(results(atoms, step))
+            writer.write(atoms, written[-1], step, step * 2.0)
+    frames = read(tmp_path / name, ":")
+    assert [f.info["step"] for f in frames] == [5, 10]
+    assert frames[-1].info["time_fs"] == 20.0
+    tolerance = 1e-7 if name.endswith("extxyz") else 0  # extended XYZ keeps 8 decimals
+    last = frames[-1]
+    np.testing.assert_allclose(last.positions, atoms.positions, atol=tolerance, rtol=0)
+    np.testing.assert_allclose(last.get_momenta(), atoms.get_momenta(), atol=tolerance, rtol=0)
+    np.testing.assert_allclose(last.get_forces(), written[-1]["forces"], atol=tolerance, rtol=0)
+    np.testing.assert_allclose(last.get_stress(), written[-1]["stress"], atol=tolerance, rtol=0)
+    np.testing.assert_allclose(last.calc.results["magmoms"], written[-1]["magmoms"], atol=1e-7)
+    frame, count = last_frame(tmp_path / name)
+    assert count == 2 and frame.info["step"] == 10
+
+
+def test_a_torn_final_frame_is_dropped_and_the_file_repaired(tmp_path):
+    path = tmp_path / "torn.extxyz"
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.set_momenta(np.ones((4, 3)))
+    with FrameWriter(path) as writer:
+        for step in (1, 2, 3):
+            writer.write(atoms, results(atoms, step), step, float(step))
+    text = path.read_text()
+    path.write_text(text[: len(text) - 60])  # killed in the middle of frame 3
+    frame, count = last_frame(path)
+    assert count == 2 and frame.info["step"] == 2
+    assert [f.info["step"] for f in read(path, ":")] == [1, 2]  # readable, appendable
+    with FrameWriter(path, append=True) as writer:
+        writer.write(atoms, results(atoms, 4), 4, 4.0)
+    assert [f.info["step"] for f in read(path, ":")] == [1, 2, 4]
+
+
+def test_no_complete_frame_is_an_error(tmp_path):
+    path = tmp_path / "empty.extxyz"
+    path.write_text("4\nLattice=")
+    with pytest.raises(ValueError, match="no complete frame"):
+        last_frame(path)
+
+
+def test_state_is_replaced_atomically_and_a_broken_one_is_ignored(tmp_path):
+    trajectory = tmp_path / "run.traj"
+    assert load_state(trajectory) is None
+    save_state(trajectory, {"step": 3})
+    save_state(trajectory, {"step": 4})
+    assert load_state(trajectory) == {"step": 4}
+    assert not list(tmp_path.glob("*.tmp"))
+    (tmp_path / "run.traj.state.json").write_text("{not json")
+    assert load_state(trajectory) is None
+
+
+def test_thermo_log_columns_and_append(tmp_path):
+    path = tmp_path / "run.log"
+    row = dict(step=1, time_fs=1.0, epot_eV=-1.0, ekin_eV=0.5, etotal_eV=-0.5,
+               temperature_K=300.0, pressure_GPa=float("nan"), volume_A3=10.0,
+               seconds_per_step=0.1, graph_builds=1, imbalance=1.0)  # fmt: skip
+    with ThermoLog(path) as log:
+        log.write(**row)
+    with ThermoLog(path, append=True) as log:
+        log.write(**{**row, "step": 2})
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# step time_fs") and len(lines) == 3
+    table = np.loadtxt(path)
+    assert list(table[:, 0]) == [1, 2] and np.isnan(table[0, 6])
+
+
+def test_ctrl_c_is_held_until_the_block_ends():
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("after the signal")  # still runs: the frame gets written
+        assert done == ["after the signal"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_trajectory_formats():
+    assert trajectory_format("a.XYZ") == "extxyz" and trajectory_format("b.traj") == "traj"
+    with pytest.raises(ValueError, match="name it .extxyz"):
+        trajectory_format("c.pdb")
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("bulk:Al:fcc:4.05", BulkSpec("Al", "fcc", 4.05)),
+        ("bulk:Cu:fcc", BulkSpec("Cu", "fcc")),
+        ("bulk:Ni:fcc:3.52:cubic", BulkSpec("Ni", "fcc", 3.52, "cubic")),
+        ("bulk:GaAs:zincblende:5.65", BulkSpec("GaAs", "zincblende", 5.65)),
+    ],
+)
+def test_bulk_specs(text, expected):
+    spec = structure_argument(text)
+    assert spec == expected and str(spec) == text
+    atoms = spec.build()
+    reference = bulk(
+        expected.symbol, expected.crystal, a=expected.a, cubic=expected.shape == "cubic"
+    )
+    np.testing.assert_allclose(atoms.cell[:], reference.cell[:])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("bulk:Al:fcc:abc", "neither a lattice constant"),
+        ("bulk:Al:fcc:0", "lattice constant must be > 0"),
+        ("bulk::fcc:4", "a generator spec is"),
+        ("bulk:Al:fcc:4:cubic:x", "a generator spec is"),
+        ("bulk:Fe:hcp:2.5:cubic", "ase.build.bulk says"),
+    ],
+)
+def test_bad_bulk_specs(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        structure_argument(text)
