@@ -61,6 +61,8 @@ class MemoryEstimate:
             and measured ``peak_mb``, and ``periodic`` (cut as a periodic supercell).
         gpu_per_worker_mb, gpu_base_mb, gpu_mb_per_edge: the same for the GPU memory torch
             allocates (``device="cuda"`` only).
+        memory_limit_mb: the calculator's ``memory_limit`` in MB, or None; ``exceeds_limit``
+            says whether the largest worker's prediction is above it.
     """
 
     n_atoms: int
@@ -75,6 +77,12 @@ class MemoryEstimate:
     gpu_per_worker_mb: list[float] | None = None
     gpu_base_mb: float | None = None
     gpu_mb_per_edge: float | None = None
+    memory_limit_mb: float | None = None
+
+    @property
+    def exceeds_limit(self) -> bool:
+        """True if the largest worker is predicted to need more than ``memory_limit``."""
+        return self.memory_limit_mb is not None and self.peak_mb > self.memory_limit_mb
 
     @property
     def peak_mb(self) -> float:
@@ -86,7 +94,12 @@ class MemoryEstimate:
         return max(self.gpu_per_worker_mb) if self.gpu_per_worker_mb else None
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "peak_mb": self.peak_mb, "peak_gpu_mb": self.peak_gpu_mb}
+        return {
+            **asdict(self),
+            "peak_mb": self.peak_mb,
+            "peak_gpu_mb": self.peak_gpu_mb,
+            "exceeds_limit": self.exceeds_limit,
+        }
 
 
 @dataclass
@@ -391,6 +404,8 @@ def estimate_memory(
         mb_per_edge=slope,
         calibration=calibration,
     )
+    limit = calc.pool.options.memory_limit
+    estimate.memory_limit_mb = None if limit is None else limit * 1024
     if "gpu_peak_mb" in calibration[0]:
         gpu = [m for record in fitted for m in record["gpu_peak_mb"]]
         estimate.gpu_base_mb, estimate.gpu_mb_per_edge = _fit(edges, gpu)

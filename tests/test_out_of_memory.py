@@ -297,11 +297,30 @@ def test_estimate_command_prints_json(tmp_path, capsys):
 
     path = tmp_path / "cu.xyz"
     write(path, [copper(5), copper(6)])  # the last frame (864 atoms) by default
-    status = main(["estimate", str(path), "--model", "reference", "--nprocs", "3", "--json"])
-    assert status == 0
+    argv = ["estimate", str(path), "--model", "reference", "--nprocs", "3", "--json"]
+    assert main([*argv, "--memory-limit", "50"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert report["memory_limit_mb"] == 50 * 1024 and report["exceeds_limit"] is False
     assert report["nprocs"] == 3 and report["n_atoms"] == 864
     assert len(report["per_worker_mb"]) == 3 and report["peak_mb"] == max(report["per_worker_mb"])
     assert report["calibration_nprocs"] == 2 and len(report["calibration"]) >= 2
     status = main(["estimate", str(path), "--model", "reference", "--index", ":"])
     assert status == 2
+    started = time.monotonic()  # P larger than the atoms: refused before any worker starts
+    assert main(["estimate", "bulk:Cu:fcc:3.61", "--repeat", "2", "1", "1", "--nprocs", "3"]) == 2
+    assert "--nprocs 3 is larger than the structure's 2 atoms" in capsys.readouterr().err
+    assert time.monotonic() - started < 2
+
+
+def test_an_estimate_above_the_memory_limit_says_so():
+    from distmlip.capacity import MemoryEstimate
+
+    estimate = MemoryEstimate(
+        n_atoms=10, nprocs=2, per_worker_mb=[900.0, 1100.0], owned_atoms=[5, 5],
+        halo_atoms=[3, 3], edges=[90, 110], base_mb=0.0, mb_per_edge=10.0,
+    )  # fmt: skip
+    assert not estimate.exceeds_limit  # no limit
+    estimate.memory_limit_mb = 1024.0
+    assert estimate.exceeds_limit and estimate.to_dict()["exceeds_limit"]
+    estimate.memory_limit_mb = 2048.0
+    assert not estimate.exceeds_limit

@@ -15,7 +15,6 @@ from distmlip.cli.arguments import (
     Formatter,
     Parser,
     UsageError,
-    frame_index,
     model_argument,
     non_negative_float,
     output_directory,
@@ -288,8 +287,7 @@ def _parser() -> Parser:
         "(run on --calibration-nprocs workers here). See docs/performance.md, Capacity.",
         formatter_class=Formatter,
     )
-    e.add_argument("structure", type=structure_file, metavar="STRUCTURE", help="file ASE reads")
-    e.add_argument("--index", type=frame_index, help="frame of STRUCTURE (default: the last)")
+    add_structure_arguments(e, index_default="-1")
     _model_option(e, "chgnet")
     _worker_options(e, dtype="float64", timeout=600.0)
     e.add_argument(
@@ -302,6 +300,13 @@ def _parser() -> Parser:
         "--calibration-atoms",
         type=positive_int,
         help="most atoms of a calibration structure (default: half the structure's)",
+    )
+    e.add_argument(
+        "--memory-limit",
+        type=positive_float,
+        metavar="GB",
+        help="memory each worker may use: the calibration stays within half of it, and the "
+        "prediction is compared with it",
     )
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(handler="distmlip.cli.estimate:estimate")

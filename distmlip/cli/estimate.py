@@ -7,7 +7,6 @@ import sys
 import time
 
 from distmlip.cli.arguments import UsageError
-from distmlip.cli.predict import read_frames
 
 __all__ = ["estimate"]
 
@@ -39,6 +38,12 @@ def _print(result, args, source: str, seconds: float) -> None:
         f"\n  largest worker {_size(result.peak_mb)}; all {result.nprocs} workers {_size(total)}"
         + (f"; this machine has {_size(machine)}" if machine else "")
     )
+    if result.memory_limit_mb is not None:
+        verdict = "exceeds" if result.exceeds_limit else "fits within"
+        print(
+            f"  the largest worker {verdict} --memory-limit {_size(result.memory_limit_mb)}"
+            + ("; use more workers or --checkpoint" if result.exceeds_limit else "")
+        )
     print(
         f"  calibration: {len(calibration)} structures of {calibration[0]['atoms']:,}–"
         f"{calibration[-1]['atoms']:,} atoms on {args.calibration_nprocs} workers in "
@@ -49,12 +54,19 @@ def _print(result, args, source: str, seconds: float) -> None:
 
 def estimate(args) -> int:
     from distmlip import DistributedCalculator
+    from distmlip.cli.structures import load_structures
 
-    index = -1 if args.index is None else args.index
-    frames = read_frames(args.structure, index)
+    frames, source = load_structures(args, default_index=-1)
     if len(frames) != 1:
         raise UsageError(f"--index {args.index} selects {len(frames)} frames; select one")
     atoms = frames[0]
+    for name in ("nprocs", "calibration_nprocs"):  # before any worker starts
+        value = getattr(args, name)
+        if value > len(atoms):
+            raise UsageError(
+                f"--{name.replace('_', '-')} {value} is larger than the structure's "
+                f"{len(atoms)} atoms"
+            )
     start = time.perf_counter()
     with DistributedCalculator(
         args.model,
@@ -65,6 +77,7 @@ def estimate(args) -> int:
         checkpoint=args.checkpoint,
         dtype=args.dtype,
         timeout=args.timeout,
+        memory_limit=args.memory_limit,
     ) as calc:
         result = calc.estimate_memory(
             atoms, nprocs=args.nprocs, calibration_atoms=args.calibration_atoms
@@ -72,7 +85,7 @@ def estimate(args) -> int:
     seconds = time.perf_counter() - start
     if args.json:
         payload = {
-            "source": str(args.structure),
+            "source": source,
             "model": str(args.model),
             "partitioner": args.partitioner,
             "dtype": args.dtype,
@@ -83,5 +96,5 @@ def estimate(args) -> int:
         json.dump(payload, sys.stdout, indent=2)
         print()
     else:
-        _print(result, args, str(args.structure), seconds)
+        _print(result, args, source, seconds)
     return 0
