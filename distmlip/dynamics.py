@@ -68,6 +68,8 @@ class MDSettings:
             value = getattr(self, name)
             if value is not None and not (np.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not np.isfinite(self.pressure_GPa):
+            raise ValueError(f"pressure_GPa must be a finite number, got {self.pressure_GPa!r}")
         if not (np.isfinite(self.temperature_K) and self.temperature_K >= 0):
             raise ValueError(f"temperature_K must be >= 0, got {self.temperature_K!r}")
         if self.ensemble != "nve" and self.temperature_K == 0:

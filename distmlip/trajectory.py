@@ -123,32 +123,64 @@ class FrameWriter:
         self.close()
 
 
-def last_frame(path) -> tuple[object, int]:
+def last_frame(path, repair: bool = False) -> tuple[object, int]:
     """The last complete frame of trajectory ``path`` and how many complete frames it holds.
 
-    An extended XYZ file whose final frame is torn is rewritten without it, so appending to it
-    leaves a readable file. Raises ValueError if no complete frame can be read.
+    A final frame torn by a kill (an extended XYZ file that ends inside a frame, or without its
+    last newline) is not counted; with ``repair`` the file is truncated after the last complete
+    frame, so appending to it leaves a readable file. A damaged frame anywhere else is an error,
+    and nothing is changed. ASE trajectories count a frame only once it is complete.
+
+    Raises:
+        ValueError: no complete frame, or a damaged frame before the last.
     """
-    from ase.io import iread
-
     path = Path(path)
-    fmt = trajectory_format(path)
-    frames = []
-    torn = False
-    try:
-        for frame in iread(str(path), index=":", format=fmt):
-            frames.append(frame)
-    except Exception:  # a torn final frame: ASE raises various types mid-frame
-        torn = True
-    if not frames:
-        raise ValueError(f"no complete frame in {str(path)!r} to restart from")
-    if torn and fmt == "extxyz":
-        from ase.io import write
+    if trajectory_format(path) == "traj":
+        from ase.io.trajectory import Trajectory
 
-        temporary = path.with_name(path.name + ".repair")
-        write(str(temporary), frames, format="extxyz")
-        os.replace(temporary, path)
-    return frames[-1], len(frames)
+        with Trajectory(str(path)) as frames:
+            if len(frames) == 0:
+                raise ValueError(f"no complete frame in {str(path)!r} to restart from")
+            return frames[-1], len(frames)
+    data = path.read_bytes()
+    starts, end = _extxyz_frames(data, path)
+    if not starts:
+        raise ValueError(f"no complete frame in {str(path)!r} to restart from")
+    if repair and end < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+    from ase.io import read
+
+    text = data[starts[-1] : end].decode()
+    try:
+        frame = read(io.StringIO(text), format="extxyz")
+    except Exception as error:
+        raise ValueError(f"frame {len(starts)} of {str(path)!r} cannot be read: {error}") from None
+    return frame, len(starts)
+
+
+def _extxyz_frames(data: bytes, path: Path) -> tuple[list[int], int]:
+    """Byte offsets of the complete frames' starts, and the end of the last complete frame."""
+    lines = data.splitlines(keepends=True)
+    offsets = np.concatenate([[0], np.cumsum([len(line) for line in lines])])
+    starts, index = [], 0
+    while index < len(lines):
+        header = lines[index]
+        try:
+            n_atoms = int(header.strip())
+        except ValueError:
+            if index + 1 >= len(lines) or not header.endswith(b"\n"):
+                break  # the torn start of a last frame
+            raise ValueError(
+                f"{str(path)!r}: frame {len(starts) + 1} is damaged (line {index + 1} should "
+                "be an atom count); nothing was changed"
+            ) from None
+        last = index + n_atoms + 2  # header, comment, atoms
+        if last > len(lines) or not lines[last - 1].endswith(b"\n"):
+            break  # the last frame, torn
+        starts.append(int(offsets[index]))
+        index = last
+    return starts, int(offsets[index])
 
 
 THERMO_COLUMNS = (
@@ -193,6 +225,7 @@ class ThermoLog:
                 cells.append("nan" if not math.isfinite(value) else f"{value:.10g}")
         self._file.write(" ".join(cells) + "\n")
         self._file.flush()
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if self._file is not None:
@@ -229,18 +262,27 @@ def load_state(trajectory) -> dict | None:
 
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Ctrl-C (SIGINT) inside the block is held and raised as KeyboardInterrupt at its end.
+    """Ctrl-C (SIGINT) and SIGTERM inside the block are held, then delivered at its end to the
+    handlers that were in place (an ignored signal stays ignored).
 
     Only in the main thread (elsewhere Python delivers no signals, and the block runs as is).
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda number, frame: received.append(number))
+    received: list[int] = []
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    previous = {n: signal.signal(n, lambda number, frame: received.append(number)) for n in numbers}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    for number in dict.fromkeys(received):
+        handler = previous[number]
+        if callable(handler):
+            handler(number, None)
+        elif handler == signal.SIG_DFL and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(number)  # the default action (SIGTERM: the process ends)

@@ -221,6 +221,7 @@ MATRIX += [(4, "slab"), (4, "rcb"), (8, "rcb")]
 reference model's tests run every partitioner at every P; eight model copies on two CI cores
 cost half a minute per pool)."""
 
+
 @pytest.mark.parametrize(
     ("nprocs", "partitioner"),
     [(1, "slab")] + MATRIX,

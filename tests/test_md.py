@@ -57,6 +57,7 @@ def test_md_writes_frames_and_a_parseable_log_and_conserves_energy(tmp_path, cap
     assert "outside the model" in capsys.readouterr().out
     frames = read(tmp_path / "run.extxyz", ":")
     assert [frame.info["step"] for frame in frames] == [5, 10, 15, 20]  # steps / log-every
+    assert [frame.info["time_fs"] for frame in frames] == [5.0, 10.0, 15.0, 20.0]
     for frame in frames:
         assert frame.get_momenta().shape == (32, 3) and np.abs(frame.get_momenta()).max() > 0
         assert frame.get_forces().shape == (32, 3) and frame.get_stress().shape == (6,)
@@ -69,30 +70,94 @@ def test_md_writes_frames_and_a_parseable_log_and_conserves_energy(tmp_path, cap
     total = columns["etotal_eV"]
     assert np.ptp(columns["epot_eV"]) > 20 * np.ptp(total)  # energy moves between the two
     assert np.ptp(total) < 1e-4 * len(frames[0])  # NVE: total energy conserved
-    assert np.all(np.isfinite(columns["pressure_GPa"])) and np.all(columns["imbalance"] >= 1)
+    # Pressure: -trace(stress)/3 of the model plus the kinetic part, from the frame itself.
+    last = frames[-1]
+    momenta = last.get_momenta()
+    kinetic = np.trace(momenta.T @ (momenta / last.get_masses()[:, None])) / 3 / last.get_volume()
+    expected = (kinetic - np.mean(last.get_stress()[:3])) * 160.21766208
+    assert columns["pressure_GPa"][-1] == pytest.approx(expected, rel=1e-6)
+    assert np.all((columns["imbalance"] >= 1) & (columns["imbalance"] < 1.3))  # max/mean edges
     state = json.loads((tmp_path / "run.extxyz.state.json").read_text())
     assert state["step"] == 20 and state["integrator_state"]["integrator"] == "VelocityVerlet"
 
 
+def test_a_last_step_between_log_rows_is_written_too(tmp_path):
+    assert main(md(tmp_path, steps=12)) == 0
+    assert [f.info["step"] for f in read(tmp_path / "run.extxyz", ":")] == [5, 10, 12]
+    assert list(thermo(tmp_path / "run.log")[:, 0]) == [0, 5, 10, 12]
+
+
+SETTINGS = ["--temperature", "450", "--timestep", "2", "--seed", "7"]
+
+
 @pytest.mark.parametrize(
-    "ensemble", [["--ensemble", "nvt"], ["--ensemble", "nvt", "--thermostat", "nose-hoover"]]
+    "ensemble",
+    [
+        ["--ensemble", "nvt", "--friction", "0.05"],
+        ["--ensemble", "nvt", "--thermostat", "nose-hoover", "--tdamp", "30"],
+    ],
 )
-def test_restart_continues_the_step_count_and_the_trajectory(tmp_path, ensemble):
-    """Interrupted at step 10 and restarted to 20 equals one run to 20 (thermostat state and
-    random stream carried over); .traj keeps positions bit for bit."""
-    assert main(md(tmp_path, *ensemble, name="whole.traj")) == 0
-    assert main(md(tmp_path, *ensemble, name="part.traj", steps=10)) == 0
+def test_restart_continues_the_step_count_and_the_trajectory(tmp_path, ensemble, capsys):
+    """Stopped at step 10 and restarted to 20 equals one run to 20: the thermostat state, the
+    random stream and the settings (not repeated on the restart's command line) carry over;
+    .traj keeps positions bit for bit."""
+    assert main(md(tmp_path, *ensemble, *SETTINGS, name="whole.traj")) == 0
+    assert main(md(tmp_path, *ensemble, *SETTINGS, name="part.traj", steps=10)) == 0
     assert main(md(tmp_path, *ensemble, name="part.traj")) == 2  # it exists: refused
     part = str(tmp_path / "part.traj")
-    argv = ["md", *COMMON, *ensemble, "--steps", "20", "--log-every", "5"]
-    assert main([*argv, "--restart", part, "--trajectory", part]) == 0
+    capsys.readouterr()
+    assert main(["md", *COMMON, "--steps", "20", "--log-every", "5", "--restart", part]) == 0
+    assert "changed on restart" not in capsys.readouterr().err
     whole, part = read(tmp_path / "whole.traj", ":"), read(tmp_path / "part.traj", ":")
     assert [f.info["step"] for f in part] == [5, 10, 15, 20]
+    assert [f.info["time_fs"] for f in part] == [10.0, 20.0, 30.0, 40.0]
     for a, b in zip(whole, part, strict=True):
         np.testing.assert_allclose(b.positions, a.positions, rtol=0, atol=1e-12)
         np.testing.assert_allclose(b.get_momenta(), a.get_momenta(), rtol=0, atol=1e-12)
     log = thermo(tmp_path / "part.log")
     assert list(log[:, 0]) == [0, 5, 10, 15, 20]  # one header, rows continue
+
+
+def test_the_same_command_line_with_restart_finishes_the_run(tmp_path, capsys):
+    first = md(tmp_path, "--ensemble", "nvt", *SETTINGS, steps=5)
+    assert main(first) == 0
+    again = [
+        *first[: first.index("--steps")],
+        "--steps",
+        "10",
+        *first[first.index("--steps") + 2 :],
+    ]
+    assert main([*again, "--restart", str(tmp_path / "run.extxyz"), "--temperature", "900"]) == 0
+    err = capsys.readouterr().err
+    assert "STRUCTURE is not read" in err and "--temperature 900.0 (the run had 450.0)" in err
+    assert [f.info["step"] for f in read(tmp_path / "run.extxyz", ":")] == [5, 10]
+    state = json.loads((tmp_path / "run.extxyz.state.json").read_text())
+    assert state["settings"]["temperature_K"] == 900 and state["settings"]["timestep_fs"] == 2
+
+
+def test_an_existing_log_is_not_overwritten(tmp_path):
+    (tmp_path / "run.log").write_text("someone's log\n")
+    assert main(md(tmp_path, steps=5)) == 2
+    assert (tmp_path / "run.log").read_text() == "someone's log\n"
+    assert not (tmp_path / "run.extxyz").exists()
+    assert main(md(tmp_path, "--overwrite", steps=5)) == 0
+    assert thermo(tmp_path / "run.log").shape[0] == 2
+
+
+def test_extras_are_stored_in_every_frame(tmp_path):
+    """CHGNet's magnetic moments, through the command line, equal the Python API's."""
+    path = tmp_path / "si.extxyz"
+    argv = ["md", "bulk:Si:diamond:5.43:cubic", "--model", "chgnet", "--nprocs", "2"]
+    argv += ["--dtype", "float64", "--steps", "2", "--log-every", "1", "--extras", "magmoms"]
+    assert main([*argv, "--trajectory", str(path), "--temperature", "100"]) == 0
+    frames = read(path, ":")
+    assert len(frames) == 2
+    with DistributedCalculator("chgnet", nprocs=1, dtype="float64") as calc:
+        for frame in frames:
+            stored = frame.calc.results["magmoms"]
+            expected = calc.get_properties(["magmoms"], frame.copy())["magmoms"]
+            assert stored.shape == (8,) and np.abs(stored).max() > 0
+            np.testing.assert_allclose(stored, expected, rtol=0, atol=1e-7)
 
 
 def test_restart_without_the_saved_state_warns_and_nve_needs_none(tmp_path, capsys):
@@ -107,7 +172,7 @@ def test_restart_without_the_saved_state_warns_and_nve_needs_none(tmp_path, caps
     ]
     capsys.readouterr()
     assert main(argv) == 0
-    assert "thermostat variables start from zero" in capsys.readouterr().err
+    assert "thermostat variables (and Langevin's random stream" in capsys.readouterr().err
     assert [f.info["step"] for f in read(tmp_path / "run.extxyz", ":")] == [5, 10]
     assert main(argv) == 0  # already at step 10: nothing to run
     assert "nothing to run" in capsys.readouterr().out
@@ -161,7 +226,6 @@ def test_relax_with_the_cell_reaches_the_stress_threshold(tmp_path, capsys):
         (["md", *CU, "--thermostat", "nose-hoover"], "--thermostat applies to --ensemble nvt"),
         (["md", *CU, "--trajectory", "out.pdb"], "name it .extxyz, .xyz"),
         (["md"], "give STRUCTURE"),
-        (["md", *CU, "--restart", "x.traj"], "leave out STRUCTURE"),
         (["md", "--restart", "missing.traj"], "no such file 'missing.traj'"),
         (["md", "bulk:Cu:fcx:3.6"], "unknown crystal structure 'fcx'"),
         (["md", "bulk:Qq:fcc:3.6"], "'Qq' is not a chemical symbol"),
@@ -170,6 +234,9 @@ def test_relax_with_the_cell_reaches_the_stress_threshold(tmp_path, capsys):
         (["md", *CU, "--model", "reference", "--extras", "charges"], "--extras 'charges'"),
         (["predict", "bulk:Cu:fcc:3.6", "--index", "0"], "--index selects frames of a STRUCTURE"),
         (["relax", *CU, "--pressure", "2"], "--pressure applies with --cell"),
+        (["relax", *CU, "--trajectory", "steps.extxyz"], "name it .traj"),
+        (["md", *CU, "--ensemble", "npt", "--pressure", "nan"], "--pressure: must be a finite"),
+        (["md", "--restart", "x.extxyz", "--steps", "5"], "no such file 'x.extxyz'"),
     ],
 )
 def test_bad_md_and_relax_command_lines(tmp_path, capsys, monkeypatch, argv, message):
@@ -198,7 +265,7 @@ def _run_until_frames(command: list[str], trajectory, frames: int) -> subprocess
     raise AssertionError(f"no {frames} frames: {driver.communicate()[1]}")
 
 
-@pytest.mark.parametrize("fault", ["sigint", "dead worker"])
+@pytest.mark.parametrize("fault", ["sigint", "sigterm", "dead worker"])
 def test_interrupted_md_leaves_a_readable_trajectory_and_no_workers(tmp_path, fault):
     trajectory = tmp_path / "long.extxyz"
     command = [sys.executable, "-m", "distmlip", "md", "bulk:Cu:fcc:3.61:cubic", "--repeat"]
@@ -207,12 +274,14 @@ def test_interrupted_md_leaves_a_readable_trajectory_and_no_workers(tmp_path, fa
     driver = _run_until_frames(command, trajectory, 3)
     workers = [p for p in psutil.Process(driver.pid).children() if is_worker(p)]
     assert len(workers) == 2
-    if fault == "sigint":
+    if fault == "sigint":  # Ctrl-C in a terminal: the whole process group
         os.killpg(driver.pid, signal.SIGINT)
+    elif fault == "sigterm":  # a batch scheduler's time limit: the driver
+        driver.terminate()
     else:
         workers[1].kill()
     _, stderr = driver.communicate(timeout=90)
-    assert driver.returncode == (130 if fault == "sigint" else 1), stderr
+    assert driver.returncode == {"sigint": 130, "sigterm": 143}.get(fault, 1), stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("distmlip: ") and f"--restart {trajectory}" in last
     frames = read(trajectory, ":")
@@ -220,3 +289,8 @@ def test_interrupted_md_leaves_a_readable_trajectory_and_no_workers(tmp_path, fa
     assert len(steps) >= 3 and steps == list(range(2, 2 * len(steps) + 1, 2))
     assert f"up to step {steps[-1]};" in last
     assert_all_gone([worker.pid for worker in workers])
+    if fault == "sigint":  # and the run continues from there
+        argv = ["md", "--restart", str(trajectory), *COMMON, "--log-every", "2"]
+        assert main([*argv, "--steps", str(steps[-1] + 4)]) == 0
+        after = [frame.info["step"] for frame in read(trajectory, ":")]
+        assert after == [*steps, steps[-1] + 2, steps[-1] + 4]

@@ -4,6 +4,7 @@ the STRUCTURE argument."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 
@@ -58,21 +59,39 @@ def test_frames_hold_what_a_restart_needs(tmp_path, name):
     assert count == 2 and frame.info["step"] == 10
 
 
-def test_a_torn_final_frame_is_dropped_and_the_file_repaired(tmp_path):
-    path = tmp_path / "torn.extxyz"
+def _three_frames(path):
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
     atoms.set_momenta(np.ones((4, 3)))
     with FrameWriter(path) as writer:
         for step in (1, 2, 3):
             writer.write(atoms, results(atoms, step), step, float(step))
-    text = path.read_text()
-    path.write_text(text[: len(text) - 60])  # killed in the middle of frame 3
-    frame, count = last_frame(path)
+    return atoms, path.read_text()
+
+
+@pytest.mark.parametrize("cut", [60, 1, 400], ids=["mid-line", "last-newline", "mid-frame"])
+def test_a_torn_final_frame_is_dropped_and_the_file_repaired(tmp_path, cut):
+    path = tmp_path / "torn.extxyz"
+    atoms, text = _three_frames(path)
+    path.write_text(text[: len(text) - cut])  # killed while writing frame 3
+    frame, count = last_frame(path)  # without repair: read, file untouched
     assert count == 2 and frame.info["step"] == 2
-    assert [f.info["step"] for f in read(path, ":")] == [1, 2]  # readable, appendable
+    assert path.read_text() == text[: len(text) - cut]
+    frame, count = last_frame(path, repair=True)
+    assert count == 2 and [f.info["step"] for f in read(path, ":")] == [1, 2]
     with FrameWriter(path, append=True) as writer:
         writer.write(atoms, results(atoms, 4), 4, 4.0)
     assert [f.info["step"] for f in read(path, ":")] == [1, 2, 4]
+
+
+def test_a_damaged_frame_before_the_last_is_an_error_and_changes_nothing(tmp_path):
+    path = tmp_path / "damaged.extxyz"
+    _, text = _three_frames(path)
+    lines = text.splitlines(keepends=True)
+    damaged = "".join(lines[:6] + lines[7:])  # frame 1 lost an atom line
+    path.write_text(damaged)
+    with pytest.raises(ValueError, match="is damaged"):
+        last_frame(path, repair=True)
+    assert path.read_text() == damaged
 
 
 def test_no_complete_frame_is_an_error(tmp_path):
@@ -108,6 +127,27 @@ def test_thermo_log_columns_and_append(tmp_path):
     assert list(table[:, 0]) == [1, 2] and np.isnan(table[0, 6])
 
 
+def test_json_only_stdout_sends_everything_else_to_stderr():
+    """Python prints, C-level writes and child processes inside the block reach stderr; the
+    JSON after it is all of stdout."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, subprocess, sys\n"
+        "from distmlip.cli.output import json_only_stdout, print_json\n"
+        "with json_only_stdout():\n"
+        "    print('banner')\n"
+        "    os.write(1, b'from C\\n')\n"
+        "    subprocess.run([sys.executable, '-c', 'print(\"child\")'])\n"
+        "print_json({'energy': 1.5})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"energy": 1.5}
+    assert done.stderr.split() == ["banner", "from", "C", "child"]
+
+
 def test_ctrl_c_is_held_until_the_block_ends():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     done = []
@@ -118,6 +158,16 @@ def test_ctrl_c_is_held_until_the_block_ends():
                 done.append("after the signal")  # still runs: the frame gets written
         assert done == ["after the signal"]
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_an_ignored_signal_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # and nothing was raised
     finally:
         signal.signal(signal.SIGINT, previous)
 

@@ -15,6 +15,7 @@ from distmlip.cli.arguments import (
     Formatter,
     Parser,
     UsageError,
+    finite_float,
     model_argument,
     non_negative_float,
     output_directory,
@@ -193,34 +194,46 @@ def _parser() -> Parser:
     )
     add_structure_arguments(m, optional=True, index_default="-1")
     _model_option(m, "chgnet")
-    m.add_argument("--ensemble", default="nve", choices=["nve", "nvt", "npt"], help="ensemble")
+    restarted = "; with --restart: the run's"
+    m.add_argument(
+        "--ensemble", choices=["nve", "nvt", "npt"], help=f"ensemble (default: nve{restarted})"
+    )
     m.add_argument(
         "--thermostat",
-        default="langevin",
         choices=["langevin", "nose-hoover"],
-        help="NVT thermostat",
+        help=f"NVT thermostat (default: langevin{restarted})",
     )
     m.add_argument(
         "--temperature",
         type=non_negative_float,
-        default=300.0,
-        help="K: initial velocities (Maxwell–Boltzmann from --seed) and thermostat target",
+        help="K: initial velocities (Maxwell–Boltzmann from --seed) and thermostat target "
+        f"(default: 300{restarted})",
     )
-    m.add_argument("--timestep", type=positive_float, default=1.0, help="fs")
+    m.add_argument("--timestep", type=positive_float, help=f"fs (default: 1{restarted})")
     m.add_argument("--steps", type=positive_int, default=1000, help="the step to end at")
-    m.add_argument("--friction", type=positive_float, help="Langevin friction, 1/fs (default 0.01)")
     m.add_argument(
-        "--tdamp", type=positive_float, help="Nosé–Hoover thermostat time, fs (default 100 steps)"
+        "--friction",
+        type=positive_float,
+        help=f"Langevin friction, 1/fs (default: 0.01{restarted})",
     )
-    m.add_argument("--pressure", type=float, default=0.0, help="NPT external pressure, GPa")
     m.add_argument(
-        "--pdamp", type=positive_float, help="NPT barostat time, fs (default 1000 steps)"
+        "--tdamp",
+        type=positive_float,
+        help=f"Nosé–Hoover thermostat time, fs (default: 100 steps{restarted})",
+    )
+    m.add_argument(
+        "--pressure", type=finite_float, help=f"NPT external pressure, GPa (default: 0{restarted})"
+    )
+    m.add_argument(
+        "--pdamp",
+        type=positive_float,
+        help=f"NPT barostat time, fs (default: 1000 steps{restarted})",
     )
     m.add_argument(
         "--trajectory",
-        default="md.extxyz",
         metavar="FILE",
-        help=".extxyz/.xyz (extended XYZ) or .traj (ASE)",
+        help=".extxyz/.xyz (extended XYZ) or .traj (ASE) (default: md.extxyz, or the --restart "
+        "FILE, appended)",
     )
     m.add_argument("--log", metavar="FILE", help="thermo log (default: the trajectory's .log)")
     m.add_argument(
@@ -266,7 +279,7 @@ def _parser() -> Parser:
         "--smax", type=positive_float, default=0.1, help="with --cell: stress threshold, GPa"
     )
     r.add_argument(
-        "--pressure", type=float, default=0.0, help="with --cell: external pressure, GPa"
+        "--pressure", type=finite_float, default=0.0, help="with --cell: external pressure, GPa"
     )
     r.add_argument("--steps", type=positive_int, default=500, help="most optimizer steps")
     r.add_argument(
@@ -274,7 +287,7 @@ def _parser() -> Parser:
         metavar="FILE",
         help="relaxed structure, any format ASE writes (default: relaxed.extxyz)",
     )
-    r.add_argument("--trajectory", metavar="FILE", help="every optimizer step (.traj/.extxyz)")
+    r.add_argument("--trajectory", metavar="FILE", help="every optimizer step (ASE .traj)")
     r.add_argument("--overwrite", action="store_true", help="replace existing output files")
     _worker_options(r, dtype="float64", timeout=600.0)
     r.add_argument("--json", action="store_true", help="print the result as JSON")

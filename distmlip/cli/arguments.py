@@ -12,6 +12,7 @@ __all__ = [
     "Parser",
     "positive_int",
     "positive_float",
+    "finite_float",
     "non_negative_float",
     "model_argument",
     "structure_file",
@@ -66,6 +67,10 @@ def _finite_float(text: str, accept, requirement: str) -> float:
     if not (math.isfinite(value) and accept(value)):
         raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
     return value
+
+
+def finite_float(text: str) -> float:
+    return _finite_float(text, lambda value: True, "a finite number")
 
 
 def positive_float(text: str) -> float:

@@ -40,6 +40,8 @@ def relax(args) -> int:
     for path in (output, args.trajectory):
         if path is not None and Path(path).exists() and not args.overwrite:
             raise UsageError(f"{str(path)!r} exists; give --overwrite or another name")
+    if args.trajectory is not None and Path(args.trajectory).suffix != ".traj":
+        raise UsageError("--trajectory: ASE's optimizers write .traj files; name it .traj")
     if not args.cell and args.pressure != 0:
         raise UsageError("--pressure applies with --cell")
     frames, description = load_structures(args, default_index=-1)
