@@ -8,6 +8,7 @@ atom per ps), its largest excursion and its fluctuation.
     python benchmarks/md_stability.py --out docs/benchmarks                  # 10,000 steps
     python benchmarks/md_stability.py --steps 200 --out /tmp/quick          # a smoke run
     python benchmarks/md_stability.py --report-only --work DIR --out docs/benchmarks
+    python benchmarks/md_stability.py --resume --work DIR ...   # continue interrupted runs
 
 Writes ``<out>/md_stability.json``, ``.md`` and ``.png``.
 """
@@ -34,7 +35,11 @@ def run(nprocs: int, args, work: Path) -> None:
     command += ["--nprocs", str(nprocs), "--dtype", args.dtype, "--ensemble", "nve"]
     command += ["--temperature", str(args.temperature), "--timestep", str(args.timestep)]
     command += ["--steps", str(args.steps), "--log-every", str(args.log_every), "--seed", "0"]
-    command += ["--skin", str(args.skin), "--trajectory", str(trajectory), "--overwrite", "--json"]
+    command += ["--skin", str(args.skin), "--trajectory", str(trajectory), "--json"]
+    # An interrupted study continues where it stopped (distmlip md --restart); else starts anew.
+    command += (
+        ["--restart", str(trajectory)] if args.resume and trajectory.exists() else ["--overwrite"]
+    )
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True, stdout=open(work / f"p{nprocs}.json", "w"))  # noqa: SIM115
 
@@ -53,6 +58,12 @@ def analyse(work: Path, args) -> dict:
         total = columns["etotal_eV"]
         n_atoms = summary["atoms"]
         slope = np.polyfit(time_ps, total, 1)[0]
+        # graph_builds counts per calculator: a restarted segment (--resume) starts again at 1.
+        builds = columns["graph_builds"]
+        pairs = zip(builds[:-1], builds[1:], strict=True)
+        restarts = [int(s) for s, (a, b) in zip(columns["step"][:-1], pairs, strict=True) if b < a]
+        pairs = zip(builds[:-1], builds[1:], strict=True)
+        total_builds = builds[0] + sum(b if b < a else b - a for a, b in pairs)
         runs[nprocs] = {
             "time_ps": time_ps.tolist(),
             "etotal_per_atom_meV": ((total - total[0]) / n_atoms * 1000).tolist(),
@@ -61,8 +72,9 @@ def analyse(work: Path, args) -> dict:
             "max_excursion_meV_per_atom": float(np.abs(total - total[0]).max() / n_atoms * 1000),
             "fluctuation_meV_per_atom": float(np.std(total) / n_atoms * 1000),
             "mean_temperature_K": float(columns["temperature_K"].mean()),
-            "median_step_s": summary["median_step_s"],
-            "graph_builds": summary["graph_builds"],
+            "median_step_s": float(np.median(columns["seconds_per_step"][1:])),
+            "graph_builds": int(total_builds),
+            "restarted_at_steps": restarts,
             "atoms": n_atoms,
         }
     deviation = []
@@ -110,6 +122,14 @@ def markdown(result: dict, args) -> str:
         for nprocs, run in sorted(runs.items())
     ]
     lines += [markdown_table(header, rows), ""]
+    for nprocs, run in sorted(runs.items()):
+        if run["restarted_at_steps"]:
+            steps_text = ", ".join(f"{step:,}" for step in run["restarted_at_steps"])
+            lines += [
+                f"The P = {nprocs} run was interrupted and continued with `distmlip md --restart` "
+                f"(at step {steps_text}; `--resume`): one trajectory.",
+                "",
+            ]
     marks = [m for m in (100, 1000, 5000, args.steps) if m <= steps.max()]
     agreement = [
         [f"{int(m):,}", f"{deviation[steps <= m].max():.2e}"] for m in dict.fromkeys(marks)
@@ -165,6 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/distmlip-md-stability"))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     parser.add_argument("--report-only", action="store_true", help="analyse an earlier --work")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the runs an interruption left in --work"
+    )
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.report_only:

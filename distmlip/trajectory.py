@@ -33,6 +33,8 @@ __all__ = [
     "ThermoLog",
     "THERMO_COLUMNS",
     "state_path",
+    "is_thermo_log",
+    "truncate_log",
     "save_state",
     "load_state",
     "interrupts_deferred",
@@ -136,12 +138,7 @@ def last_frame(path, repair: bool = False) -> tuple[object, int]:
     """
     path = Path(path)
     if trajectory_format(path) == "traj":
-        from ase.io.trajectory import Trajectory
-
-        with Trajectory(str(path)) as frames:
-            if len(frames) == 0:
-                raise ValueError(f"no complete frame in {str(path)!r} to restart from")
-            return frames[-1], len(frames)
+        return _last_traj_frame(path, repair)
     data = path.read_bytes()
     starts, end = _extxyz_frames(data, path)
     if not starts:
@@ -157,6 +154,33 @@ def last_frame(path, repair: bool = False) -> tuple[object, int]:
     except Exception as error:
         raise ValueError(f"frame {len(starts)} of {str(path)!r} cannot be read: {error}") from None
     return frame, len(starts)
+
+
+def _last_traj_frame(path: Path, repair: bool) -> tuple[object, int]:
+    """ASE trajectories: the last frame that reads; with ``repair``, a copy without the torn
+    ones replaces the file (a ULM file cannot be cut back in place)."""
+    from ase.io.trajectory import Trajectory
+
+    try:
+        frames = Trajectory(str(path))
+    except Exception as error:
+        raise ValueError(f"{str(path)!r} is not a readable ASE trajectory ({error})") from None
+    with frames:
+        count, frame = len(frames), None
+        while count > 0 and frame is None:
+            try:
+                frame = frames[count - 1]
+            except Exception:  # torn by a kill or a full disk
+                count -= 1
+        if frame is None:
+            raise ValueError(f"no complete frame in {str(path)!r} to restart from")
+        if repair and count < len(frames):
+            temporary = path.with_name(path.name + ".repair")
+            with Trajectory(str(temporary), "w") as copy:
+                for index in range(count):
+                    copy.write(frames[index])
+            os.replace(temporary, path)
+    return frame, count
 
 
 def _extxyz_frames(data: bytes, path: Path) -> tuple[list[int], int]:
@@ -236,6 +260,35 @@ class ThermoLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def is_thermo_log(path) -> bool:
+    """Whether ``path`` starts with the thermo log's header (a file safe to replace)."""
+    try:
+        with open(path) as handle:
+            return handle.readline().split()[1:3] == list(THERMO_COLUMNS[:2])
+    except (OSError, UnicodeDecodeError, IndexError):
+        return False
+
+
+def truncate_log(path, step: int) -> None:
+    """Drop the rows after ``step`` (a restart continues from that step's frame)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.startswith("#") or _row_step(line) <= step]
+    if len(kept) != len(lines):
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(kept))
+        os.replace(temporary, path)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(line.split()[0])
+    except (IndexError, ValueError):
+        return math.inf  # a torn row
 
 
 def state_path(trajectory) -> Path:

@@ -129,10 +129,37 @@ def test_the_same_command_line_with_restart_finishes_the_run(tmp_path, capsys):
     ]
     assert main([*again, "--restart", str(tmp_path / "run.extxyz"), "--temperature", "900"]) == 0
     err = capsys.readouterr().err
-    assert "STRUCTURE is not read" in err and "--temperature 900.0 (the run had 450.0)" in err
+    assert (
+        "STRUCTURE, --repeat not used" in err and "--temperature 900.0 (the run had 450.0)" in err
+    )
     assert [f.info["step"] for f in read(tmp_path / "run.extxyz", ":")] == [5, 10]
     state = json.loads((tmp_path / "run.extxyz.state.json").read_text())
     assert state["settings"]["temperature_K"] == 900 and state["settings"]["timestep_fs"] == 2
+
+
+@pytest.mark.parametrize("name", ["torn.extxyz", "torn.traj"])
+def test_restart_after_a_torn_final_frame_cuts_the_log_back(tmp_path, name, capsys):
+    """A kill in the middle of writing a frame: the restart drops the torn frame and the log
+    rows after the last complete one, and continues from there."""
+    assert main(md(tmp_path, name=name, steps=15)) == 0
+    path = tmp_path / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 300])  # frame 15 torn
+    argv = ["md", *COMMON, "--steps", "20", "--log-every", "5", "--restart", str(path)]
+    assert main(argv) == 0
+    assert "dropped a torn final frame" in capsys.readouterr().err
+    assert [f.info["step"] for f in read(path, ":")] == [5, 10, 15, 20]
+    assert list(thermo(path.with_suffix(".log"))[:, 0]) == [0, 5, 10, 15, 20]
+
+
+def test_a_diverged_run_stops_with_one_line(tmp_path):
+    from distmlip.cli.md import BlownUp, _check_sane
+    from distmlip.dynamics import MDSettings
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
+    atoms.set_momenta(np.full((4, 3), np.nan))
+    with pytest.raises(BlownUp, match="diverged at step 7.*smaller --timestep"):
+        _check_sane(atoms, {"energy": 1.0}, 7, MDSettings(), [])
 
 
 def test_an_existing_log_is_not_overwritten(tmp_path):
@@ -140,8 +167,12 @@ def test_an_existing_log_is_not_overwritten(tmp_path):
     assert main(md(tmp_path, steps=5)) == 2
     assert (tmp_path / "run.log").read_text() == "someone's log\n"
     assert not (tmp_path / "run.extxyz").exists()
-    assert main(md(tmp_path, "--overwrite", steps=5)) == 0
-    assert thermo(tmp_path / "run.log").shape[0] == 2
+    assert main(md(tmp_path, "--overwrite", steps=5)) == 2  # not a thermo log: never replaced
+    assert (tmp_path / "run.log").read_text() == "someone's log\n"
+    (tmp_path / "run.log").unlink()
+    assert main(md(tmp_path, steps=5)) == 0
+    assert main(md(tmp_path, "--overwrite", steps=10)) == 0  # an earlier run's log: replaced
+    assert list(thermo(tmp_path / "run.log")[:, 0]) == [0, 5, 10]
 
 
 def test_extras_are_stored_in_every_frame(tmp_path):
@@ -237,14 +268,30 @@ def test_relax_with_the_cell_reaches_the_stress_threshold(tmp_path, capsys):
         (["relax", *CU, "--trajectory", "steps.extxyz"], "name it .traj"),
         (["md", *CU, "--ensemble", "npt", "--pressure", "nan"], "--pressure: must be a finite"),
         (["md", "--restart", "x.extxyz", "--steps", "5"], "no such file 'x.extxyz'"),
+        (["md", *CU, "--trajectory", "a.extxyz", "--log", "a.extxyz"], "same file as --trajectory"),
+        (["md", *CU, "--log", "md.extxyz.state.json"], "is the same file as its state"),
+        (["md", *CU, "--trajectory", "nodir/a.extxyz"], "no directory 'nodir'"),
+        (["md", *CU, "--log", "notes.txt", "--overwrite"], "is not a thermo log"),
+        (["md", *CU, "--model", "reference", "--extras", "stress"], "outputs of reference are"),
+        (["md", *CU, "--seed", "-1"], "--seed: must be an integer from 0 to 2**32 - 1"),
+        (["md", *CU, "--repeat", "9999", "9999", "9999"], "use smaller repeats"),
+        (["md", "bulk:Cu:orthorhombic:3.6"], "orthorhombic needs lattice parameters"),
+        (["md", "bulk:Cu:bct:3"], "bct needs lattice parameters"),
+        (["md", "bulk:Cu:fcc:1000"], "between 0 and 1000 Å"),
+        (["relax", *CU, "--output", "nodir/r.extxyz"], "--output 'nodir/r.extxyz': no directory"),
+        (["relax", *CU, "--output", "r.foo"], "cannot tell the format from the name"),
+        (["relax", *CU, "--output", "r.traj", "--trajectory", "r.traj"], "name the same file"),
+        (["relax", *CU, "--smax", "0.05"], "--smax applies with --cell"),
     ],
 )
 def test_bad_md_and_relax_command_lines(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a log\n")
     assert main(argv) in (1, 2)
     error = capsys.readouterr().err.strip().splitlines()
     assert message in error[-1] and error[-1].startswith("distmlip: error:")
-    assert not list(tmp_path.glob("md.*"))  # nothing half-written
+    assert not list(tmp_path.glob("md.*")) and not list(tmp_path.glob("*.extxyz"))
+    assert (tmp_path / "notes.txt").read_text() == "not a log\n"  # nothing overwritten
 
 
 def _run_until_frames(command: list[str], trajectory, frames: int) -> subprocess.Popen:

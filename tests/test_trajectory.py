@@ -201,7 +201,7 @@ def test_bulk_specs(text, expected):
     "text, message",
     [
         ("bulk:Al:fcc:abc", "neither a lattice constant"),
-        ("bulk:Al:fcc:0", "lattice constant must be > 0"),
+        ("bulk:Al:fcc:0", "lattice constant must be between 0 and 1000"),
         ("bulk::fcc:4", "a generator spec is"),
         ("bulk:Al:fcc:4:cubic:x", "a generator spec is"),
         ("bulk:Fe:hcp:2.5:cubic", "ase.build.bulk says"),

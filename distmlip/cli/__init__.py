@@ -276,7 +276,7 @@ def _parser() -> Parser:
     r.add_argument("--fmax", type=positive_float, default=0.05, help="force threshold, eV/Å")
     r.add_argument("--cell", action="store_true", help="relax the cell too")
     r.add_argument(
-        "--smax", type=positive_float, default=0.1, help="with --cell: stress threshold, GPa"
+        "--smax", type=positive_float, help="with --cell: stress threshold, GPa (default: 0.1)"
     )
     r.add_argument(
         "--pressure", type=finite_float, default=0.0, help="with --cell: external pressure, GPa"

@@ -18,6 +18,7 @@ __all__ = [
     "structure_file",
     "frame_index",
     "output_directory",
+    "writable_path",
     "timeout_seconds",
 ]
 
@@ -122,6 +123,22 @@ def output_directory(text: str) -> Path:
     if not os.access(existing, os.W_OK):
         raise argparse.ArgumentTypeError(f"cannot write into {str(existing)!r}")
     return path
+
+
+def writable_path(path, option: str) -> None:
+    """A file the job can create or replace: its directory exists and can be written.
+
+    Raises:
+        UsageError: naming ``option`` (checked before any work, so no result is lost).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a directory; name a file")
+    directory = path.parent
+    if not directory.is_dir():
+        raise UsageError(f"{option} {str(path)!r}: no directory {str(directory)!r}")
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"{option} {str(path)!r}: cannot write into {str(directory)!r}")
 
 
 def timeout_seconds(text: str) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distmlip.cli.arguments import UsageError
+from distmlip.cli.arguments import UsageError, writable_path
 from distmlip.cli.output import json_only_stdout, print_json
 
 __all__ = ["md", "SETTING_DEFAULTS"]
@@ -88,7 +88,7 @@ def _check_options(args, settings) -> None:
 
 
 def _paths(args) -> tuple[Path, Path]:
-    from distmlip.trajectory import trajectory_format
+    from distmlip.trajectory import state_path, trajectory_format
 
     if args.restart is None and args.structure is None:
         raise UsageError("give STRUCTURE (a file or bulk:SYMBOL:CRYSTAL:A), or --restart FILE")
@@ -100,7 +100,15 @@ def _paths(args) -> tuple[Path, Path]:
                 trajectory_format(path)
             except ValueError as error:
                 raise UsageError(str(error)) from None
-    return trajectory, Path(args.log) if args.log else trajectory.with_suffix(".log")
+    log = Path(args.log) if args.log else trajectory.with_suffix(".log")
+    taken = {trajectory.resolve(): "--trajectory", state_path(trajectory).resolve(): "its state"}
+    if args.restart is not None:
+        taken.setdefault(Path(args.restart).resolve(), "--restart")
+    if log.resolve() in taken:
+        raise UsageError(f"--log {str(log)!r} is the same file as {taken[log.resolve()]}")
+    for path, option in ((trajectory, "--trajectory"), (log, "--log")):
+        writable_path(path, option)
+    return trajectory, log
 
 
 def _start(args, trajectory: Path, log: Path, settings):
@@ -116,14 +124,36 @@ def _start(args, trajectory: Path, log: Path, settings):
         appending = trajectory.exists() and trajectory.resolve() == restart.resolve()
         if not appending:
             _refuse_existing(args, trajectory, log)
+        size = restart.stat().st_size
         frame, frames = last_frame(restart, repair=appending)
         if "step" not in frame.info:
             raise ValueError(
-                f"{str(restart)!r} has no step numbers; restart from a distmlip md trajectory"
+                f"{str(restart)!r} has no step numbers (not a distmlip md trajectory); to start "
+                "from its last frame's positions and momenta, give it as STRUCTURE with "
+                "--keep-velocities"
             )
-        if args.structure is not None:
-            print(f"distmlip: note: continuing {restart}; STRUCTURE is not read", file=sys.stderr)
+        if restart.stat().st_size != size:
+            print(f"distmlip: note: dropped a torn final frame of {restart}", file=sys.stderr)
+        ignored = [
+            name
+            for name, given in (
+                ("STRUCTURE", args.structure is not None),
+                ("--repeat", bool(args.repeat)),
+                ("--rattle", bool(args.rattle)),
+                ("--index", args.index is not None),
+            )
+            if given
+        ]
+        if ignored:
+            print(
+                f"distmlip: note: continuing {restart}; {', '.join(ignored)} not used",
+                file=sys.stderr,
+            )
         step = int(frame.info["step"])
+        if appending:
+            from distmlip.trajectory import truncate_log
+
+            truncate_log(log, step)  # rows after the frame continued from belong to no frame
         state = load_state(restart)
         if state is not None and state.get("step") != step:
             state = None
@@ -144,12 +174,16 @@ def _start(args, trajectory: Path, log: Path, settings):
 
 
 def _refuse_existing(args, trajectory: Path, log: Path) -> None:
+    from distmlip.trajectory import is_thermo_log
+
     for path, what in ((trajectory, "--trajectory"), (log, "--log")):
         if path.exists() and not args.overwrite:
             raise UsageError(
                 f"{str(path)!r} exists; give --overwrite, another {what}, or --restart "
                 f"{str(trajectory)!r} to continue it"
             )
+    if log.exists() and log.stat().st_size and not is_thermo_log(log):
+        raise UsageError(f"--log {str(log)!r} exists and is not a thermo log; name another")
 
 
 @contextlib.contextmanager
@@ -166,6 +200,28 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class BlownUp(ValueError):
+    """The integration diverged: energies or positions are no longer finite."""
+
+
+def _check_sane(atoms, results: dict, step: int, settings, warned: list) -> None:
+    """Stop a diverged run before it writes nonsense; warn once when it runs very hot."""
+    finite = np.isfinite(results["energy"]) and np.all(np.isfinite(atoms.get_momenta()))
+    if not finite or not np.all(np.isfinite(atoms.positions)):
+        raise BlownUp(
+            f"the run diverged at step {step} (non-finite energy or velocities); use a smaller "
+            "--timestep"
+        )
+    hot = 10 * max(settings.temperature_K, 300.0)
+    if not warned and atoms.get_temperature() > hot:
+        warned.append(step)
+        print(
+            f"distmlip: warning: {atoms.get_temperature():.3g} K at step {step}, over 10 times "
+            f"{max(settings.temperature_K, 300.0):g} K: the time step may be too large",
+            file=sys.stderr,
+        )
 
 
 def md(args) -> int:
@@ -228,6 +284,7 @@ def _run(args, settings, atoms, first_step, first_time, state, appending, trajec
     worker_timings: list[list[dict]] = []
     rows: list[dict] = []
     last_written = first_step if args.restart is not None else None
+    warned: list[int] = []
     with contextlib.ExitStack() as stack:
         calc = stack.enter_context(
             DistributedCalculator(
@@ -245,11 +302,16 @@ def _run(args, settings, atoms, first_step, first_time, state, appending, trajec
         direct = getattr(calc.model, "direct_forces", False)
         if settings.ensemble == "npt" and direct:
             raise UsageError(f"--ensemble npt needs the stress; {args.model} has none")
-        standard = {"energy", "free_energy", "energies", "forces", "stress"}
-        unknown = [name for name in args.extras if name not in calc.implemented_properties]
+        # Per-atom outputs beyond what every frame holds (energies per atom, magmoms, ...).
+        per_atom = sorted(
+            set(calc.implemented_properties) - {"energy", "free_energy", "forces", "stress"}
+        )
+        unknown = [name for name in args.extras if name not in per_atom]
         if unknown:
-            extra = sorted(set(calc.implemented_properties) - standard) or ["none"]
-            raise UsageError(f"--extras {unknown[0]!r}: {args.model} has {', '.join(extra)}")
+            raise UsageError(
+                f"--extras {unknown[0]!r}: the per-atom outputs of {args.model} are "
+                + ", ".join(per_atom)
+            )
         wanted = ["energy", "forces"] + (["stress"] if atoms.cell.volume > 0 and not direct else [])
         wanted += [name for name in args.extras if name not in wanted]
         atoms.calc = calc
@@ -301,6 +363,7 @@ def _run(args, settings, atoms, first_step, first_time, state, appending, trajec
                     clock = time.perf_counter()
                     continue
                 results = calc.get_properties(wanted, atoms)
+                _check_sane(atoms, results, step, settings, warned)
                 time_fs = first_time + (step - first_step) * settings.timestep_fs
                 row = thermo_row(atoms, results, step, time_fs, float(np.mean(since_row)), calc)
                 with interrupts_deferred():
@@ -321,7 +384,7 @@ def _run(args, settings, atoms, first_step, first_time, state, appending, trajec
                 if progress.disable:
                     print(progress_line(row, args.steps), file=sys.stderr, flush=True)
                 clock = time.perf_counter()  # the writes are not a step's time
-        except (KeyboardInterrupt, WorkerError) as error:
+        except (KeyboardInterrupt, WorkerError, BlownUp) as error:
             progress.close()
             kept = (
                 f"{trajectory} holds frames up to step {last_written}; continue with "

@@ -76,6 +76,7 @@ def summary(rows: list[dict], step_seconds: list[float], worker_timings, wall: f
     change = last["etotal_eV"] - first["etotal_eV"]
     return {
         "steps_run": len(step_seconds),
+        "logged_rows": len(rows),
         "last_step": last["step"],
         "wall_s": wall,
         "median_step_s": statistics.median(step_seconds) if step_seconds else 0.0,
@@ -99,7 +100,12 @@ def summary_table(result: dict) -> str:
             f"final {result['final_temperature_K']:.1f} K, "
             f"mean of logged {result['mean_temperature_K']:.1f} K",
         ),
-        ("total energy change", f"{result['total_energy_change_eV']:+.3e} eV over the logged rows"),
+        (
+            "total energy change",
+            f"{result['total_energy_change_eV']:+.3e} eV over the logged rows"
+            if result["logged_rows"] > 1
+            else "– (one logged row)",
+        ),
         ("graphs", f"{result['graph_builds']} built, {result['graph_reuses']} reused"),
         (
             "step time",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distmlip.cli.arguments import UsageError
+from distmlip.cli.arguments import UsageError, writable_path
 from distmlip.cli.output import json_only_stdout, print_json, table
 
 __all__ = ["relax", "residuals"]
@@ -32,14 +32,31 @@ def residuals(atoms, pressure_GPa: float = 0.0, cell: bool = False) -> tuple[flo
 
 def relax(args) -> int:
     from ase.io import write
+    from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
     from distmlip import DistributedCalculator
     from distmlip.cli.structures import load_structures
 
     output = Path(args.output or "relaxed.extxyz")
-    for path in (output, args.trajectory):
-        if path is not None and Path(path).exists() and not args.overwrite:
-            raise UsageError(f"{str(path)!r} exists; give --overwrite or another name")
+    for path, option in ((output, "--output"), (args.trajectory, "--trajectory")):
+        if path is not None:
+            writable_path(path, option)
+            if Path(path).exists() and not args.overwrite:
+                raise UsageError(f"{str(path)!r} exists; give --overwrite or another name")
+    if args.trajectory is not None and Path(args.trajectory).resolve() == output.resolve():
+        raise UsageError("--output and --trajectory name the same file")
+    try:
+        kind = filetype(str(output), read=False)
+        if kind not in ioformats or not ioformats[kind].can_write:
+            raise UnknownFileTypeError(kind)
+    except UnknownFileTypeError:
+        raise UsageError(
+            f"--output {str(output)!r}: ASE cannot tell the format from the name; use e.g. "
+            ".extxyz, .cif, .traj or POSCAR"
+        ) from None
+    if not args.cell and args.smax is not None:
+        raise UsageError("--smax applies with --cell")
+    args.smax = 0.1 if args.smax is None else args.smax
     if args.trajectory is not None and Path(args.trajectory).suffix != ".traj":
         raise UsageError("--trajectory: ASE's optimizers write .traj files; name it .traj")
     if not args.cell and args.pressure != 0:

@@ -16,6 +16,8 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from distmlip.cli.arguments import (
     UsageError,
     frame_index,
@@ -98,15 +100,41 @@ def _bulk_spec(text: str) -> BulkSpec:
                 f"({', '.join(CELL_SHAPES)})"
             ) from None
         if not 0 < a < 1e3:
-            raise argparse.ArgumentTypeError(f"{text!r}: lattice constant must be > 0 Å")
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: the lattice constant must be between 0 and 1000 Å"
+            )
     spec = BulkSpec(symbol, crystal, a, shape)
+    more = (
+        f"{crystal} needs lattice parameters the spec cannot give (b, c, α); build it with "
+        "ase.build.bulk and pass the file"
+    )
     try:  # ASE's own checks: unknown elements, missing lattice constants, impossible shapes
-        spec.build()
+        with np.errstate(all="ignore"):
+            atoms = spec.build()
+    except TypeError:  # a parameter ASE needs is None
+        raise argparse.ArgumentTypeError(f"{text!r}: {more}") from None
     except Exception as error:
         reason = str(error).strip().splitlines()
         reason = reason[0] if reason else type(error).__name__
         raise argparse.ArgumentTypeError(f"{text!r}: ase.build.bulk says: {reason}") from None
+    if not np.all(np.isfinite(atoms.cell[:])) or atoms.cell.volume <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: {more}")
     return spec
+
+
+def seed(text: str) -> int:
+    """A random seed numpy accepts: an integer in [0, 2**32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**32 - 1, got {text!r}")
+    return value
+
+
+MAX_ATOMS = 100_000_000
+"""More atoms than any run here could hold: --repeat beyond it is a typo, refused at once."""
 
 
 def structure_argument(text: str) -> Path | BulkSpec:
@@ -145,7 +173,7 @@ def add_structure_arguments(parser, optional: bool = False, index_default: str =
         help="Gaussian displacement of every coordinate, standard deviation in Å",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="random seed (rattle, and MD velocities)"
+        "--seed", type=seed, default=0, help="random seed (rattle, and MD velocities)"
     )
 
 
@@ -167,6 +195,12 @@ def load_structures(args, default_index=slice(None)) -> tuple[list, str]:
         index = default_index if args.index is None else args.index
         frames, description = read_frames(source, index), str(source)
     if args.repeat:
+        largest = max(len(atoms) for atoms in frames) * int(np.prod(args.repeat, dtype=float))
+        if largest > MAX_ATOMS:
+            raise UsageError(
+                f"--repeat {' '.join(map(str, args.repeat))} makes {largest:.3g} atoms "
+                f"(more than {MAX_ATOMS:,}); use smaller repeats"
+            )
         frames = [atoms.repeat(tuple(args.repeat)) for atoms in frames]
         description += " × " + "×".join(map(str, args.repeat))
     if args.rattle > 0:
