@@ -255,14 +255,10 @@ def _workers_of(process: psutil.Process) -> list[psutil.Process]:
     return [child for child in process.children() if is_worker(child)]
 
 
-def _interrupt_after(marker: str, command: list[str]) -> tuple[subprocess.Popen, str, str, list]:
-    """Start ``command`` in its own process group, wait for ``marker`` on its stdout, then
-    SIGINT the whole group (what Ctrl-C in a terminal does).
-
-    The command starts with SIGINT's default disposition, as from a terminal: a test run
-    launched as a background job of a non-interactive shell inherits SIGINT ignored, and
-    Python then installs no KeyboardInterrupt handler at all."""
-    driver = subprocess.Popen(
+def start_as_from_a_terminal(command: list[str]) -> subprocess.Popen:
+    """``command`` in its own process group (so a test can SIGINT the group, as Ctrl-C does),
+    with SIGINT's default disposition (see :func:`_interrupt_after`), output captured."""
+    return subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -270,6 +266,16 @@ def _interrupt_after(marker: str, command: list[str]) -> tuple[subprocess.Popen,
         start_new_session=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def _interrupt_after(marker: str, command: list[str]) -> tuple[subprocess.Popen, str, str, list]:
+    """Start ``command`` in its own process group, wait for ``marker`` on its stdout, then
+    SIGINT the whole group (what Ctrl-C in a terminal does).
+
+    The command starts with SIGINT's default disposition, as from a terminal: a test run
+    launched as a background job of a non-interactive shell inherits SIGINT ignored, and
+    Python then installs no KeyboardInterrupt handler at all."""
+    driver = start_as_from_a_terminal(command)
     seen = []
     for line in driver.stdout:
         seen.append(line)

@@ -14,7 +14,7 @@ import psutil
 import pytest
 from ase.build import bulk
 from ase.io import read
-from test_interrupts import is_worker
+from test_interrupts import is_worker, start_as_from_a_terminal
 from test_launch import assert_all_gone
 
 from distmlip import DistributedCalculator
@@ -295,14 +295,7 @@ def test_bad_md_and_relax_command_lines(tmp_path, capsys, monkeypatch, argv, mes
 
 
 def _run_until_frames(command: list[str], trajectory, frames: int) -> subprocess.Popen:
-    driver = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    driver = start_as_from_a_terminal(command)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and driver.poll() is None:
         if trajectory.exists() and trajectory.read_text().count("Lattice=") >= frames:

@@ -19,6 +19,7 @@ __all__ = [
     "frame_index",
     "output_directory",
     "writable_path",
+    "worker_calculator",
     "timeout_seconds",
 ]
 
@@ -162,3 +163,21 @@ def frame_index(text: str):
             f"must be a frame number or a slice such as 0, -1, 2:10 or ':', got {text!r}"
         )
     return index
+
+
+def worker_calculator(args, **options):
+    """The DistributedCalculator of a command's worker options (``--model``, ``--nprocs``,
+    ``--partitioner``, ``--device``, ``--backend``, ``--dtype``, ``--checkpoint``,
+    ``--timeout``); ``options`` add to or replace them."""
+    from distmlip import DistributedCalculator
+
+    settings = dict(
+        nprocs=args.nprocs,
+        partitioner=args.partitioner,
+        device=args.device,
+        backend=args.backend,
+        dtype=args.dtype,
+        checkpoint=args.checkpoint,
+        timeout=args.timeout,
+    )
+    return DistributedCalculator(args.model, **{**settings, **options})

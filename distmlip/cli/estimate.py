@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from distmlip.cli.arguments import UsageError
+from distmlip.cli.arguments import UsageError, worker_calculator
 
 __all__ = ["estimate"]
 
@@ -53,7 +53,6 @@ def _print(result, args, source: str, seconds: float) -> None:
 
 
 def estimate(args) -> int:
-    from distmlip import DistributedCalculator
     from distmlip.cli.structures import load_structures
 
     frames, source = load_structures(args, default_index=-1)
@@ -68,16 +67,8 @@ def estimate(args) -> int:
                 f"{len(atoms)} atoms"
             )
     start = time.perf_counter()
-    with DistributedCalculator(
-        args.model,
-        nprocs=args.calibration_nprocs,
-        partitioner=args.partitioner,
-        device=args.device,
-        backend=args.backend,
-        checkpoint=args.checkpoint,
-        dtype=args.dtype,
-        timeout=args.timeout,
-        memory_limit=args.memory_limit,
+    with worker_calculator(
+        args, nprocs=args.calibration_nprocs, memory_limit=args.memory_limit
     ) as calc:
         result = calc.estimate_memory(
             atoms, nprocs=args.nprocs, calibration_atoms=args.calibration_atoms

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distmlip.cli.arguments import UsageError, writable_path
+from distmlip.cli.arguments import UsageError, worker_calculator, writable_path
 from distmlip.cli.output import json_only_stdout, print_json
 
 __all__ = ["md", "SETTING_DEFAULTS"]
@@ -275,7 +275,7 @@ def _run(args, settings, atoms, first_step, first_time, state, appending, trajec
     """The MD loop; returns the records, or an exit status after an interruption or failure."""
     from tqdm import tqdm
 
-    from distmlip import DistributedCalculator, WorkerError
+    from distmlip import WorkerError
     from distmlip.cli.md_summary import progress_line, thermo_row
     from distmlip.dynamics import dynamics_state, make_dynamics, restore_dynamics_state
     from distmlip.trajectory import FrameWriter, ThermoLog, interrupts_deferred, save_state
@@ -286,19 +286,7 @@ def _run(args, settings, atoms, first_step, first_time, state, appending, trajec
     last_written = first_step if args.restart is not None else None
     warned: list[int] = []
     with contextlib.ExitStack() as stack:
-        calc = stack.enter_context(
-            DistributedCalculator(
-                args.model,
-                nprocs=args.nprocs,
-                partitioner=args.partitioner,
-                device=args.device,
-                backend=args.backend,
-                dtype=args.dtype,
-                timeout=args.timeout,
-                skin=args.skin,
-                checkpoint=args.checkpoint,
-            )
-        )
+        calc = stack.enter_context(worker_calculator(args, skin=args.skin))
         direct = getattr(calc.model, "direct_forces", False)
         if settings.ensemble == "npt" and direct:
             raise UsageError(f"--ensemble npt needs the stress; {args.model} has none")

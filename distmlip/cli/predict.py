@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from distmlip.cli.arguments import UsageError
+from distmlip.cli.arguments import UsageError, worker_calculator
 from distmlip.cli.output import json_only_stdout, print_json, table
 
 __all__ = ["predict", "read_frames", "GPA_PER_EV_PER_A3"]
@@ -113,7 +113,6 @@ def _frames(args) -> tuple[list, str]:
 
 
 def predict(args) -> int:
-    from distmlip import DistributedCalculator
 
     frames, source = _frames(args)
     start = time.perf_counter()
@@ -122,16 +121,7 @@ def predict(args) -> int:
     streaming = not args.json and len(frames) > 1
     with (
         json_only_stdout(args.json),
-        DistributedCalculator(
-            args.model,
-            nprocs=args.nprocs,
-            partitioner=args.partitioner,
-            device=args.device,
-            backend=args.backend,
-            checkpoint=args.checkpoint,
-            dtype=args.dtype,
-            timeout=args.timeout,
-        ) as calc,
+        worker_calculator(args) as calc,
     ):
         startup = time.perf_counter() - start
         if streaming:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distmlip.cli.arguments import UsageError, writable_path
+from distmlip.cli.arguments import UsageError, worker_calculator, writable_path
 from distmlip.cli.output import json_only_stdout, print_json, table
 
 __all__ = ["relax", "residuals"]
@@ -34,7 +34,6 @@ def relax(args) -> int:
     from ase.io import write
     from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
-    from distmlip import DistributedCalculator
     from distmlip.cli.structures import load_structures
 
     output = Path(args.output or "relaxed.extxyz")
@@ -70,16 +69,7 @@ def relax(args) -> int:
     with (
         warnings.catch_warnings(),
         json_only_stdout(args.json),
-        DistributedCalculator(
-            args.model,
-            nprocs=args.nprocs,
-            partitioner=args.partitioner,
-            device=args.device,
-            backend=args.backend,
-            dtype=args.dtype,
-            timeout=args.timeout,
-            checkpoint=args.checkpoint,
-        ) as calc,
+        worker_calculator(args) as calc,
     ):
         # FrechetCellFilter's matrix logarithm warns at round-off level (errors ~1e-13).
         warnings.filterwarnings("ignore", message="logm result may be inaccurate")
