@@ -63,12 +63,15 @@ def test_nve_energy_drift_is_the_same_size_with_two_workers(nve_runs):
     assert 0.5 < drifts[2] / drifts[1] < 2.0
 
 
-def test_owners_are_reassigned_at_every_graph_build():
+@pytest.mark.parametrize("partitioner", ["slab", "rcb"])
+def test_owners_are_reassigned_at_every_graph_build(partitioner):
     """Hot atoms cross partition boundaries; each rebuild partitions the current positions,
     so the owned atoms per worker stay within one of each other."""
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(3)
     initial_velocities(atoms, 3000.0, seed=0)
-    with DistributedCalculator("reference", nprocs=3, dtype="float64", skin=0.4) as calc:
+    with DistributedCalculator(
+        "reference", nprocs=3, partitioner=partitioner, dtype="float64", skin=0.4
+    ) as calc:
         atoms.calc = calc
         dynamics = make_dynamics(atoms, MDSettings("nve", timestep_fs=2.0))
         builds, changed = 0, 0
@@ -77,7 +80,7 @@ def test_owners_are_reassigned_at_every_graph_build():
             structure = Structure.from_ase(atoms)
             if calc.graph_builds > builds:  # this step built a graph
                 builds = calc.graph_builds
-                expected = partition(structure, 3, "slab", calc.model.cutoff)
+                expected = partition(structure, 3, partitioner, calc.model.cutoff)
                 np.testing.assert_array_equal(calc.last_owners, expected)
                 if first_owners is None:
                     first_owners = calc.last_owners.copy()

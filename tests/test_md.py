@@ -95,7 +95,9 @@ SETTINGS = ["--temperature", "450", "--timestep", "2", "--seed", "7"]
     [
         ["--ensemble", "nvt", "--friction", "0.05"],
         ["--ensemble", "nvt", "--thermostat", "nose-hoover", "--tdamp", "30"],
+        ["--ensemble", "npt", "--pressure", "2", "--tdamp", "30", "--pdamp", "60"],
     ],
+    ids=["langevin", "nose-hoover", "mtk-npt"],
 )
 def test_restart_continues_the_step_count_and_the_trajectory(tmp_path, ensemble, capsys):
     """Stopped at step 10 and restarted to 20 equals one run to 20: the thermostat state, the
@@ -112,6 +114,7 @@ def test_restart_continues_the_step_count_and_the_trajectory(tmp_path, ensemble,
     assert [f.info["step"] for f in part] == [5, 10, 15, 20]
     assert [f.info["time_fs"] for f in part] == [10.0, 20.0, 30.0, 40.0]
     for a, b in zip(whole, part, strict=True):
+        np.testing.assert_allclose(b.cell[:], a.cell[:], rtol=0, atol=1e-12)
         np.testing.assert_allclose(b.positions, a.positions, rtol=0, atol=1e-12)
         np.testing.assert_allclose(b.get_momenta(), a.get_momenta(), rtol=0, atol=1e-12)
     log = thermo(tmp_path / "part.log")
