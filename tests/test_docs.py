@@ -44,3 +44,15 @@ def test_model_page_accuracy_tables_are_the_scripts_output(model):
     tables = generated[generated.index("## float64") : generated.index("\nWritten by")].strip()
     page = (DOCS / f"{model}.md").read_text()
     assert tables.replace("## ", "### ") in page
+
+
+def test_md_page_stability_study_is_the_scripts_output():
+    """docs/md.md shows the tables benchmarks/md_stability.py wrote (≥ 10,000 CHGNet steps)."""
+    generated = (DOCS / "benchmarks" / "md_stability.md").read_text()
+    body = generated[generated.index("\n\n") : generated.index("![energy drift]")].strip()
+    assert body in (DOCS / "md.md").read_text()
+    import json
+
+    study = json.loads((DOCS / "benchmarks" / "md_stability.json").read_text())
+    assert study["settings"]["model"] == "chgnet" and study["settings"]["steps"] >= 10_000
+    assert set(study["runs"]) == {"1", "2"} and study["runs"]["1"]["atoms"] >= 200

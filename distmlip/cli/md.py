@@ -372,7 +372,7 @@ def _run(args, settings, atoms, first_step, first_time, state, appending, trajec
                 if progress.disable:
                     print(progress_line(row, args.steps), file=sys.stderr, flush=True)
                 clock = time.perf_counter()  # the writes are not a step's time
-        except (KeyboardInterrupt, WorkerError, BlownUp) as error:
+        except (KeyboardInterrupt, WorkerError, ValueError) as error:  # ValueError: bad atoms
             progress.close()
             kept = (
                 f"{trajectory} holds frames up to step {last_written}; continue with "
