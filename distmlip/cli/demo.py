@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 
+from distmlip.cli.arguments import worker_calculator
 from distmlip.cli.output import table
 from distmlip.systems import crystal
 
@@ -20,7 +21,6 @@ def demo(args) -> int:
     from ase.md.verlet import VelocityVerlet
     from tqdm import tqdm
 
-    from distmlip import DistributedCalculator
     from distmlip.dynamics import maxwell_boltzmann
 
     # GaAs: four bonds per atom inside CHGNet's 3 Å bond cutoff keep the angle count (the
@@ -28,22 +28,13 @@ def demo(args) -> int:
     atoms = crystal("gaas", repeat=args.size, rattle=0.02, seed=0)
     maxwell_boltzmann(atoms, args.temperature, np.random.default_rng(0), exact=True)
     start_structure = atoms.copy()
-    settings = dict(
-        device=args.device,
-        backend=args.backend,
-        dtype=args.dtype,
-        timeout=args.timeout,
-        checkpoint=args.checkpoint,
-    )
     rows = [
         ("structure", f"{atoms.get_chemical_formula()} zincblende ({len(atoms)} atoms)"),
         ("model", f"{args.model} ({args.dtype})"),
         ("workers", f"{args.nprocs} × {args.device}, partitioner {args.partitioner}"),
     ]
     report: dict = {"atoms": len(atoms), "model": args.model, "nprocs": args.nprocs, "steps": []}
-    with DistributedCalculator(
-        args.model, nprocs=args.nprocs, partitioner=args.partitioner, skin=args.skin, **settings
-    ) as calc:
+    with worker_calculator(args, skin=args.skin) as calc:
         atoms.calc = calc
         dynamics = VelocityVerlet(atoms, timestep=args.timestep * units.fs)
         start = time.perf_counter()
@@ -92,7 +83,7 @@ def demo(args) -> int:
         graph_reuses=graphs[1],
     )
     if args.compare:
-        with DistributedCalculator(args.model, nprocs=1, **settings) as single:
+        with worker_calculator(args, nprocs=1) as single:
             reference = start_structure.copy()
             reference.calc = single
             start = time.perf_counter()

@@ -7,10 +7,9 @@ import statistics
 import numpy as np
 
 from distmlip.cli.output import table
+from distmlip.cli.predict import GPA_PER_EV_PER_A3
 
 __all__ = ["thermo_row", "step_breakdown", "summary", "summary_table", "progress_line"]
-
-GPA_PER_EV_PER_A3 = 160.21766208
 
 
 def thermo_row(atoms, results: dict, step: int, time_fs: float, seconds: float, calc) -> dict:

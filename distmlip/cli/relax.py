@@ -11,10 +11,9 @@ import numpy as np
 
 from distmlip.cli.arguments import UsageError, worker_calculator, writable_path
 from distmlip.cli.output import json_only_stdout, print_json, table
+from distmlip.cli.predict import GPA_PER_EV_PER_A3
 
 __all__ = ["relax", "residuals"]
-
-GPA_PER_EV_PER_A3 = 160.21766208
 
 
 def residuals(atoms, pressure_GPa: float = 0.0, cell: bool = False) -> tuple[float, float]:
