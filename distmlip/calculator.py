@@ -52,7 +52,11 @@ class DistributedCalculator(Calculator):
     Args:
         model: a :class:`~distmlip.models.base.DistributedModel` or a model name
             (``"reference"``).
-        nprocs: number of worker processes P (1 runs the same code without communication).
+        nprocs: number of worker processes P (1 runs the same code without communication;
+            default 2). In a job started by torchrun or srun every rank is one worker, so
+            ``nprocs`` is the job's world size (leave it out): rank 0 drives, and on every
+            other rank this constructor serves rank 0 until it closes, then exits the process
+            (docs/multinode.md). ``DISTMLIP_LAUNCH=local`` ignores the launcher.
         partitioner: ``"slab"``, ``"rcb"`` or ``"metis"``.
         device: ``"cpu"`` or ``"cuda"`` (one GPU per worker with NCCL).
         backend: ``"auto"`` (default: NCCL on ``"cuda"``, gloo on ``"cpu"``), ``"nccl"``, or
@@ -118,7 +122,7 @@ class DistributedCalculator(Calculator):
         self,
         model="reference",
         *,
-        nprocs: int = 2,
+        nprocs: int | None = None,
         partitioner: str = "slab",
         device: str = "cpu",
         backend: str = "auto",
@@ -134,9 +138,24 @@ class DistributedCalculator(Calculator):
         trace: bool = False,
         **kwargs,
     ):
+        from distmlip.cluster import detect_launch
+
+        launch = detect_launch()
+        local_workers = None
+        if launch is None:
+            nprocs = 2 if nprocs is None else nprocs
+        elif nprocs is not None and nprocs != launch.world_size:
+            raise ValueError(
+                f"nprocs={nprocs}, but this {launch.source} job has {launch.world_size} ranks "
+                "and each rank is one worker: leave nprocs out (or set DISTMLIP_LAUNCH=local "
+                "for workers of this process only)"
+            )
+        else:
+            nprocs, local_workers = launch.world_size, launch.local_world_size
         # Every option is checked before the model loads or a worker starts.
         options = WorkerOptions(
             nprocs=nprocs,
+            local_workers=local_workers,
             device=device,
             backend=backend,
             dtype=dtype,
@@ -176,7 +195,11 @@ class DistributedCalculator(Calculator):
             for name in getattr(self.model, "site_properties", ())
             if name not in type(self).implemented_properties
         ]
-        self.pool = WorkerPool(self.model, options, graph_options)
+        if launch is not None and launch.rank > 0:
+            from distmlip.cluster import serve
+
+            serve(self.model, launch, options)  # exits the process
+        self.pool = WorkerPool(self.model, options, graph_options, launch=launch)
         self.last_timings: list[dict[str, float]] = []
         self.last_stats: list[dict[str, int]] = []
         self.last_traces: list = []

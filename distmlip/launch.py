@@ -32,6 +32,7 @@ import sys
 import threading
 import time
 import weakref
+from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 
 from distmlip.delta import StructureSender, resend_if_stale
@@ -42,8 +43,9 @@ from distmlip.environment import (  # noqa: F401  (re-exported)
 )
 from distmlip.errors import WorkerError
 from distmlip.exchange import StructureRejected
-from distmlip.memory import KILLED_HINT, reply_error
+from distmlip.memory import reply_error
 from distmlip.options import GraphOptions, WorkerOptions
+from distmlip.processes import RemoteProcess, Workers
 from distmlip.worker import STARTUP_ID, STARTUP_TIMEOUT, EvaluationRequest, WorkerConfig
 
 __all__ = ["WorkerPool", "WorkerError", "WorkerOptions", "collect_replies"]
@@ -109,73 +111,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class _Processes:
-    """Worker processes and their sockets. :meth:`stop` is idempotent, so one interrupted by a
-    signal is simply run again."""
-
-    def __init__(self):
-        self.processes: list[subprocess.Popen] = []
-        self.connections: list[Connection] = []
-        self.owner_pid = os.getpid()
-
-    def stop(self, grace: float) -> None:
-        """Ask idle workers to leave, wait ``grace`` s, kill the rest, reap all."""
-        if os.getpid() != self.owner_pid:
-            # A forked copy of the driver: the workers are its parent's; only drop our sockets.
-            for connection in self.connections:
-                connection.close()
-            return
-        if grace > 0:
-            for connection in self.connections:
-                try:
-                    connection.send(("stop", STARTUP_ID, None))
-                except (OSError, ValueError):
-                    pass
-            deadline = time.monotonic() + grace
-            for process in self.processes:
-                try:
-                    process.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
-        for process in self.processes:
-            if process.poll() is None:
-                process.kill()
-        for process in self.processes:
-            process.wait()
-        for connection in self.connections:
-            connection.close()
-
-    def _status(self, rank: int) -> str:
-        try:
-            import psutil
-
-            return psutil.Process(self.processes[rank].pid).status()
-        except Exception:  # psutil missing, or the process vanished just now
-            return "unknown"
-
-    def in_trouble(self, rank: int) -> bool:
-        """Worker ``rank`` has exited or is stopped."""
-        return self.processes[rank].poll() is not None or self._status(rank) == "stopped"
-
-    def describe(self, rank: int, closed: bool = False) -> str:
-        """What is wrong with worker ``rank``, as far as the operating system can tell
-        (``closed``: its socket closed, so it is exiting: wait a moment for its exit code)."""
-        process = self.processes[rank]
-        if closed:
-            try:
-                process.wait(2.0)
-            except subprocess.TimeoutExpired:
-                pass
-        code = process.poll()
-        if code is not None:
-            hint = KILLED_HINT if code == -9 else ""  # the kernel's out-of-memory killer?
-            return f"worker {rank} (pid {process.pid}) died with exit code {code}{hint}"
-        status = self._status(rank)
-        if status == "stopped":
-            return f"worker {rank} (pid {process.pid}) is stopped (SIGSTOP or Ctrl-Z)"
-        return f"worker {rank} (pid {process.pid}) is {status}"
-
-
 _LIVE_POOLS: weakref.WeakSet = weakref.WeakSet()
 
 
@@ -196,7 +131,13 @@ class WorkerPool:
         graph_options: :class:`GraphOptions` (partitioner, halo mode, skin).
     """
 
-    def __init__(self, model, options: WorkerOptions, graph_options: GraphOptions | None = None):
+    def __init__(
+        self,
+        model,
+        options: WorkerOptions,
+        graph_options: GraphOptions | None = None,
+        launch=None,
+    ):
         self.options = options
         self.graph_options = graph_options or GraphOptions()
         self.nprocs = options.nprocs
@@ -204,12 +145,22 @@ class WorkerPool:
         self.threads = options.threads
         self._model_bytes = pickle.dumps(model)
         self._lock = threading.RLock()
-        self._workers: _Processes | None = None
+        self._workers: Workers | None = None
         self._finalizer = None
         self._state = "stopped"  # → starting → ready ⇄ busy; anything else → stopping → stopped
         self._request_id = STARTUP_ID
         self.resident = self.graph_options.resident_on(options.device)
         self._sender = StructureSender()  # positions-only requests (distmlip.delta)
+        # A torchrun/SLURM job (distmlip.cluster): worker 0 is our child, the others are the
+        # job's other ranks, met once; they cannot be restarted.
+        self.launch = launch
+        self._rendezvous = None
+        self._identity = None
+        if launch is not None:
+            from distmlip.cluster import DriverRendezvous, identity
+
+            self._identity = identity(model)
+            self._rendezvous = DriverRendezvous(launch, options.timeout)
 
     @property
     def running(self) -> bool:
@@ -226,9 +177,15 @@ class WorkerPool:
         with self._lock:
             if self._state == "ready":
                 return
+            if self.launch is not None and self._rendezvous is None:
+                raise WorkerError(
+                    f"the workers on the job's other ranks ({self.launch.source}) stopped when "
+                    "this calculator was closed or a call failed, and cannot be restarted: one "
+                    "calculator per job; start the job again"
+                )
             for attempt in range(PORT_ATTEMPTS):
                 self._discard(grace=0.0)
-                workers = self._workers = _Processes()
+                workers = self._workers = Workers()
                 self._finalizer = weakref.finalize(self, workers.stop, STOP_GRACE)
                 self._state = "starting"
                 _LIVE_POOLS.add(self)
@@ -240,7 +197,8 @@ class WorkerPool:
                     self._discard(grace=0.0)
                     # The rendezvous port was free when chosen, but another process took it
                     # before rank 0 listened on it: start again on a new port.
-                    if "EADDRINUSE" in str(error) and attempt + 1 < PORT_ATTEMPTS:
+                    retry = self.launch is None and attempt + 1 < PORT_ATTEMPTS
+                    if "EADDRINUSE" in str(error) and retry:
                         continue
                     raise
                 except BaseException:
@@ -249,51 +207,74 @@ class WorkerPool:
                 self._state = "ready"
                 return
 
-    def _spawn(self, workers: _Processes) -> None:
+    def _spawn(self, workers: Workers) -> None:
+        if self.launch is None:
+            init = {"init_method": f"tcp://127.0.0.1:{_free_port()}"}
+            for rank in range(self.nprocs):
+                self._start_local(workers, rank, rank, init)
+            return
+        rendezvous, self._rendezvous = self._rendezvous, None  # once: remote ranks serve once
+        init = {"init_method": "", "store": rendezvous.group_store}
+        local_rank = self.launch.local_rank
+        self._start_local(workers, 0, local_rank, init)
+        for rank, (connection, hello) in sorted(rendezvous.accept(self._identity).items()):
+            workers.processes.append(
+                RemoteProcess(connection, hello["pid"], hello["host"], hello["node"])
+            )
+            workers.connections.append(connection)
+            connection.send(("config", self._config(rank, init, cores=())))
+
+    def _config(self, rank: int, init: dict, cores: tuple) -> WorkerConfig:
         options = self.options
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
-        environment = worker_environment(options)
+        return WorkerConfig(
+            rank=rank,
+            world_size=self.nprocs,
+            device=options.device,
+            dtype=options.dtype,
+            timeout=self.timeout,
+            threads=self.threads,
+            parent_pid=os.getpid(),
+            cores=tuple(cores),
+            partitioner=self.graph_options.partitioner,
+            halo=self.graph_options.halo,
+            skin=self.graph_options.skin,
+            checkpoint=options.checkpoint,
+            backend=options.backend,
+            memory_limit=options.memory_limit,
+            resident=self.resident,
+            **init,
+        )
+
+    def _start_local(self, workers: Workers, rank: int, local_rank: int, init: dict) -> None:
+        """Start worker ``rank`` as a child process, on this machine's ``local_rank`` share."""
+        environment = worker_environment(self.options)
         available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        pin = len(available) >= self.nprocs * self.threads
+        local_workers = self.options.local_workers or self.nprocs
+        pin = len(available) >= local_workers * self.threads
         # PR_SET_PDEATHSIG would kill the workers when the starting thread ends.
         flags = [] if threading.current_thread() is threading.main_thread() else ["no-pdeathsig"]
-        for rank in range(self.nprocs):
-            parent_socket, child_socket = socket.socketpair()
-            try:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "distmlip._worker", str(child_socket.fileno()), *flags],
-                    pass_fds=[child_socket.fileno()],
-                    env=environment,
-                    stdin=subprocess.DEVNULL,
-                    # Own session: a Ctrl-C in the terminal reaches only the driver, which
-                    # stops the workers (no worker tracebacks, also while they import torch).
-                    start_new_session=True,
-                )
-            finally:
-                child_socket.close()
-            workers.processes.append(process)
-            connection = Connection(parent_socket.detach())
-            workers.connections.append(connection)
-            cores = available[rank * self.threads : (rank + 1) * self.threads] if pin else ()
-            config = WorkerConfig(
-                rank=rank,
-                world_size=self.nprocs,
-                init_method=init_method,
-                device=options.device,
-                dtype=options.dtype,
-                timeout=self.timeout,
-                threads=self.threads,
-                parent_pid=os.getpid(),
-                cores=tuple(cores),
-                partitioner=self.graph_options.partitioner,
-                halo=self.graph_options.halo,
-                skin=self.graph_options.skin,
-                checkpoint=options.checkpoint,
-                backend=options.backend,
-                memory_limit=options.memory_limit,
-                resident=self.resident,
+        parent_socket, child_socket = socket.socketpair()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "distmlip._worker", str(child_socket.fileno()), *flags],
+                pass_fds=[child_socket.fileno()],
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                # Own session: a Ctrl-C in the terminal reaches only the driver, which
+                # stops the workers (no worker tracebacks, also while they import torch).
+                start_new_session=True,
             )
-            connection.send((config, self._model_bytes))
+        finally:
+            child_socket.close()
+        workers.processes.append(process)
+        connection = Connection(parent_socket.detach())
+        workers.connections.append(connection)
+        threads = self.threads
+        cores = available[local_rank * threads : (local_rank + 1) * threads] if pin else ()
+        config = self._config(rank, init, cores)
+        if local_rank != rank:
+            config = replace(config, local_rank=local_rank)
+        connection.send((config, self._model_bytes))
 
     def _collect(self, request_id: int, what: str, timeout: float | None = None) -> list:
         """Replies to ``request_id``; on death, error or timeout stop the workers and raise."""

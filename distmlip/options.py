@@ -68,6 +68,9 @@ class WorkerOptions:
             its data segment is capped (Linux ``RLIMIT_DATA``) before the model loads, so a
             call that needs more raises :class:`~distmlip.OutOfMemoryError` instead of the
             kernel's out-of-memory killer ending the worker (:mod:`distmlip.memory`).
+        local_workers: workers on this machine, when ``nprocs`` spans several machines (a
+            torchrun/SLURM job, :mod:`distmlip.cluster`); None: all ``nprocs``. Sets the
+            default threads per worker and the GPUs needed here.
     """
 
     nprocs: int = 2
@@ -79,9 +82,14 @@ class WorkerOptions:
     backend: str = "auto"
     checkpoint: bool | int = False
     memory_limit: float | None = None
+    local_workers: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "nprocs", _positive_int("nprocs", self.nprocs))
+        if self.local_workers is not None:
+            local = _positive_int("local_workers", self.local_workers)
+            object.__setattr__(self, "local_workers", min(local, self.nprocs))
+        here = self.local_workers or self.nprocs
         if self.threads_per_worker is not None:
             threads = _positive_int("threads_per_worker", self.threads_per_worker)
             object.__setattr__(self, "threads_per_worker", threads)
@@ -128,11 +136,12 @@ class WorkerOptions:
             if not torch.cuda.is_available():
                 raise ValueError("device='cuda' but torch sees no GPU; use device='cpu'")
             gpus = torch.cuda.device_count()
-            if resolve_backend(self.device, self.backend) == "nccl" and self.nprocs > gpus:
+            if resolve_backend(self.device, self.backend) == "nccl" and here > gpus:
+                workers = f"nprocs={here}" if self.local_workers is None else f"{here} local"
                 raise ValueError(
-                    f"nprocs={self.nprocs} NCCL workers need one GPU each, but torch sees "
-                    f"{gpus}; use nprocs <= {gpus}, or backend='gloo' to let several workers "
-                    "share a GPU (slower: transfers go through host memory)"
+                    f"{workers} NCCL workers need one GPU each, but torch sees {gpus}; use "
+                    f"nprocs <= {gpus}, or backend='gloo' to let several workers share a GPU "
+                    "(slower: transfers go through host memory)"
                 )
         cores = os.cpu_count() or 1
         if (self.threads_per_worker or 1) > MAX_WORKERS_PER_CORE * cores:
@@ -140,15 +149,16 @@ class WorkerOptions:
                 f"threads_per_worker={self.threads_per_worker} is more than "
                 f"{MAX_WORKERS_PER_CORE} per core ({cores} cores here); use at most {cores}"
             )
-        if self.device == "cpu" and self.nprocs > MAX_WORKERS_PER_CORE * cores:
+        if self.device == "cpu" and here > MAX_WORKERS_PER_CORE * cores:
             raise ValueError(
-                f"nprocs={self.nprocs} is more than {MAX_WORKERS_PER_CORE} worker processes per "
+                f"nprocs={here} is more than {MAX_WORKERS_PER_CORE} worker processes per "
                 f"core ({cores} cores here); use nprocs <= {MAX_WORKERS_PER_CORE * cores}"
             )
 
     @property
     def threads(self) -> int:
-        return self.threads_per_worker or max(1, (os.cpu_count() or 1) // self.nprocs)
+        here = self.local_workers or self.nprocs
+        return self.threads_per_worker or max(1, (os.cpu_count() or 1) // here)
 
 
 HALO_MODES = ("exchange", "ghost")

@@ -3,7 +3,9 @@
 The driver (:mod:`distmlip.launch`) starts ``python -m distmlip._worker FD``. Messages on the
 socket are tuples ``(kind, request_id, payload)``:
 
-* driver → worker: ``("evaluate", id, pickled EvaluationRequest)``, ``("stop", 0, None)``;
+* driver → worker: ``("evaluate", id, pickled EvaluationRequest)``, ``("stop", 0, None)``,
+  and to a worker on another rank of a torchrun/SLURM job (:mod:`distmlip.cluster`)
+  ``("abort", 0, reason)`` when the driver ends the job after an error;
 * worker → driver: ``("ready", 0, pid)`` once after set-up, then per request
   ``("ok", id, WorkerResult)`` or ``("error", id, (summary, traceback))``.
 
@@ -34,7 +36,14 @@ from distmlip.memory import (
     out_of_memory_kind,
 )
 
-__all__ = ["EvaluationRequest", "WorkerConfig", "STARTUP_ID", "STARTUP_TIMEOUT", "worker_main"]
+__all__ = [
+    "EvaluationRequest",
+    "WorkerConfig",
+    "STARTUP_ID",
+    "STARTUP_TIMEOUT",
+    "worker_main",
+    "run_worker",
+]
 
 STARTUP_ID = 0
 """Request id of the ``ready`` message; evaluation requests count from 1."""
@@ -82,6 +91,11 @@ class WorkerConfig:
     """GB, or None (:func:`distmlip.memory.apply_memory_limit`)."""
     resident: bool = False
     """Per-call graph work in torch on the device (:mod:`distmlip.resident`)."""
+    store: tuple[str, int, str] | None = None
+    """``(host, port, prefix)``: form the process group through the TCP store of a
+    torchrun/SLURM job (:mod:`distmlip.cluster`) instead of ``init_method``."""
+    local_rank: int | None = None
+    """This worker's index on its machine (its GPU); None: ``rank``."""
 
 
 def error_summary(error: BaseException) -> str:
@@ -117,7 +131,8 @@ def _worker_device(config: WorkerConfig):
     import torch
 
     if config.device == "cuda":
-        local = config.rank % max(torch.cuda.device_count(), 1)
+        index = config.rank if config.local_rank is None else config.local_rank
+        local = index % max(torch.cuda.device_count(), 1)
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device(config.device)
@@ -135,6 +150,15 @@ def worker_main(connection: Connection, pdeathsig: bool = True) -> None:
         return
     if os.getppid() != config.parent_pid:
         os._exit(1)
+    run_worker(connection, config, lambda: pickle.loads(model_bytes))
+
+
+def run_worker(connection: Connection, config: WorkerConfig, load_model) -> str:
+    """Set up (threads, device, ``load_model()``, process group), say ``ready``, then serve.
+
+    Returns how it ended: ``"stop"`` (the driver closed), ``"abort"`` (the driver ended the
+    job after an error), ``"lost"`` (the driver's socket closed) or ``"failed"`` (set-up
+    failed; the driver was told why)."""
     os.environ["OMP_NUM_THREADS"] = str(config.threads)
     import torch
     import torch.distributed as dist
@@ -149,7 +173,7 @@ def worker_main(connection: Connection, pdeathsig: bool = True) -> None:
         apply_memory_limit(config.memory_limit)  # before the model loads
         device = _worker_device(config)
         dtype = getattr(torch, config.dtype)
-        model = pickle.loads(model_bytes)
+        model = load_model()
         model = model.to(device=device, dtype=dtype).eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
@@ -160,27 +184,34 @@ def worker_main(connection: Connection, pdeathsig: bool = True) -> None:
 
             warm_up()
         if config.world_size > 1:
+            # Start-up (importing torch, rendezvous) can be slow on a loaded machine; each
+            # exchange still waits at most `config.timeout` (see distmlip.comm).
+            timeout = datetime.timedelta(seconds=max(config.timeout, STARTUP_TIMEOUT))
+            if config.store is None:
+                meeting = {"init_method": config.init_method}
+            else:
+                host, port, prefix = config.store
+                job = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+                meeting = {"store": dist.PrefixStore(prefix, job)}
             dist.init_process_group(
                 backend=resolve_backend(device.type, config.backend),
-                init_method=config.init_method,
                 rank=config.rank,
                 world_size=config.world_size,
-                # Start-up (importing torch, rendezvous) can be slow on a loaded machine; each
-                # exchange still waits at most `config.timeout` (see distmlip.comm).
-                timeout=datetime.timedelta(seconds=max(config.timeout, STARTUP_TIMEOUT)),
+                timeout=timeout,
+                **meeting,
             )
         connection.send(("ready", STARTUP_ID, os.getpid()))
     except Exception as error:
         connection.send(("error", STARTUP_ID, _failure(error, config, None, "starting")))
-        return
+        return "failed"
     try:
-        _serve(config, model, device, dtype, connection)
+        return _serve(config, model, device, dtype, connection)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> None:
+def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> str:
     from distmlip import trace
     from distmlip.builders import graph_builder
     from distmlip.delta import Moved, StructureStore
@@ -195,10 +226,10 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
     while True:
         try:
             command, request_id, payload = connection.recv()
-        except EOFError:  # the driver is gone
-            return
-        if command == "stop":
-            return
+        except (EOFError, OSError):  # the driver is gone (or, remote, the network failed)
+            return "lost"
+        if command in ("stop", "abort"):
+            return command
         try:
             sizes.clear()
             peaks.start()

@@ -81,7 +81,11 @@ def _device_options(parser, dtype: str) -> None:
 
 def _worker_options(parser, dtype: str, timeout: float) -> None:
     """The options of commands that run one calculator: P, partitioner, device, dtype, timeout."""
-    parser.add_argument("--nprocs", type=positive_int, default=2, help="worker processes P")
+    parser.add_argument(
+        "--nprocs",
+        type=positive_int,
+        help="worker processes P (default: 2; under torchrun or srun, the job's ranks)",
+    )
     parser.add_argument(
         "--partitioner",
         default="slab",
@@ -397,17 +401,60 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]} (DISTMLIP_TRACEBACK=1 shows the traceback)"
 
 
+LAUNCHED_COMMANDS = ("predict", "md", "relax")
+"""Commands that run under torchrun/SLURM: one calculator, every rank one of its workers."""
+
+
+def _launched(args, launch) -> None:
+    """Fit the command line to a torchrun/SLURM job: P is the world size; ranks other than 0
+    become workers here and exit (they read no input and write nothing)."""
+    command = args.handler.split(":")[0].rsplit(".", 1)[-1]
+    if command not in LAUNCHED_COMMANDS:
+        raise UsageError(
+            f"`distmlip {command}` runs in one process; under {launch.source} run "
+            f"{', '.join(LAUNCHED_COMMANDS)} (or set DISTMLIP_LAUNCH=local)"
+        )
+    if args.nprocs is not None and args.nprocs != launch.world_size:
+        raise UsageError(
+            f"--nprocs {args.nprocs}, but this {launch.source} job has {launch.world_size} "
+            "ranks, each one worker: leave --nprocs out"
+        )
+    args.nprocs = launch.world_size
+    if launch.rank > 0:
+        from distmlip.cli.arguments import worker_calculator
+
+        worker_calculator(args)  # serves rank 0, then exits the process
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    launch = None
     try:
+        from distmlip.cluster import detect_launch
+
+        launch = detect_launch()
         args = _parser().parse_args(argv)
+        if launch is not None:
+            _launched(args, launch)
+        elif getattr(args, "nprocs", 0) is None:
+            args.nprocs = 2
         return _handler(args.handler)(args)
     except UsageError as error:
-        return _error(str(error), 2)
+        return _failed(launch, str(error), 2)
     except KeyboardInterrupt:
         print("distmlip: interrupted", file=sys.stderr)
         return 130
     except Exception as error:
         if os.environ.get("DISTMLIP_TRACEBACK"):
             raise
-        return _error(_one_line(error), 1)
+        return _failed(launch, _one_line(error), 1)
+
+
+def _failed(launch, message: str, status: int) -> int:
+    """One line on stderr; in a launched job, rank 0's failure also tells the other ranks."""
+    if launch is not None:
+        from distmlip.cluster import report_failure
+
+        report_failure(launch, message)
+        message = f"rank {launch.rank}: {message}" if launch.rank else message
+    return _error(message, status)

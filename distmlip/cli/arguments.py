@@ -103,9 +103,23 @@ def model_argument(text: str) -> str:
     )
 
 
+def _serving_rank() -> bool:
+    """A rank other than 0 of a torchrun/SLURM job: it reads no input (rank 0 does, and the
+    file may exist on rank 0's machine only)."""
+    from distmlip.cluster import detect_launch
+
+    try:
+        launch = detect_launch()
+    except ValueError:
+        return False
+    return launch is not None and launch.rank > 0
+
+
 def structure_file(text: str) -> Path:
     """An existing, non-empty file (its contents are read, and checked, by the job)."""
     path = Path(text)
+    if _serving_rank():
+        return path
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a structure file")
     if not path.exists():

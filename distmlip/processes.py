@@ -1,0 +1,139 @@
+"""The driver's handles on its workers: local child processes, and remote ranks of a
+torchrun/SLURM job (:mod:`distmlip.cluster`), each with its socket to the driver."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from multiprocessing.connection import Connection
+
+from distmlip.memory import KILLED_HINT
+from distmlip.worker import STARTUP_ID
+
+__all__ = ["Workers", "RemoteProcess"]
+
+
+class RemoteProcess:
+    """A worker that another rank of the job runs (maybe on another machine): the driver
+    cannot signal or reap it, only talk to it. ``kill`` sends ``abort`` (the rank exits 1);
+    ``poll`` is 1 once its socket is closed (it died, or its node or the network failed)."""
+
+    def __init__(self, connection: Connection, pid: int, host: str, node: int):
+        self.connection, self.pid, self.host, self.node = connection, pid, host, node
+        self._lost = False
+
+    def poll(self) -> int | None:
+        if not self._lost:
+            try:
+                probe = socket.socket(fileno=os.dup(self.connection.fileno()))
+            except (OSError, ValueError):  # our end is closed already
+                return 1
+            try:
+                # Nothing to read but a closed (b"") or reset socket: the rank is gone.
+                self._lost = probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._lost = True
+            finally:
+                probe.close()
+        return 1 if self._lost else None
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.poll()
+
+    def kill(self, reason: str = "the driver (rank 0) ended the job after an error") -> None:
+        try:
+            self.connection.send(("abort", STARTUP_ID, reason))
+        except (OSError, ValueError):
+            pass
+
+    def describe(self, rank: int) -> str:
+        where = f"pid {self.pid} on {self.host}, node {self.node}"
+        if self.poll() is not None:
+            return (
+                f"worker {rank} ({where}) closed its connection: it died, or its node or the "
+                "network failed"
+            )
+        return f"worker {rank} ({where}) is connected"
+
+
+class Workers:
+    """Worker processes (``subprocess.Popen`` or :class:`RemoteProcess`) and their sockets,
+    by rank. :meth:`stop` is idempotent, so one interrupted by a signal is simply run again."""
+
+    def __init__(self):
+        self.processes: list[subprocess.Popen | RemoteProcess] = []
+        self.connections: list[Connection] = []
+        self.owner_pid = os.getpid()
+
+    def stop(self, grace: float) -> None:
+        """Ask idle workers to leave, wait ``grace`` s, kill the rest, reap all (remote ranks:
+        ``stop`` when idle, else ``abort``; they exit themselves)."""
+        if os.getpid() != self.owner_pid:
+            # A forked copy of the driver: the workers are its parent's; only drop our sockets.
+            for connection in self.connections:
+                connection.close()
+            return
+        if grace > 0:
+            for connection in self.connections:
+                try:
+                    connection.send(("stop", STARTUP_ID, None))
+                except (OSError, ValueError):
+                    pass
+            deadline = time.monotonic() + grace
+            for process in self.processes:
+                if isinstance(process, subprocess.Popen):
+                    try:
+                        process.wait(max(0.0, deadline - time.monotonic()))
+                    except subprocess.TimeoutExpired:
+                        pass
+        else:
+            for process in self.processes:
+                if isinstance(process, RemoteProcess):
+                    process.kill()
+        for process in self.processes:
+            if isinstance(process, subprocess.Popen) and process.poll() is None:
+                process.kill()
+        for process in self.processes:
+            if isinstance(process, subprocess.Popen):
+                process.wait()
+        for connection in self.connections:
+            connection.close()
+
+    def _status(self, rank: int) -> str:
+        try:
+            import psutil
+
+            return psutil.Process(self.processes[rank].pid).status()
+        except Exception:  # psutil missing, or the process vanished just now
+            return "unknown"
+
+    def in_trouble(self, rank: int) -> bool:
+        """Worker ``rank`` has exited or is stopped (a remote one: its socket closed)."""
+        process = self.processes[rank]
+        if isinstance(process, RemoteProcess):
+            return process.poll() is not None
+        return process.poll() is not None or self._status(rank) == "stopped"
+
+    def describe(self, rank: int, closed: bool = False) -> str:
+        """What is wrong with worker ``rank``, as far as the operating system can tell
+        (``closed``: its socket closed, so it is exiting: wait a moment for its exit code)."""
+        process = self.processes[rank]
+        if isinstance(process, RemoteProcess):
+            return process.describe(rank)
+        if closed:
+            try:
+                process.wait(2.0)
+            except subprocess.TimeoutExpired:
+                pass
+        code = process.poll()
+        if code is not None:
+            hint = KILLED_HINT if code == -9 else ""  # the kernel's out-of-memory killer?
+            return f"worker {rank} (pid {process.pid}) died with exit code {code}{hint}"
+        status = self._status(rank)
+        if status == "stopped":
+            return f"worker {rank} (pid {process.pid}) is stopped (SIGSTOP or Ctrl-Z)"
+        return f"worker {rank} (pid {process.pid}) is {status}"
