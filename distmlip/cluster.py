@@ -334,13 +334,14 @@ class DriverRendezvous:
 
 
 def _mismatch(rank: int, hello: dict, own: dict) -> str:
+    theirs = hello["identity"]
     differ = [
-        f"{key} {hello['identity'].get(key)} vs {value}"
+        f"{key} {theirs.get(key)} on rank {rank}, {value} on rank 0"
         for key, value in own.items()
-        if hello["identity"].get(key) != value
+        if theirs.get(key) != value
     ]
     return (
-        f"rank {rank} (on {hello['host']}) runs a different model or installation than rank 0: "
+        f"rank {rank} (on {hello['host']}) was started with a different model or installation: "
         f"{'; '.join(differ)}; start every rank with the same command, model and versions"
     )
 

@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from dataclasses import replace
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 
 from distmlip.delta import StructureSender, resend_if_stale
 from distmlip.environment import (  # noqa: F401  (re-exported)
@@ -45,7 +45,13 @@ from distmlip.errors import WorkerError
 from distmlip.exchange import StructureRejected
 from distmlip.memory import reply_error
 from distmlip.options import GraphOptions, WorkerOptions
-from distmlip.processes import RemoteProcess, Workers
+from distmlip.processes import (  # noqa: F401  (collect_replies re-exported)
+    RemoteProcess,
+    Workers,
+    _NoAnswer,
+    _ReplyFailure,
+    collect_replies,
+)
 from distmlip.worker import STARTUP_ID, STARTUP_TIMEOUT, EvaluationRequest, WorkerConfig
 
 __all__ = ["WorkerPool", "WorkerError", "WorkerOptions", "collect_replies"]
@@ -56,53 +62,6 @@ PORT_ATTEMPTS = 3
 
 STOP_GRACE = 5.0
 """Seconds idle workers get to leave cleanly on :meth:`WorkerPool.close` before being killed."""
-
-
-class _ReplyFailure(Exception):
-    """Raised by :func:`collect_replies`: ``rank`` died (``report`` None) or raised."""
-
-    def __init__(self, rank: int, report: tuple[str, str] | None):
-        super().__init__(rank, report)
-        self.rank, self.report = rank, report
-
-
-class _NoAnswer(Exception):
-    def __init__(self, ranks: list[int]):
-        super().__init__(ranks)
-        self.ranks = ranks
-
-
-def collect_replies(connections: list[Connection], request_id: int, timeout: float) -> list:
-    """One payload per connection, from the replies that echo ``request_id``.
-
-    Replies to any other id answer an abandoned request and are discarded.
-
-    Raises:
-        _ReplyFailure: a worker's socket closed (it died) or it replied with an error.
-        _NoAnswer: some workers did not answer within ``timeout`` seconds.
-    """
-    payloads: list = [None] * len(connections)
-    pending = dict(enumerate(connections))
-    deadline = time.monotonic() + timeout
-    while pending:
-        ready = wait(list(pending.values()), timeout=max(deadline - time.monotonic(), 0))
-        if not ready:
-            raise _NoAnswer(sorted(pending))
-        for rank, connection in list(pending.items()):
-            if connection not in ready:
-                continue
-            try:
-                kind, reply_id, payload = connection.recv()
-            except Exception as error:  # EOF: died; anything else: an unreadable reply
-                report = None if isinstance(error, EOFError | OSError) else (repr(error), "")
-                raise _ReplyFailure(rank, report) from error
-            if reply_id != request_id:
-                continue
-            if kind == "error":
-                raise _ReplyFailure(rank, payload)
-            payloads[rank] = StructureRejected(payload) if kind == "rejected" else payload
-            del pending[rank]
-    return payloads
 
 
 def _free_port() -> int:
@@ -312,16 +271,22 @@ class WorkerPool:
                     "torch and the model alone take 0.25 GB or more; raise it)"
                 )
             self._discard(grace=0.0)
-            raise reply_error(what, rank, report, self.nprocs, message) from None
+            raise reply_error(what, rank, report, self.nprocs, message, self._after) from None
         except _NoAnswer as silence:
             states = "; ".join(workers.describe(rank) for rank in silence.ranks)
             self._discard(grace=0.0)
             raise WorkerError(
                 f"{what}: no answer from worker(s) {silence.ranks} within {timeout:g} s "
                 f"({states}). A worker may be stuck (stopped, deadlocked or swapping), or the "
-                "system needs more time: then increase `timeout`. All workers were stopped "
-                "and restart on the next call"
+                f"system needs more time: then increase `timeout`. {self._after.capitalize()}"
             ) from None
+
+    @property
+    def _after(self) -> str:
+        """What became of the workers after a failure."""
+        if self.launch is None:
+            return "all workers were stopped and restart on the next call"
+        return f"every rank of the {self.launch.source} job was stopped"
 
     def evaluate(self, structure, compute_forces: bool = True, trace: bool = False) -> list:
         """Send one structure to every worker; their :class:`~distmlip.engine.WorkerResult` s.

@@ -330,12 +330,20 @@ def out_of_memory_message(rank: int, report: dict, nprocs: int) -> str:
     )
 
 
-def reply_error(what: str, rank: int, report, nprocs: int, message: str):
+def reply_error(
+    what: str,
+    rank: int,
+    report,
+    nprocs: int,
+    message: str,
+    after: str = "all workers were stopped and restart on the next call",
+):
     """The driver's error for worker ``rank``'s failed reply (``report``: ``(summary,
-    traceback[, memory report])``, None if it died); ``message`` says what happened."""
+    traceback[, memory report])``, None if it died); ``message`` says what happened, ``after``
+    what became of the workers."""
     from distmlip.errors import OutOfMemoryError, WorkerError
 
-    tail = "; all workers were stopped and restart on the next call"
+    tail = f"; {after}"
     if report is not None and len(report) > 2:  # out of memory: say what to change
         text = f"{what}: {out_of_memory_message(rank, report[2], nprocs)}{tail}"
         return OutOfMemoryError(text, report[1], report[2])

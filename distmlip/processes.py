@@ -7,12 +7,60 @@ import os
 import socket
 import subprocess
 import time
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 
+from distmlip.exchange import StructureRejected
 from distmlip.memory import KILLED_HINT
 from distmlip.worker import STARTUP_ID
 
-__all__ = ["Workers", "RemoteProcess"]
+__all__ = ["Workers", "RemoteProcess", "collect_replies"]
+
+
+class _ReplyFailure(Exception):
+    """Raised by :func:`collect_replies`: ``rank`` died (``report`` None) or raised."""
+
+    def __init__(self, rank: int, report: tuple[str, str] | None):
+        super().__init__(rank, report)
+        self.rank, self.report = rank, report
+
+
+class _NoAnswer(Exception):
+    def __init__(self, ranks: list[int]):
+        super().__init__(ranks)
+        self.ranks = ranks
+
+
+def collect_replies(connections: list[Connection], request_id: int, timeout: float) -> list:
+    """One payload per connection, from the replies that echo ``request_id``.
+
+    Replies to any other id answer an abandoned request and are discarded.
+
+    Raises:
+        _ReplyFailure: a worker's socket closed (it died) or it replied with an error.
+        _NoAnswer: some workers did not answer within ``timeout`` seconds.
+    """
+    payloads: list = [None] * len(connections)
+    pending = dict(enumerate(connections))
+    deadline = time.monotonic() + timeout
+    while pending:
+        ready = wait(list(pending.values()), timeout=max(deadline - time.monotonic(), 0))
+        if not ready:
+            raise _NoAnswer(sorted(pending))
+        for rank, connection in list(pending.items()):
+            if connection not in ready:
+                continue
+            try:
+                kind, reply_id, payload = connection.recv()
+            except Exception as error:  # EOF: died; anything else: an unreadable reply
+                report = None if isinstance(error, EOFError | OSError) else (repr(error), "")
+                raise _ReplyFailure(rank, report) from error
+            if reply_id != request_id:
+                continue
+            if kind == "error":
+                raise _ReplyFailure(rank, payload)
+            payloads[rank] = StructureRejected(payload) if kind == "rejected" else payload
+            del pending[rank]
+    return payloads
 
 
 class RemoteProcess:

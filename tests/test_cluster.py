@@ -1,0 +1,336 @@
+"""Multi-node jobs (distmlip.cluster): two torchrun "nodes" on this machine, 2 ranks each.
+
+Every job is checked for what a cluster user relies on: rank 0 prints what one process prints
+and nothing else appears on any rank's standard output, only rank 0 reads and writes files,
+faults end every rank with a clear error within the timeout, and no process is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from ase.io import read, write
+from multinode import Job, environment
+
+from distmlip.cluster import Launch, _tasks_per_node, detect_launch, identity
+
+TORCHRUN = {
+    "RANK": "2",
+    "WORLD_SIZE": "4",
+    "LOCAL_RANK": "0",
+    "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "1",
+    "MASTER_ADDR": "10.0.0.1",
+    "MASTER_PORT": "29500",
+    "TORCHELASTIC_USE_AGENT_STORE": "True",
+    "TORCHELASTIC_RUN_ID": "abc",
+    "TORCHELASTIC_RESTART_COUNT": "1",
+}
+
+
+def single_process(args: list[str], cwd) -> dict:
+    """``distmlip ARGS --json`` on one worker, in one ordinary process."""
+    done = subprocess.run(
+        [sys.executable, "-m", "distmlip", *args, "--nprocs", "1"],
+        cwd=cwd,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def run_job(tmp_path, args: list[str], node1_args=None, timeout=300.0, **start) -> Job:
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for cwd in cwds:
+        cwd.mkdir(exist_ok=True)
+    job = Job.start([args, node1_args or args], cwds, **start)
+    job.wait(timeout)
+    assert not job.left_behind()
+    return job
+
+
+def assert_close(ours: dict, theirs: dict, tolerance: float = 1e-10) -> None:
+    for key in ("energy", "forces", "stress"):
+        a, b = np.asarray(ours[key]), np.asarray(theirs[key])
+        assert np.max(np.abs(a - b)) <= tolerance * max(np.max(np.abs(b)), 1e-12), key
+
+
+# --- the launch environment, without processes ---------------------------------------------
+
+
+def test_torchrun_variables_make_a_launch():
+    launch = detect_launch(TORCHRUN)
+    assert launch == Launch(
+        rank=2,
+        world_size=4,
+        local_rank=0,
+        local_world_size=2,
+        node=1,
+        master_addr="10.0.0.1",
+        master_port=29500,
+        host_store=False,
+        job="abc.1",
+        source="torchrun",
+    )
+
+
+def test_srun_variables_make_a_launch_with_rank_0_hosting_the_store():
+    slurm = {
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_NUM_TASKS": "6",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2",
+        "SLURM_STEP_TASKS_PER_NODE": "2(x2),2",
+        "SLURM_CPUS_PER_TASK": "8",
+        "SLURM_JOB_ID": "77",
+        "SLURM_STEP_ID": "0",
+        "MASTER_ADDR": "node001",
+    }
+    launch = detect_launch(slurm)
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.node) == (5, 6, 1, 2)
+    assert (launch.local_world_size, launch.master_port, launch.host_store) == (2, 29500, True)
+    assert launch.threads(None) == 8 and launch.threads(3) == 3
+    assert launch.prefix == "distmlip/77.0"
+    with pytest.raises(ValueError, match="export MASTER_ADDR="):
+        detect_launch({k: v for k, v in slurm.items() if k != "MASTER_ADDR"})
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {},
+        {**TORCHRUN, "WORLD_SIZE": "1"},  # one process: an ordinary run
+        {**TORCHRUN, "DISTMLIP_LAUNCH": "local"},
+        {"SLURM_PROCID": "0", "SLURM_NTASKS": "8"},  # a batch script or salloc shell, not srun
+    ],
+)
+def test_no_launch(environ):
+    assert detect_launch(environ) is None
+
+
+def test_tasks_per_node():
+    assert _tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert _tasks_per_node("4") == [4]
+
+
+def test_identity_tells_models_apart():
+    from distmlip.models import ReferenceMPNN
+
+    a, b = ReferenceMPNN(seed=0), ReferenceMPNN(seed=0)
+    assert identity(a) == identity(b)
+    assert identity(ReferenceMPNN(seed=1))["weights"] != identity(a)["weights"]
+    assert identity(ReferenceMPNN(seed=0, cutoff=4.0)) != identity(a)
+
+
+def test_under_a_launcher_nprocs_must_be_the_world_size(monkeypatch, capsys):
+    from distmlip import DistributedCalculator, cluster
+    from distmlip.cli import main
+
+    for name, value in {**TORCHRUN, "RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    reported = []
+    monkeypatch.setattr(cluster, "report_failure", lambda launch, text: reported.append(text))
+    with pytest.raises(ValueError, match="nprocs=2, but this torchrun job has 4 ranks"):
+        DistributedCalculator("reference", nprocs=2)
+    assert main(["predict", "bulk:Cu:fcc:3.61", "--model", "reference", "--nprocs", "3"]) == 2
+    assert main(["demo"]) == 2  # runs in one process only
+    errors = capsys.readouterr().err.splitlines()
+    assert errors[0].startswith("distmlip: error: --nprocs 3, but this torchrun job has 4 ranks")
+    assert errors[1].startswith("distmlip: error: `distmlip demo` runs in one process")
+    assert len(reported) == 2  # the other ranks are told, so they stop waiting
+
+
+# --- jobs of two nodes -----------------------------------------------------------------------
+
+CASES = {
+    # 32 atoms in a 7.2 Å cube: CHGNet's 6 Å cutoff is more than half the cell.
+    "chgnet": ["--model", "chgnet"],
+    "reference": ["--model", "reference"],
+}
+
+
+@pytest.mark.parametrize("model", sorted(CASES))
+def test_predict_on_two_nodes_prints_what_one_process_prints(tmp_path, model):
+    atoms = read_structure()
+    (tmp_path / "node0").mkdir()
+    write(tmp_path / "node0" / "input.extxyz", atoms)  # on rank 0's machine only
+    args = ["predict", "input.extxyz", *CASES[model], "--dtype", "float64", "--json"]
+    single = single_process(args, tmp_path / "node0")
+    job = run_job(tmp_path, args)
+    node0, node1 = job.nodes
+    assert node0.process.returncode == 0 and node1.process.returncode == 0, job.errors()
+    assert node1.stdout == ""
+    ours = json.loads(node0.stdout)  # the whole of standard output is one JSON object
+    assert ours["nprocs"] == 4 and single["nprocs"] == 1
+    assert sorted(ours) == sorted(single)
+    assert_close(ours, single)
+    assert list((tmp_path / "node1").iterdir()) == []
+    assert job.errors() == []
+
+
+def read_structure():
+    from ase.build import bulk
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.1, seed=3)
+    return atoms
+
+
+MD = [
+    "md",
+    "bulk:Cu:fcc:3.61:cubic",
+    "--repeat",
+    "2",
+    "2",
+    "2",
+    "--model",
+    "reference",
+    "--dtype",
+    "float64",
+    "--temperature",
+    "600",
+    "--log-every",
+    "5",
+    "--trajectory",
+    "md.extxyz",
+]
+
+
+def test_md_on_two_nodes_equals_one_process(tmp_path):
+    args = [*MD, "--steps", "20", "--json"]
+    (tmp_path / "single").mkdir()
+    single = single_process(args, tmp_path / "single")
+    job = run_job(tmp_path, args)
+    node0, node1 = job.nodes
+    assert node0.process.returncode == 0 and node1.process.returncode == 0, job.errors()
+    assert node1.stdout == "" and job.errors() == []
+    ours = json.loads(node0.stdout)
+    assert sorted(ours) == sorted(single)
+    frames = read(tmp_path / "node0" / "md.extxyz", ":")
+    expected = read(tmp_path / "single" / "md.extxyz", ":")
+    assert [f.info["step"] for f in frames] == [5, 10, 15, 20]
+    for frame, reference in zip(frames, expected, strict=True):
+        assert np.abs(frame.positions - reference.positions).max() < 1e-10
+        assert np.abs(frame.get_forces() - reference.get_forces()).max() < 1e-9
+    assert list((tmp_path / "node1").iterdir()) == []  # rank 0 writes every file
+
+
+def test_user_script_runs_unchanged_on_every_rank(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "from ase.build import bulk\n"
+        "from distmlip import DistributedCalculator\n"
+        "atoms = bulk('Cu', 'fcc', a=3.61, cubic=True).repeat((2, 2, 2))\n"
+        "atoms.rattle(0.1, seed=3)\n"
+        "calc = DistributedCalculator('reference', dtype='float64')\n"
+        "print('past the calculator on rank', os.environ['RANK'], file=sys.stderr)\n"
+        "atoms.calc = calc\n"
+        "e, f = atoms.get_potential_energy(), atoms.get_forces()\n"
+        "json.dump({'energy': e, 'forces': f.tolist(), 'nprocs': calc.nprocs}, sys.stdout)\n"
+        "calc.close()\n"
+    )
+    job = run_job(tmp_path, [str(script)], module=False)
+    node0, node1 = job.nodes
+    assert node0.process.returncode == 0 and node1.process.returncode == 0, job.errors()
+    past = [line for n in job.nodes for line in n.stderr.splitlines() if "past the" in line]
+    assert past == ["past the calculator on rank 0"]
+    ours = json.loads(node0.stdout)
+    from distmlip import DistributedCalculator
+
+    atoms = read_structure()
+    with DistributedCalculator("reference", nprocs=1, dtype="float64") as calc:
+        atoms.calc = calc
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    assert ours["nprocs"] == 4 and node1.stdout == ""
+    assert abs(ours["energy"] - energy) <= 1e-10 * abs(energy)
+    assert np.abs(np.asarray(ours["forces"]) - forces).max() <= 1e-10 * np.abs(forces).max()
+
+
+# --- faults ----------------------------------------------------------------------------------
+
+
+def test_a_rank_with_another_model_is_refused_at_start(tmp_path):
+    args = ["predict", "bulk:Cu:fcc:3.61:cubic", "--model", "reference", "--json"]
+    began = time.monotonic()
+    job = run_job(tmp_path, args, node1_args=[*args[:3], "chgnet", "--json"], timeout=120)
+    assert time.monotonic() - began < 120
+    assert all(node.process.returncode != 0 for node in job.nodes)
+    assert all(node.stdout == "" for node in job.nodes)
+    refusal = [line for line in job.errors() if "rank 1:" not in line and "rank 2" in line]
+    assert refusal and "different model" in refusal[0], job.errors()
+    assert (
+        "CHGNetAdapter on rank 2, distmlip.models.reference.ReferenceMPNN on rank 0" in (refusal[0])
+    )
+
+
+def test_a_rank_that_cannot_start_stops_the_job_at_once(tmp_path):
+    args = ["predict", "bulk:Cu:fcc:3.61:cubic", "--model", "reference", "--json"]
+    broken = [*args[:3], str(tmp_path / "missing.model"), "--json"]
+    job = run_job(tmp_path, args, node1_args=broken, timeout=120)
+    assert all(node.process.returncode != 0 for node in job.nodes)
+    rank0 = rank0_errors(job)
+    assert len(rank0) == 1 and "missing.model" in rank0[0], job.errors()
+    assert re.search(r"^distmlip: error: starting the job: rank [23] failed to start", rank0[0])
+
+
+@pytest.mark.parametrize("victim", ["remote rank", "rank 0's worker"])
+def test_killing_a_worker_mid_run_ends_the_whole_job(tmp_path, victim):
+    timeout = 20
+    args = [*MD, "--steps", "100000", "--timeout", str(timeout)]
+    for name in ("node0", "node1"):
+        (tmp_path / name).mkdir()
+    job = Job.start([args, args], [tmp_path / "node0", tmp_path / "node1"])
+    try:
+        trajectory = tmp_path / "node0" / "md.extxyz"
+        deadline = time.monotonic() + 180
+        while frames_written(trajectory) < 3:
+            assert time.monotonic() < deadline, "the run never wrote three frames"
+            assert all(node.process.poll() is None for node in job.nodes)
+            job.descendants()
+            time.sleep(0.3)
+        if victim == "remote rank":
+            target = job.rank_process(3)
+        else:
+            driver = job.rank_process(0)
+            target = next(p for p in driver.children() if "distmlip._worker" in p.cmdline())
+        job.descendants()
+        os.kill(target.pid, signal.SIGKILL)
+        seconds = job.wait(timeout + 60)
+    except BaseException:
+        job.kill()
+        raise
+    assert seconds < timeout + 30
+    assert not job.left_behind()
+    assert all(node.process.returncode != 0 for node in job.nodes)
+    rank0 = rank0_errors(job)
+    dead = "worker 3" if victim == "remote rank" else "worker 0"
+    assert rank0 and dead in rank0[0], job.errors()
+    survivors = [line for line in job.errors() if "ended the job after an error" in line]
+    assert survivors, job.errors()  # the other ranks say why they stopped
+    frames = read(trajectory, ":")  # every frame written is complete
+    steps = [frame.info["step"] for frame in frames]
+    assert steps == list(range(5, 5 * len(frames) + 1, 5))
+
+
+def rank0_errors(job: Job) -> list[str]:
+    """Rank 0's error lines (the other ranks' name their rank)."""
+    return [line for line in job.errors() if not re.match(r"distmlip: error: rank \d+:", line)]
+
+
+def frames_written(path) -> int:
+    try:
+        return len(read(path, ":"))
+    except Exception:  # not there yet, or a frame half written
+        return 0
