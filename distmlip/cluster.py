@@ -46,6 +46,7 @@ __all__ = [
     "DriverRendezvous",
     "serve",
     "report_failure",
+    "host_store",
 ]
 
 LAUNCH_ENVIRONMENT = "DISTMLIP_LAUNCH"
@@ -201,16 +202,39 @@ def identity(model) -> dict[str, str]:
     }
 
 
+_HOSTED: dict = {}
+"""The store this process hosts (rank 0 under srun), by job: one server per process."""
+
+
 def _store(launch: Launch, timeout: float, host: bool = False):
+    """A client of the job's TCP store, or (``host``) the store itself, kept for the process's
+    lifetime so that the other ranks can post and read while rank 0 works."""
     from torch.distributed import TCPStore
 
+    if host or launch.job in _HOSTED:
+        if launch.job not in _HOSTED:
+            _HOSTED[launch.job] = TCPStore(
+                launch.master_addr,
+                launch.master_port,
+                is_master=True,
+                timeout=datetime.timedelta(seconds=timeout),
+                wait_for_workers=False,
+            )
+        return _HOSTED[launch.job]
     return TCPStore(
         launch.master_addr,
         launch.master_port,
-        is_master=host,
+        is_master=False,
         timeout=datetime.timedelta(seconds=timeout),
         wait_for_workers=False,
     )
+
+
+def host_store(launch: Launch) -> None:
+    """On rank 0 of an srun job, start the job's store now, before reading any input, so the
+    other ranks hear at once if rank 0 fails (torchrun's agent hosts it already)."""
+    if launch.rank == 0 and launch.host_store:
+        _store(launch, STARTUP_TIMEOUT, host=True)
 
 
 def report_failure(launch: Launch, message: str) -> None:
@@ -348,7 +372,7 @@ def _mismatch(rank: int, hello: dict, own: dict) -> str:
 
 def _await_driver(launch: Launch, store, deadline: float) -> tuple[str, int, bytes]:
     key = f"{launch.prefix}/driver"
-    while not store.check([key]):
+    while not _present(store, key, launch):
         failure = _failures(store, launch)
         if failure:
             raise JobEnded(failure)
@@ -359,6 +383,16 @@ def _await_driver(launch: Launch, store, deadline: float) -> tuple[str, int, byt
             )
         time.sleep(0.2)
     return pickle.loads(store.get(key))
+
+
+def _present(store, key: str, launch: Launch) -> bool:
+    try:
+        return store.check([key])
+    except Exception:  # the store's host (rank 0's machine) ended or is unreachable
+        raise JobEnded(
+            f"lost the job's store at {launch.master_addr}:{launch.master_port}: rank 0 ended "
+            "or its machine is unreachable (rank 0's message says why)"
+        ) from None
 
 
 ENDINGS = {

@@ -73,6 +73,39 @@ class Job:
             nodes.append(Node(process, cwd))
         return cls(nodes)
 
+    @classmethod
+    def srun(cls, args: list[str], cwds: list[Path]) -> Job:
+        """What ``srun -N 2 --ntasks-per-node 2 python -m distmlip ARGS`` starts: one process
+        per task, with SLURM's variables (``cwds``: each node's directory)."""
+        port = free_port()
+        nodes = []
+        for task in range(NODES * PER_NODE):
+            slurm = {
+                "SLURM_PROCID": str(task),
+                "SLURM_STEP_NUM_TASKS": str(NODES * PER_NODE),
+                "SLURM_LOCALID": str(task % PER_NODE),
+                "SLURM_NODEID": str(task // PER_NODE),
+                "SLURM_STEP_TASKS_PER_NODE": f"{PER_NODE}(x{NODES})",
+                "SLURM_JOB_ID": "4242",
+                "SLURM_STEP_ID": "0",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+            process = subprocess.Popen(
+                [sys.executable, "-m", "distmlip", *args],
+                cwd=cwds[task // PER_NODE],
+                env=environment(**slurm),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            nodes.append(Node(process, cwds[task // PER_NODE]))
+        job = cls(nodes)
+        for node in nodes:
+            job.seen[node.process.pid] = psutil.Process(node.process.pid).create_time()
+        return job
+
     def descendants(self) -> list[psutil.Process]:
         found = []
         for node in self.nodes:

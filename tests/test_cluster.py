@@ -226,6 +226,40 @@ def test_md_on_two_nodes_equals_one_process(tmp_path):
     assert list((tmp_path / "node1").iterdir()) == []  # rank 0 writes every file
 
 
+def test_srun_tasks_with_rank_0_hosting_the_store(tmp_path):
+    args = ["predict", "bulk:Cu:fcc:3.61:cubic", "--repeat", "2", "2", "2", "--rattle", "0.1"]
+    args += ["--model", "reference", "--json"]
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for cwd in cwds:
+        cwd.mkdir()
+    single = single_process(args, cwds[0])
+    job = Job.srun(args, cwds)
+    job.wait(300)
+    assert not job.left_behind()
+    assert [node.process.returncode for node in job.nodes] == [0, 0, 0, 0], job.errors()
+    assert [node.stdout for node in job.nodes[1:]] == ["", "", ""]
+    ours = json.loads(job.nodes[0].stdout)
+    assert ours["nprocs"] == 4
+    assert_close(ours, single)
+
+
+def test_srun_rank_0_failing_before_its_calculator_stops_every_task(tmp_path):
+    (tmp_path / "node0").mkdir()
+    (tmp_path / "node1").mkdir()
+    (tmp_path / "node0" / "bad.extxyz").write_text("not a structure\n")
+    began = time.monotonic()
+    job = Job.srun(
+        ["predict", "bad.extxyz", "--model", "reference", "--json"],
+        [tmp_path / "node0", tmp_path / "node1"],
+    )
+    job.wait(120)
+    assert time.monotonic() - began < 60  # not the 300 s start-up wait
+    assert not job.left_behind()
+    assert all(node.process.returncode == 1 for node in job.nodes), job.errors()
+    others = [line for line in job.errors() if re.match(r"distmlip: error: rank [123]:", line)]
+    assert len(others) == 3 and all("rank 0 failed to start" in line for line in others), others
+
+
 def test_user_script_runs_unchanged_on_every_rank(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(

@@ -56,3 +56,39 @@ def test_md_page_stability_study_is_the_scripts_output():
     study = json.loads((DOCS / "benchmarks" / "md_stability.json").read_text())
     assert study["settings"]["model"] == "chgnet" and study["settings"]["steps"] >= 10_000
     assert set(study["runs"]) == {"1", "2"} and study["runs"]["1"]["atoms"] >= 200
+
+
+def test_multinode_page_shows_the_exchange_volume_table():
+    """docs/multinode.md shows the table benchmarks/exchange_volume.py wrote, for P up to 64."""
+    generated = (DOCS / "benchmarks" / "exchange_volume.md").read_text()
+    table = generated[: generated.index("\nWritten by")].strip()
+    assert table in (DOCS / "multinode.md").read_text()
+    import json
+
+    rows = json.loads((DOCS / "benchmarks" / "exchange_volume.json").read_text())["rows"]
+    assert {r["partitioner"] for r in rows} == {"slab", "rcb"} and max(r["P"] for r in rows) >= 64
+
+
+def test_exchange_volume_counts_what_workers_send(monkeypatch):
+    """The benchmark's halo rows × row bytes = the bytes real workers sent in each exchange."""
+    monkeypatch.syspath_prepend(str(DOCS.parent / "benchmarks"))
+    from ase.build import bulk
+    from exchange_volume import halo_matrix
+
+    from distmlip import Structure
+    from distmlip.models import ReferenceMPNN
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))
+    atoms.rattle(0.05, seed=1)
+    model = ReferenceMPNN()
+    for nprocs, partitioner in ((3, "rcb"), (4, "slab")):
+        sent = halo_matrix(Structure.from_ase(atoms), nprocs, partitioner, model.cutoff).sum(0)
+        assert sent.min() > 0
+        with DistributedCalculator(model, nprocs=nprocs, partitioner=partitioner, trace=True) as c:
+            atoms.calc = c
+            atoms.get_potential_energy()
+            for rank, record in enumerate(c.last_traces):
+                exchanges = [e["bytes_sent"] for e in record.events if e["name"] == "exchange"]
+                # hidden features, float64, after every layer but the last
+                row_bytes = model.embedding.embedding_dim * 8
+                assert exchanges == [sent[rank] * row_bytes] * (model.num_layers - 1)

@@ -9,7 +9,7 @@ import pytest
 from distmlip import DistributedCalculator
 
 BAD_OPTIONS = [
-    ({"nprocs": None}, "nprocs must be a positive integer, got None"),
+    ({"nprocs": -1}, "nprocs must be a positive integer, got -1"),
     ({"nprocs": 1.7}, "nprocs must be a positive integer, got 1.7"),
     ({"nprocs": 2.0}, "nprocs must be a positive integer, got 2.0"),
     ({"nprocs": 0}, "nprocs must be a positive integer, got 0"),

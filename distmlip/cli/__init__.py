@@ -430,9 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     launch = None
     try:
-        from distmlip.cluster import detect_launch
+        from distmlip.cluster import detect_launch, host_store
 
         launch = detect_launch()
+        if launch is not None:
+            host_store(launch)
         args = _parser().parse_args(argv)
         if launch is not None:
             _launched(args, launch)
