@@ -196,7 +196,7 @@ class DistributedCalculator(Calculator):
             if name not in type(self).implemented_properties
         ]
         if launch is not None and launch.rank > 0:
-            from distmlip.cluster import serve
+            from distmlip.rendezvous import serve
 
             serve(self.model, launch, options)  # exits the process
         self.pool = WorkerPool(self.model, options, graph_options, launch=launch)

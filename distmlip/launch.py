@@ -116,7 +116,8 @@ class WorkerPool:
         self._rendezvous = None
         self._identity = None
         if launch is not None:
-            from distmlip.cluster import DriverRendezvous, identity
+            from distmlip.cluster import identity
+            from distmlip.rendezvous import DriverRendezvous
 
             self._identity = identity(model)
             self._rendezvous = DriverRendezvous(launch, options.timeout)

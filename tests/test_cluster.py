@@ -131,16 +131,22 @@ def test_identity_tells_models_apart():
     assert identity(a) == identity(b)
     assert identity(ReferenceMPNN(seed=1))["weights"] != identity(a)["weights"]
     assert identity(ReferenceMPNN(seed=0, cutoff=4.0)) != identity(a)
+    # The same weights with another setting (a flag, a head, a task name) is another model.
+    other = identity(ReferenceMPNN(seed=0, overlap=False))
+    assert (
+        other["weights"] == identity(a)["weights"] and other["settings"] != identity(a)["settings"]
+    )
+    assert {"python", "torch", "distmlip"} <= set(identity(a))
 
 
 def test_under_a_launcher_nprocs_must_be_the_world_size(monkeypatch, capsys):
-    from distmlip import DistributedCalculator, cluster
+    from distmlip import DistributedCalculator, rendezvous
     from distmlip.cli import main
 
     for name, value in {**TORCHRUN, "RANK": "0"}.items():
         monkeypatch.setenv(name, value)
     reported = []
-    monkeypatch.setattr(cluster, "report_failure", lambda launch, text: reported.append(text))
+    monkeypatch.setattr(rendezvous, "report_failure", lambda launch, text: reported.append(text))
     with pytest.raises(ValueError, match="nprocs=2, but this torchrun job has 4 ranks"):
         DistributedCalculator("reference", nprocs=2)
     assert main(["predict", "bulk:Cu:fcc:3.61", "--model", "reference", "--nprocs", "3"]) == 2

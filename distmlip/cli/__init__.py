@@ -430,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     launch = None
     try:
-        from distmlip.cluster import detect_launch, host_store
+        from distmlip.cluster import detect_launch
+        from distmlip.rendezvous import host_store
 
         launch = detect_launch()
         if launch is not None:
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
 def _failed(launch, message: str, status: int) -> int:
     """One line on stderr; in a launched job, rank 0's failure also tells the other ranks."""
     if launch is not None:
-        from distmlip.cluster import report_failure
+        from distmlip.rendezvous import report_failure
 
         report_failure(launch, message)
         message = f"rank {launch.rank}: {message}" if launch.rank else message
