@@ -139,72 +139,76 @@ class DistributedCalculator(Calculator):
         **kwargs,
     ):
         from distmlip.cluster import detect_launch
+        from distmlip.rendezvous import launched
 
         launch = detect_launch()
-        local_workers = None
-        if launch is None:
-            nprocs = 2 if nprocs is None else nprocs
-        elif nprocs is not None and nprocs != launch.world_size:
-            raise ValueError(
-                f"nprocs={nprocs}, but this {launch.source} job has {launch.world_size} ranks "
-                "and each rank is one worker: leave nprocs out (or set DISTMLIP_LAUNCH=local "
-                "for workers of this process only)"
+        # Under torchrun/srun: rank 0's store up early, ranks >= 1 silent on stdout, and a
+        # failure here told to the other ranks, so they stop waiting (distmlip.rendezvous).
+        with launched(launch):
+            local_workers = None
+            if launch is None:
+                nprocs = 2 if nprocs is None else nprocs
+            elif nprocs is not None and nprocs != launch.world_size:
+                raise ValueError(
+                    f"nprocs={nprocs}, but this {launch.source} job has {launch.world_size} ranks "
+                    "and each rank is one worker: leave nprocs out (or set DISTMLIP_LAUNCH=local "
+                    "for workers of this process only)"
+                )
+            else:
+                nprocs, local_workers = launch.world_size, launch.local_world_size
+            # Every option is checked before the model loads or a worker starts.
+            options = WorkerOptions(
+                nprocs=nprocs,
+                local_workers=local_workers,
+                device=device,
+                backend=backend,
+                dtype=dtype,
+                timeout=timeout,
+                threads_per_worker=threads_per_worker,
+                allocator=allocator,
+                checkpoint=checkpoint,
+                memory_limit=memory_limit,
             )
-        else:
-            nprocs, local_workers = launch.world_size, launch.local_world_size
-        # Every option is checked before the model loads or a worker starts.
-        options = WorkerOptions(
-            nprocs=nprocs,
-            local_workers=local_workers,
-            device=device,
-            backend=backend,
-            dtype=dtype,
-            timeout=timeout,
-            threads_per_worker=threads_per_worker,
-            allocator=allocator,
-            checkpoint=checkpoint,
-            memory_limit=memory_limit,
-        )
-        graph_options = GraphOptions(
-            partitioner=partitioner, halo=halo, skin=skin, resident=resident
-        )
-        if not isinstance(trace, bool):
-            raise ValueError(f"trace must be True or False, got {trace!r}")
-        unknown = sorted(set(kwargs) - _ASE_ARGUMENTS)
-        if unknown:
-            own = [
-                parameter.name
-                for parameter in inspect.signature(type(self).__init__).parameters.values()
-                if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+            graph_options = GraphOptions(
+                partitioner=partitioner, halo=halo, skin=skin, resident=resident
+            )
+            if not isinstance(trace, bool):
+                raise ValueError(f"trace must be True or False, got {trace!r}")
+            unknown = sorted(set(kwargs) - _ASE_ARGUMENTS)
+            if unknown:
+                own = [
+                    parameter.name
+                    for parameter in inspect.signature(type(self).__init__).parameters.values()
+                    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+                ]
+                close = difflib.get_close_matches(unknown[0], own + sorted(_ASE_ARGUMENTS))
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"unexpected keyword argument {unknown[0]!r}{hint}")
+            super().__init__(**kwargs)
+            # ASE serves one call at a time per calculator: calls from several threads queue here.
+            self._lock = threading.RLock()
+            self._model = resolve_model(model)
+            graph_options.check_model(self._model)
+            self._trace = trace
+            self._system: dict = {}  # the system inputs of the cached results
+            self.graph_builds = 0
+            self.graph_reuses = 0
+            # Models may add per-atom outputs (CHGNet: "magmoms"); ASE only serves listed names.
+            self.implemented_properties = list(type(self).implemented_properties) + [
+                name
+                for name in getattr(self.model, "site_properties", ())
+                if name not in type(self).implemented_properties
             ]
-            close = difflib.get_close_matches(unknown[0], own + sorted(_ASE_ARGUMENTS))
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise TypeError(f"unexpected keyword argument {unknown[0]!r}{hint}")
-        super().__init__(**kwargs)
-        # ASE serves one call at a time per calculator: calls from several threads queue here.
-        self._lock = threading.RLock()
-        self._model = resolve_model(model)
-        graph_options.check_model(self._model)
-        self._trace = trace
-        self._system: dict = {}  # the system inputs of the cached results
-        self.graph_builds = 0
-        self.graph_reuses = 0
-        # Models may add per-atom outputs (CHGNet: "magmoms"); ASE only serves listed names.
-        self.implemented_properties = list(type(self).implemented_properties) + [
-            name
-            for name in getattr(self.model, "site_properties", ())
-            if name not in type(self).implemented_properties
-        ]
-        if launch is not None and launch.rank > 0:
-            from distmlip.rendezvous import serve
+            if launch is not None and launch.rank > 0:
+                from distmlip.rendezvous import serve
 
-            serve(self.model, launch, options)  # exits the process
-        self.pool = WorkerPool(self.model, options, graph_options, launch=launch)
-        self.last_timings: list[dict[str, float]] = []
-        self.last_stats: list[dict[str, int]] = []
-        self.last_traces: list = []
-        self.last_owners: np.ndarray | None = None
-        self.pool.start()
+                serve(self.model, launch, options)  # exits the process
+            self.pool = WorkerPool(self.model, options, graph_options, launch=launch)
+            self.last_timings: list[dict[str, float]] = []
+            self.last_stats: list[dict[str, int]] = []
+            self.last_traces: list = []
+            self.last_owners: np.ndarray | None = None
+            self.pool.start()
 
     # Read-only: the workers were started for these; changing one would need new workers.
 

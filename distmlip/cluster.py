@@ -109,13 +109,22 @@ def detect_launch(environ=None) -> Launch | None:
         world = _integer(environ, "WORLD_SIZE")
         if world < 2:
             return None
-        if "MASTER_ADDR" not in environ or "MASTER_PORT" not in environ:
-            raise ValueError("RANK and WORLD_SIZE are set but MASTER_ADDR or MASTER_PORT is not")
+        missing = [
+            name
+            for name in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+            if name not in environ
+        ]
+        if missing:
+            # Without LOCAL_RANK every rank of a machine would take the same cores and GPU.
+            raise ValueError(
+                f"RANK and WORLD_SIZE are set but {', '.join(missing)} not (torchrun sets them "
+                "all); set them, or DISTMLIP_LAUNCH=local to ignore the launch"
+            )
         return Launch(
             rank=_integer(environ, "RANK"),
             world_size=world,
-            local_rank=int(environ.get("LOCAL_RANK", 0)),
-            local_world_size=int(environ.get("LOCAL_WORLD_SIZE", world)),
+            local_rank=_integer(environ, "LOCAL_RANK"),
+            local_world_size=_integer(environ, "LOCAL_WORLD_SIZE"),
             node=int(environ.get("GROUP_RANK", 0)),
             master_addr=environ["MASTER_ADDR"],
             master_port=_integer(environ, "MASTER_PORT"),
@@ -155,18 +164,16 @@ def detect_launch(environ=None) -> Launch | None:
 
 def identity(model) -> dict[str, str]:
     """What every rank must share: Python's version, the versions of the packages the model's
-    code comes from (distmlip, torch, chgnet, mace-torch, ...), the model's class, and hashes
-    of its weights (every parameter and buffer) and of its settings (every plain attribute of
-    every submodule: cutoffs, heads, task names, flags)."""
+    code comes from (distmlip, torch, chgnet, mace-torch, ...) and a hash of distmlip's own
+    source (editable installs of different commits differ), the model's class, and hashes of
+    its weights (every parameter and buffer, persistent or not) and of its settings (every
+    plain or tensor attribute of every submodule: cutoffs, heads, task names, flags)."""
     import importlib.metadata
 
-    import torch
-
     weights, settings = hashlib.sha256(), hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
-        weights.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
-        weights.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name, tensor in sorted(tensors.items()):
+        weights.update(f"{name}:{_canonical(tensor)}".encode())
     packages = {"distmlip", "torch"}
     for name, module in sorted(model.named_modules(), key=lambda item: item[0]):
         packages.add(type(module).__module__.split(".")[0])
@@ -181,15 +188,33 @@ def identity(model) -> dict[str, str]:
     return {
         "python": sys.version.split()[0],
         **versions,
+        "distmlip source": _source_digest(),
         "model": f"{type(model).__module__}.{type(model).__qualname__}",
         "weights": weights.hexdigest()[:16],
         "settings": settings.hexdigest()[:16],
     }
 
 
+def _source_digest() -> str:
+    """A hash of distmlip's Python sources (this installation's code, whatever its version)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _canonical(value) -> str:
-    """A text that is the same in every process for equal values (sets sorted; objects by
-    type, since their reprs hold addresses)."""
+    """A text that is the same in every process for equal values (tensors and arrays by a
+    hash of their bytes, sets sorted, other objects by type: their reprs hold addresses)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes()
+        return f"{data.dtype}{tuple(data.shape)}:{hashlib.sha256(raw).hexdigest()}"
     if isinstance(value, bool | int | float | str | bytes | type(None)):
         return repr(value)
     if isinstance(value, list | tuple):

@@ -6,7 +6,12 @@ import os
 
 from distmlip.options import WorkerOptions
 
-__all__ = ["KEEP_MEMORY_ENVIRONMENT", "CUDA_ALLOCATOR_ENVIRONMENT", "worker_environment"]
+__all__ = [
+    "KEEP_MEMORY_ENVIRONMENT",
+    "CUDA_ALLOCATOR_ENVIRONMENT",
+    "worker_environment",
+    "adopt_in_process",
+]
 
 
 KEEP_MEMORY_ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
@@ -37,3 +42,21 @@ def worker_environment(options: WorkerOptions, base=None) -> dict[str, str]:
     environment = {**defaults, **base}
     environment["OMP_NUM_THREADS"] = str(options.threads)
     return environment
+
+
+def adopt_in_process(keep_memory: bool, device: str) -> None:
+    """What :func:`worker_environment` gives a worker the driver starts, for a worker that is
+    already running (another rank of a torchrun/SLURM job): glibc's ``mallopt`` for
+    ``allocator="keep"`` and the CUDA allocator setting, unless its environment sets them."""
+    if keep_memory and not any(name in os.environ for name in KEEP_MEMORY_ENVIRONMENT):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-4, 0)  # M_MMAP_MAX: no mmap'ed allocations
+            libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: (almost) never give memory back
+        except (OSError, AttributeError):  # not glibc
+            pass
+    if device == "cuda" and "PYTORCH_ALLOC_CONF" not in os.environ:  # before CUDA starts
+        for name, value in CUDA_ALLOCATOR_ENVIRONMENT.items():
+            os.environ.setdefault(name, value)

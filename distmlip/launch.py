@@ -51,6 +51,7 @@ from distmlip.processes import (  # noqa: F401  (collect_replies re-exported)
     _NoAnswer,
     _ReplyFailure,
     collect_replies,
+    io_timeout,
 )
 from distmlip.worker import STARTUP_ID, STARTUP_TIMEOUT, EvaluationRequest, WorkerConfig
 
@@ -62,6 +63,39 @@ PORT_ATTEMPTS = 3
 
 STOP_GRACE = 5.0
 """Seconds idle workers get to leave cleanly on :meth:`WorkerPool.close` before being killed."""
+
+_LAUNCHED = []
+"""Pools this process made for a torchrun/SLURM job: the job's other ranks serve one only."""
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """Seconds between the driver's heartbeats to the remote ranks of a launched job."""
+    return min(5.0, timeout / 4)
+
+
+def _heartbeat(pool_reference, interval: float) -> None:
+    """Tell the remote ranks, while the pool is idle, that the driver is alive: a rank that
+    hears nothing for longer than a call may take (:attr:`WorkerConfig.silence`) exits, so a
+    stopped or frozen driver cannot keep them waiting forever."""
+    while True:
+        time.sleep(interval)
+        pool = pool_reference()
+        if pool is None or pool._workers is None:
+            return
+        if not pool._lock.acquire(blocking=False):  # a call is running: the ranks are busy
+            continue
+        try:
+            workers = pool._workers
+            if pool._state == "ready" and workers is not None:
+                for process in workers.processes:
+                    if isinstance(process, RemoteProcess):
+                        try:
+                            process.connection.send(("ping", STARTUP_ID, None))
+                        except (OSError, ValueError):
+                            pass  # gone: the next call reports it
+        finally:
+            pool._lock.release()
+        del pool, workers
 
 
 def _free_port() -> int:
@@ -119,6 +153,13 @@ class WorkerPool:
             from distmlip.cluster import identity
             from distmlip.rendezvous import DriverRendezvous
 
+            if _LAUNCHED:
+                raise WorkerError(
+                    f"this {launch.source} job has a DistributedCalculator already, and its "
+                    "other ranks serve only that one: reuse it (one calculator per job)"
+                )
+            _LAUNCHED.append(weakref.ref(self))
+            self.threads = launch.threads(options.threads_per_worker)
             self._identity = identity(model)
             self._rendezvous = DriverRendezvous(launch, options.timeout)
 
@@ -165,6 +206,14 @@ class WorkerPool:
                     self._discard(grace=0.0)
                     raise
                 self._state = "ready"
+                if self.launch is not None:
+                    beat = threading.Thread(
+                        target=_heartbeat,
+                        args=(weakref.ref(self), heartbeat_interval(self.timeout)),
+                        name="distmlip-heartbeat",
+                        daemon=True,
+                    )
+                    beat.start()
                 return
 
     def _spawn(self, workers: Workers) -> None:
@@ -182,7 +231,12 @@ class WorkerPool:
                 RemoteProcess(connection, hello["pid"], hello["host"], hello["node"])
             )
             workers.connections.append(connection)
-            connection.send(("config", self._config(rank, init, cores=())))
+            io_timeout(connection, send=self.timeout)
+            remote = {
+                "silence": self.timeout + 3 * heartbeat_interval(self.timeout),
+                "keep_memory": self.options.allocator == "keep",
+            }
+            connection.send(("config", self._config(rank, {**init, **remote}, ())))
 
     def _config(self, rank: int, init: dict, cores: tuple) -> WorkerConfig:
         options = self.options
@@ -209,8 +263,7 @@ class WorkerPool:
         """Start worker ``rank`` as a child process, on this machine's ``local_rank`` share."""
         environment = worker_environment(self.options)
         available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        local_workers = self.options.local_workers or self.nprocs
-        pin = len(available) >= local_workers * self.threads
+        pin = len(available) >= self.nprocs * self.threads
         # PR_SET_PDEATHSIG would kill the workers when the starting thread ends.
         flags = [] if threading.current_thread() is threading.main_thread() else ["no-pdeathsig"]
         parent_socket, child_socket = socket.socketpair()
@@ -229,8 +282,11 @@ class WorkerPool:
         workers.processes.append(process)
         connection = Connection(parent_socket.detach())
         workers.connections.append(connection)
+        io_timeout(connection, send=self.timeout)
         threads = self.threads
         cores = available[local_rank * threads : (local_rank + 1) * threads] if pin else ()
+        if self.launch is not None:  # the same rule as the job's other ranks
+            cores = self.launch.cores(threads)
         config = self._config(rank, init, cores)
         if local_rank != rank:
             config = replace(config, local_rank=local_rank)
@@ -320,8 +376,8 @@ class WorkerPool:
                     except (OSError, ValueError):
                         # The clean-up below stops the workers.
                         raise WorkerError(
-                            f"sending the structure: {self._workers.describe(rank)}; all "
-                            "workers were stopped and restart on the next call"
+                            f"sending the structure: {self._workers.describe(rank)} (not "
+                            f"reading within {self.timeout:g} s, or gone); {self._after}"
                         ) from None
                 replies = self._collect(request_id, "evaluating")
             except BaseException:

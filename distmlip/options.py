@@ -136,10 +136,11 @@ class WorkerOptions:
             if not torch.cuda.is_available():
                 raise ValueError("device='cuda' but torch sees no GPU; use device='cpu'")
             gpus = torch.cuda.device_count()
-            if resolve_backend(self.device, self.backend) == "nccl" and here > gpus:
-                workers = f"nprocs={here}" if self.local_workers is None else f"{here} local"
+            # A launched job's tasks may each see only their own GPU: cuda:LOCAL_RANK mod count.
+            nccl = resolve_backend(self.device, self.backend) == "nccl"
+            if nccl and self.local_workers is None and here > gpus:
                 raise ValueError(
-                    f"{workers} NCCL workers need one GPU each, but torch sees {gpus}; use "
+                    f"nprocs={here} NCCL workers need one GPU each, but torch sees {gpus}; use "
                     f"nprocs <= {gpus}, or backend='gloo' to let several workers share a GPU "
                     "(slower: transfers go through host memory)"
                 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import time
 from multiprocessing.connection import Connection, wait
@@ -13,7 +14,24 @@ from distmlip.exchange import StructureRejected
 from distmlip.memory import KILLED_HINT
 from distmlip.worker import STARTUP_ID
 
-__all__ = ["Workers", "RemoteProcess", "collect_replies"]
+__all__ = ["Workers", "RemoteProcess", "collect_replies", "io_timeout"]
+
+
+def io_timeout(connection: Connection, send: float, receive: float = 0.0) -> None:
+    """Bound every blocking write (``send`` s) and read (``receive`` s) on ``connection``'s
+    socket (0: no bound): a peer that stopped reading then raises ``OSError`` in
+    ``connection.send`` instead of blocking the driver forever once the buffers are full."""
+    with socket.socket(fileno=os.dup(connection.fileno())) as sock:
+        for option, seconds in ((socket.SO_SNDTIMEO, send), (socket.SO_RCVTIMEO, receive)):
+            whole = int(seconds)
+            value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, option, value)
+
+
+_ABORTED: list[Connection] = []
+"""Sockets of remote ranks told to abort, kept open until this process exits: each rank waits
+for this end to close before it exits, so the driver's error line comes first and its
+launcher sees rank 0 fail first (the root cause), not a rank that merely followed it."""
 
 
 class _ReplyFailure(Exception):
@@ -94,9 +112,12 @@ class RemoteProcess:
 
     def kill(self, reason: str = "the driver (rank 0) ended the job after an error") -> None:
         try:
+            io_timeout(self.connection, send=1.0)  # a stuck rank must not hold the driver
             self.connection.send(("abort", STARTUP_ID, reason))
         except (OSError, ValueError):
             pass
+        else:
+            _ABORTED.append(self.connection)
 
     def describe(self, rank: int) -> str:
         where = f"pid {self.pid} on {self.host}, node {self.node}"
@@ -149,7 +170,8 @@ class Workers:
             if isinstance(process, subprocess.Popen):
                 process.wait()
         for connection in self.connections:
-            connection.close()
+            if not any(connection is aborted for aborted in _ABORTED):
+                connection.close()
 
     def _status(self, rank: int) -> str:
         try:

@@ -10,6 +10,7 @@ worker ``RANK`` (:func:`serve`) until rank 0 closes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
@@ -22,9 +23,10 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 
 from distmlip.cluster import Launch, identity
 from distmlip.errors import WorkerError
+from distmlip.processes import io_timeout
 from distmlip.worker import STARTUP_TIMEOUT, run_worker
 
-__all__ = ["DriverRendezvous", "JobEnded", "serve", "report_failure", "host_store"]
+__all__ = ["DriverRendezvous", "JobEnded", "serve", "report_failure", "host_store", "launched"]
 
 INTERFACE_ENVIRONMENT = "DISTMLIP_SOCKET_IFNAME"
 """Network interface whose address the driver publishes (default: ``GLOO_SOCKET_IFNAME``,
@@ -81,6 +83,25 @@ def report_failure(launch: Launch, message: str) -> None:
         pass
 
 
+@contextlib.contextmanager
+def launched(launch: Launch | None):
+    """Around what a rank does before it serves (options, model loading): rank 0 of an srun
+    job hosts the store at once; ranks >= 1 send their standard output to stderr (a model's
+    banner must not mix with rank 0's results); a failure is posted for the other ranks."""
+    if launch is None:
+        yield
+        return
+    host_store(launch)
+    if launch.rank > 0:
+        sys.stdout.flush()
+        os.dup2(2, 1)
+    try:
+        yield
+    except Exception as error:
+        report_failure(launch, (str(error).strip().splitlines() or [type(error).__name__])[0])
+        raise
+
+
 def _failures(store, launch: Launch) -> str | None:
     """The first failure another rank posted, as ``rank R: message``, or None."""
     if store.add(f"{launch.prefix}/failures", 0) == 0:
@@ -92,12 +113,37 @@ def _failures(store, launch: Launch) -> str | None:
     return None
 
 
-def _keepalive(sock: socket.socket) -> None:
-    """Notice a peer whose machine or network vanished (no FIN) within ~30 s when idle."""
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds each step of the authentication handshake may take (a silent client is dropped)."""
+
+
+def _keepalive(sock: socket.socket, timeout: float) -> None:
+    """Notice a peer whose machine or network vanished (no FIN): idle, by keep-alive probes
+    within ~30 s; with data unacknowledged, after ``timeout`` s (``TCP_USER_TIMEOUT``)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", 15), ("TCP_KEEPINTVL", 5), ("TCP_KEEPCNT", 3)):
+    options = (
+        ("TCP_KEEPIDLE", 15),
+        ("TCP_KEEPINTVL", 5),
+        ("TCP_KEEPCNT", 3),
+        ("TCP_USER_TIMEOUT", int(timeout * 1000)),
+    )
+    for option, value in options:
         if hasattr(socket, option):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def _interfaces_named(spec: str, names) -> list[str]:
+    """The interfaces an ``NCCL_SOCKET_IFNAME``-style value selects: comma-separated name
+    prefixes, ``=`` for exact names, ``^`` to exclude (``^lo,docker``: all but those)."""
+    exclude = spec.startswith("^")
+    spec = spec.lstrip("^")
+    exact = spec.startswith("=")
+    wanted = [name for name in spec.lstrip("=").split(",") if name]
+
+    def named(interface: str) -> bool:
+        return any(interface == w if exact else interface.startswith(w) for w in wanted)
+
+    return [interface for interface in sorted(names) if named(interface) != exclude]
 
 
 def _published_addresses(launch: Launch) -> list[str]:
@@ -108,16 +154,19 @@ def _published_addresses(launch: Launch) -> list[str]:
 
     interfaces = psutil.net_if_addrs()
     for variable in (INTERFACE_ENVIRONMENT, "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        name = os.environ.get(variable, "").split(",")[0].lstrip("=^")
-        if not name:
+        spec = os.environ.get(variable, "")
+        if not spec:
             continue
-        addresses = [a.address for a in interfaces.get(name, ()) if a.family == socket.AF_INET]
+        chosen = _interfaces_named(spec, interfaces)
+        addresses = [
+            a.address for name in chosen for a in interfaces[name] if a.family == socket.AF_INET
+        ]
         if not addresses:
             raise ValueError(
-                f"{variable}={name!r}: no such network interface with an IPv4 address here; "
+                f"{variable}={spec!r} selects no network interface with an IPv4 address here; "
                 f"this machine has {', '.join(sorted(interfaces))}"
             )
-        return addresses[:1]
+        return sorted(addresses, key=lambda address: address.startswith("127."))
     found = []
     try:  # the interface that routes to the store's host (no packet is sent)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -132,7 +181,7 @@ def _published_addresses(launch: Launch) -> list[str]:
     return sorted(unique, key=lambda address: address.startswith("127."))
 
 
-def _connect(addresses: list[str], port: int, authkey: bytes) -> Connection:
+def _connect(addresses: list[str], port: int, authkey: bytes, timeout: float) -> Connection:
     """The first of the driver's ``addresses`` that answers, authenticated both ways."""
     failures = []
     for address in addresses:
@@ -142,10 +191,12 @@ def _connect(addresses: list[str], port: int, authkey: bytes) -> Connection:
             failures.append(f"{address}: {error.strerror or error}")
             continue
         sock.settimeout(None)
-        _keepalive(sock)
+        _keepalive(sock, timeout)
         connection = Connection(sock.detach())
+        io_timeout(connection, HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT)
         answer_challenge(connection, authkey)
         deliver_challenge(connection, authkey)
+        io_timeout(connection, 0.0, 0.0)
         return connection
     raise RuntimeError(
         f"cannot reach rank 0 at port {port} ({'; '.join(failures)}); name the interface the "
@@ -189,18 +240,21 @@ class DriverRendezvous:
                 if time.monotonic() > deadline:
                     raise WorkerError(
                         f"starting the job: ranks {sorted(waiting)} did not connect to rank 0 "
-                        f"within {wait:.0f} s; start the same command on every node"
+                        f"within {wait:.0f} s; start the same command on every node (a script "
+                        "must make its DistributedCalculator on every rank)"
                     )
                 if not select.select([self.listener], [], [], 0.5)[0]:
                     continue
                 sock, _ = self.listener.accept()
-                _keepalive(sock)
+                _keepalive(sock, self.timeout)
                 connection = Connection(sock.detach())
                 try:
+                    io_timeout(connection, HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT)
                     deliver_challenge(connection, self.authkey)
                     answer_challenge(connection, self.authkey)
                     _, rank, hello = connection.recv()
-                except Exception:  # not one of ours (a port scanner), or it died meanwhile
+                    io_timeout(connection, 0.0, 0.0)
+                except Exception:  # not one of ours (a port scanner), silent, or it died
                     connection.close()
                     continue
                 ranks[rank] = (connection, hello)
@@ -263,8 +317,26 @@ ENDINGS = {
     "stop": (0, None),
     "abort": (1, "the driver (rank 0) ended the job after an error; its message says why"),
     "lost": (1, "lost the connection to the driver (rank 0): it died, or the network failed"),
+    "silent": (
+        1,
+        "no word from the driver (rank 0), not even its heartbeat: it is stopped or "
+        "frozen, or its machine is unreachable",
+    ),
     "failed": (1, "could not start its worker (rank 0's message says why)"),
 }
+
+ABORT_GRACE = 10.0
+"""Seconds an aborted rank waits for the driver to print its error and exit before it exits."""
+
+
+def _until_closed(connection: Connection, seconds: float) -> None:
+    """Wait (at most ``seconds``) until the driver closes ``connection``."""
+    deadline = time.monotonic() + seconds
+    try:
+        while connection.poll(max(0.0, deadline - time.monotonic())):
+            connection.recv()
+    except (EOFError, OSError):
+        pass
 
 
 def serve(model, launch: Launch, options) -> None:
@@ -283,17 +355,34 @@ def serve(model, launch: Launch, options) -> None:
     raise SystemExit(status)
 
 
+def _terminated(launch: Launch):
+    def handler(signum, frame) -> None:
+        print(
+            f"distmlip: error: rank {launch.rank}: stopped by SIGTERM (its launcher or the "
+            "scheduler ended the job; rank 0's message says why)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(128 + signum)
+
+    return handler
+
+
 def _serve(model, launch: Launch, options) -> str:
     import signal
 
     # Ctrl-C reaches every process of a terminal's job: rank 0 handles it, and ends the job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    deadline = time.monotonic() + max(options.timeout, STARTUP_TIMEOUT)
-    store = _store(launch, max(options.timeout, STARTUP_TIMEOUT))
+    signal.signal(signal.SIGTERM, _terminated(launch))
+    wait = max(options.timeout, STARTUP_TIMEOUT)
+    deadline = time.monotonic() + wait
+    store = _store(launch, wait)
     addresses, port, authkey = _await_driver(launch, store, deadline)
-    connection = _connect(addresses, port, authkey)
+    connection = _connect(addresses, port, authkey, options.timeout)
     hello = {"host": socket.gethostname(), "pid": os.getpid(), "node": launch.node}
     connection.send(("hello", launch.rank, {**hello, "identity": identity(model)}))
+    if not connection.poll(max(0.0, deadline - time.monotonic())):
+        raise JobEnded(f"rank 0 accepted this rank but did not start the job within {wait:.0f} s")
     kind, payload = connection.recv()
     if kind == "refused":
         raise JobEnded(f"refused by rank 0: {payload}")
@@ -305,4 +394,7 @@ def _serve(model, launch: Launch, options) -> str:
         local_rank=launch.local_rank,
         parent_pid=os.getppid(),
     )
-    return run_worker(connection, config, lambda: model)
+    ending = run_worker(connection, config, lambda: model)
+    if ending == "abort":
+        _until_closed(connection, ABORT_GRACE)  # rank 0 prints its error and exits first
+    return ending

@@ -96,6 +96,11 @@ class WorkerConfig:
     torchrun/SLURM job (:mod:`distmlip.cluster`) instead of ``init_method``."""
     local_rank: int | None = None
     """This worker's index on its machine (its GPU); None: ``rank``."""
+    silence: float | None = None
+    """Seconds without a word from the driver (requests or heartbeats) after which a worker
+    on another rank of a launched job decides the driver is stopped or unreachable."""
+    keep_memory: bool = False
+    """Apply ``allocator="keep"`` in-process (workers not started by the driver)."""
 
 
 def error_summary(error: BaseException) -> str:
@@ -160,6 +165,10 @@ def run_worker(connection: Connection, config: WorkerConfig, load_model) -> str:
     job after an error), ``"lost"`` (the driver's socket closed) or ``"failed"`` (set-up
     failed; the driver was told why)."""
     os.environ["OMP_NUM_THREADS"] = str(config.threads)
+    if config.silence is not None:  # a rank of a launched job, not started by the driver
+        from distmlip.environment import adopt_in_process
+
+        adopt_in_process(config.keep_memory, config.device)
     import torch
     import torch.distributed as dist
 
@@ -225,11 +234,15 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
     sizes: dict = {}  # what this call's graph holds, for an out-of-memory report
     while True:
         try:
+            if config.silence is not None and not connection.poll(config.silence):
+                return "silent"
             command, request_id, payload = connection.recv()
         except (EOFError, OSError):  # the driver is gone (or, remote, the network failed)
             return "lost"
         if command in ("stop", "abort"):
             return command
+        if command == "ping":
+            continue
         try:
             sizes.clear()
             peaks.start()

@@ -436,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         launch = detect_launch()
         if launch is not None:
             host_store(launch)
+            if launch.rank > 0:  # rank 0's output alone on stdout, whatever a model prints
+                sys.stdout.flush()
+                os.dup2(2, 1)
         args = _parser().parse_args(argv)
         if launch is not None:
             _launched(args, launch)
@@ -454,10 +457,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _failed(launch, message: str, status: int) -> int:
-    """One line on stderr; in a launched job, rank 0's failure also tells the other ranks."""
+    """One line on stderr; in a launched job, rank 0's failure also tells the other ranks
+    (after the line: it is the job's root cause, and must not be lost in the teardown)."""
+    shown = f"rank {launch.rank}: {message}" if launch is not None and launch.rank else message
+    _error(shown, status)
     if launch is not None:
         from distmlip.rendezvous import report_failure
 
         report_failure(launch, message)
-        message = f"rank {launch.rank}: {message}" if launch.rank else message
-    return _error(message, status)
+    return status
