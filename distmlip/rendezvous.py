@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 
 from distmlip.cluster import Launch, identity
 from distmlip.errors import WorkerError
-from distmlip.processes import io_timeout
+from distmlip.processes import _ABORTED, io_timeout
 from distmlip.worker import STARTUP_TIMEOUT, run_worker
 
 __all__ = ["DriverRendezvous", "JobEnded", "serve", "report_failure", "host_store", "launched"]
@@ -267,8 +267,9 @@ class DriverRendezvous:
                 try:
                     connection.send(("refused", str(error)))
                 except OSError:
-                    pass
-                connection.close()
+                    connection.close()
+                else:  # open until this process exits: the ranks wait for rank 0's line first
+                    _ABORTED.append(connection)
             raise
         finally:
             self.listener.close()
@@ -385,6 +386,7 @@ def _serve(model, launch: Launch, options) -> str:
         raise JobEnded(f"rank 0 accepted this rank but did not start the job within {wait:.0f} s")
     kind, payload = connection.recv()
     if kind == "refused":
+        _until_closed(connection, ABORT_GRACE)  # rank 0 prints why and exits first
         raise JobEnded(f"refused by rank 0: {payload}")
     threads = launch.threads(options.threads_per_worker)
     config = replace(

@@ -65,8 +65,10 @@ def test_multinode_page_shows_the_exchange_volume_table():
     assert table in (DOCS / "multinode.md").read_text()
     import json
 
-    rows = json.loads((DOCS / "benchmarks" / "exchange_volume.json").read_text())["rows"]
+    study = json.loads((DOCS / "benchmarks" / "exchange_volume.json").read_text())
+    rows = study["rows"]
     assert {r["partitioner"] for r in rows} == {"slab", "rcb"} and max(r["P"] for r in rows) >= 64
+    assert {r["model"] for r in study["measured"]} == {"reference", "chgnet"}
 
 
 def test_exchange_volume_counts_what_workers_send(monkeypatch):
