@@ -346,12 +346,22 @@ def test_user_script_runs_unchanged_on_every_rank(tmp_path):
         "e, f = atoms.get_potential_energy(), atoms.get_forces()\n"
         "json.dump({'energy': e, 'forces': f.tolist(), 'nprocs': calc.nprocs}, sys.stdout)\n"
         "calc.close()\n"
+        "from distmlip import WorkerError\n"
+        "for attempt in (lambda: atoms.get_potential_energy(), DistributedCalculator):\n"
+        "    try:\n"
+        "        atoms.rattle(0.01)\n"
+        "        attempt()\n"
+        "    except WorkerError as error:\n"
+        "        print('refused:', error, file=sys.stderr)\n"
     )
     job = run_job(tmp_path, [str(script)], module=False)
     node0, node1 = job.nodes
     assert node0.process.returncode == 0 and node1.process.returncode == 0, job.errors()
     past = [line for n in job.nodes for line in n.stderr.splitlines() if "past the" in line]
     assert past == ["past the calculator on rank 0"]
+    refused = [line for line in node0.stderr.splitlines() if line.startswith("refused:")]
+    assert len(refused) == 2, node0.stderr  # the closed one cannot restart; no second one
+    assert "cannot be restarted" in refused[0] and "one calculator per job" in refused[1]
     ours = json.loads(node0.stdout)
     from distmlip import DistributedCalculator
 
@@ -393,7 +403,7 @@ def test_a_rank_that_cannot_start_stops_the_job_at_once(tmp_path):
     assert re.search(r"^distmlip: error: starting the job: rank [23] failed to start", rank0[0])
 
 
-@pytest.mark.parametrize("victim", ["remote rank", "rank 0's worker"])
+@pytest.mark.parametrize("victim", ["remote rank", "rank 0's worker", "the driver"])
 def test_killing_a_worker_mid_run_ends_the_whole_job(tmp_path, victim):
     timeout = 20
     args = [*MD, "--steps", "100000", "--timeout", str(timeout)]
@@ -410,6 +420,8 @@ def test_killing_a_worker_mid_run_ends_the_whole_job(tmp_path, victim):
             time.sleep(0.3)
         if victim == "remote rank":
             target = job.rank_process(3)
+        elif victim == "the driver":
+            target = job.rank_process(0)
         else:
             driver = job.rank_process(0)
             target = next(p for p in driver.children() if "distmlip._worker" in p.cmdline())
@@ -423,12 +435,17 @@ def test_killing_a_worker_mid_run_ends_the_whole_job(tmp_path, victim):
     assert not job.left_behind()
     assert all(node.process.returncode != 0 for node in job.nodes)
     rank0 = rank0_errors(job)
-    dead = "worker 3" if victim == "remote rank" else "worker 0"
-    assert rank0 and dead in rank0[0], job.errors()
+    if victim == "the driver":
+        assert rank0 == [], job.errors()  # it was killed: the others say so
+    else:
+        dead = "worker 3" if victim == "remote rank" else "worker 0"
+        assert rank0 and dead in rank0[0], job.errors()
     survivors = {1, 2} if victim == "remote rank" else {1, 2, 3}
     for rank in survivors:  # every other rank says why it stopped, in one line
         said = [line for line in job.errors() if line.startswith(f"distmlip: error: rank {rank}:")]
         assert len(said) == 1, (rank, job.errors())
+    if victim == "the driver":
+        return  # SIGKILL may cut the writer mid-frame: --restart repairs that (test_md.py)
     frames = read(trajectory, ":")  # every frame written is complete
     steps = [frame.info["step"] for frame in frames]
     assert steps == list(range(5, 5 * len(frames) + 1, 5))
