@@ -202,7 +202,7 @@ class DistributedCalculator(Calculator):
             if launch is not None and launch.rank > 0:
                 from distmlip.rendezvous import serve
 
-                serve(self.model, launch, options)  # exits the process
+                serve(self.model, launch, options, graph_options)  # exits the process
             self.pool = WorkerPool(self.model, options, graph_options, launch=launch)
             self.last_timings: list[dict[str, float]] = []
             self.last_stats: list[dict[str, int]] = []

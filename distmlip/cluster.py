@@ -29,7 +29,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-__all__ = ["Launch", "detect_launch", "identity", "LAUNCH_ENVIRONMENT"]
+__all__ = ["Launch", "detect_launch", "identity", "run_settings", "LAUNCH_ENVIRONMENT"]
 
 LAUNCH_ENVIRONMENT = "DISTMLIP_LAUNCH"
 """``=local``: ignore torchrun/SLURM variables; calculators start their own workers."""
@@ -103,7 +103,13 @@ def detect_launch(environ=None) -> Launch | None:
         ValueError: a launch whose variables are incomplete (srun without ``MASTER_ADDR``).
     """
     environ = os.environ if environ is None else environ
-    if environ.get(LAUNCH_ENVIRONMENT, "auto") == "local":
+    mode = environ.get(LAUNCH_ENVIRONMENT, "auto").lower()
+    if mode not in ("auto", "local"):
+        raise ValueError(
+            f"{LAUNCH_ENVIRONMENT}={environ[LAUNCH_ENVIRONMENT]!r}: use 'local' (ignore "
+            "torchrun/SLURM) or 'auto' (the default)"
+        )
+    if mode == "local":
         return None
     if "RANK" in environ and "WORLD_SIZE" in environ:  # torchrun, or any env:// launcher
         world = _integer(environ, "WORLD_SIZE")
@@ -193,6 +199,16 @@ def identity(model) -> dict[str, str]:
         "weights": weights.hexdigest()[:16],
         "settings": settings.hexdigest()[:16],
     }
+
+
+def run_settings(options, graph_options) -> dict[str, str]:
+    """The options that change the numbers, which every rank's command line must agree on
+    (threads and memory may differ from machine to machine)."""
+    names = ("dtype", "device", "backend", "checkpoint")
+    settings = {name: repr(getattr(options, name)) for name in names}
+    for name in ("partitioner", "halo", "skin", "resident"):
+        settings[name] = repr(getattr(graph_options, name))
+    return settings
 
 
 def _source_digest() -> str:

@@ -41,7 +41,28 @@ def worker_environment(options: WorkerOptions, base=None) -> dict[str, str]:
         defaults.update(CUDA_ALLOCATOR_ENVIRONMENT)
     environment = {**defaults, **base}
     environment["OMP_NUM_THREADS"] = str(options.threads)
+    # A launcher's variables are for the process it started, not for our workers: with
+    # TORCHELASTIC_USE_AGENT_STORE, torch would make a worker's own rendezvous a client of a
+    # store nobody serves (a hang under torchrun with one rank, or DISTMLIP_LAUNCH=local).
+    for name in LAUNCHER_VARIABLES:
+        environment.pop(name, None)
     return environment
+
+
+LAUNCHER_VARIABLES = (
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+"""Variables torchrun sets for its processes that the workers they start must not inherit."""
 
 
 def adopt_in_process(keep_memory: bool, device: str) -> None:

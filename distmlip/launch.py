@@ -51,6 +51,9 @@ from distmlip.processes import (  # noqa: F401  (collect_replies re-exported)
     _NoAnswer,
     _ReplyFailure,
     collect_replies,
+    driver_silence,
+    heartbeat,
+    heartbeat_interval,
     io_timeout,
 )
 from distmlip.worker import STARTUP_ID, STARTUP_TIMEOUT, EvaluationRequest, WorkerConfig
@@ -66,36 +69,6 @@ STOP_GRACE = 5.0
 
 _LAUNCHED = []
 """Pools this process made for a torchrun/SLURM job: the job's other ranks serve one only."""
-
-
-def heartbeat_interval(timeout: float) -> float:
-    """Seconds between the driver's heartbeats to the remote ranks of a launched job."""
-    return min(5.0, timeout / 4)
-
-
-def _heartbeat(pool_reference, interval: float) -> None:
-    """Tell the remote ranks, while the pool is idle, that the driver is alive: a rank that
-    hears nothing for longer than a call may take (:attr:`WorkerConfig.silence`) exits, so a
-    stopped or frozen driver cannot keep them waiting forever."""
-    while True:
-        time.sleep(interval)
-        pool = pool_reference()
-        if pool is None or pool._workers is None:
-            return
-        if not pool._lock.acquire(blocking=False):  # a call is running: the ranks are busy
-            continue
-        try:
-            workers = pool._workers
-            if pool._state == "ready" and workers is not None:
-                for process in workers.processes:
-                    if isinstance(process, RemoteProcess):
-                        try:
-                            process.connection.send(("ping", STARTUP_ID, None))
-                        except (OSError, ValueError):
-                            pass  # gone: the next call reports it
-        finally:
-            pool._lock.release()
-        del pool, workers
 
 
 def _free_port() -> int:
@@ -150,8 +123,8 @@ class WorkerPool:
         self._rendezvous = None
         self._identity = None
         if launch is not None:
-            from distmlip.cluster import identity
-            from distmlip.rendezvous import DriverRendezvous
+            from distmlip.cluster import identity, run_settings
+            from distmlip.rendezvous import DriverRendezvous, abort_on_uncaught
 
             if _LAUNCHED:
                 raise WorkerError(
@@ -160,8 +133,9 @@ class WorkerPool:
                 )
             _LAUNCHED.append(weakref.ref(self))
             self.threads = launch.threads(options.threads_per_worker)
-            self._identity = identity(model)
+            self._identity = identity(model), run_settings(options, self.graph_options)
             self._rendezvous = DriverRendezvous(launch, options.timeout)
+            abort_on_uncaught(self)
 
     @property
     def running(self) -> bool:
@@ -206,14 +180,6 @@ class WorkerPool:
                     self._discard(grace=0.0)
                     raise
                 self._state = "ready"
-                if self.launch is not None:
-                    beat = threading.Thread(
-                        target=_heartbeat,
-                        args=(weakref.ref(self), heartbeat_interval(self.timeout)),
-                        name="distmlip-heartbeat",
-                        daemon=True,
-                    )
-                    beat.start()
                 return
 
     def _spawn(self, workers: Workers) -> None:
@@ -226,17 +192,24 @@ class WorkerPool:
         init = {"init_method": "", "store": rendezvous.group_store}
         local_rank = self.launch.local_rank
         self._start_local(workers, 0, local_rank, init)
-        for rank, (connection, hello) in sorted(rendezvous.accept(self._identity).items()):
+        for rank, (connection, hello) in sorted(rendezvous.accept(*self._identity).items()):
             workers.processes.append(
                 RemoteProcess(connection, hello["pid"], hello["host"], hello["node"])
             )
             workers.connections.append(connection)
             io_timeout(connection, send=self.timeout)
             remote = {
-                "silence": self.timeout + 3 * heartbeat_interval(self.timeout),
+                "silence": driver_silence(self.timeout),
                 "keep_memory": self.options.allocator == "keep",
             }
-            connection.send(("config", self._config(rank, {**init, **remote}, ())))
+            workers.send(rank, ("config", self._config(rank, {**init, **remote}, ())))
+        # From now on, until these workers stop, also while they start and during calls.
+        threading.Thread(
+            target=heartbeat,
+            args=(weakref.ref(self), workers, heartbeat_interval(self.timeout)),
+            name="distmlip-heartbeat",
+            daemon=True,
+        ).start()
 
     def _config(self, rank: int, init: dict, cores: tuple) -> WorkerConfig:
         options = self.options
@@ -370,9 +343,9 @@ class WorkerPool:
             request_id = self._request_id
             self._state = "busy"
             try:
-                for rank, connection in enumerate(self._workers.connections):
+                for rank in range(self.nprocs):
                     try:
-                        connection.send(("evaluate", request_id, payload))
+                        self._workers.send(rank, ("evaluate", request_id, payload))
                     except (OSError, ValueError):
                         # The clean-up below stops the workers.
                         raise WorkerError(

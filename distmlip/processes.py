@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import subprocess
+import threading
 import time
 from multiprocessing.connection import Connection, wait
 
@@ -14,7 +15,15 @@ from distmlip.exchange import StructureRejected
 from distmlip.memory import KILLED_HINT
 from distmlip.worker import STARTUP_ID
 
-__all__ = ["Workers", "RemoteProcess", "collect_replies", "io_timeout"]
+__all__ = [
+    "Workers",
+    "RemoteProcess",
+    "collect_replies",
+    "io_timeout",
+    "heartbeat",
+    "heartbeat_interval",
+    "driver_silence",
+]
 
 
 def io_timeout(connection: Connection, send: float, receive: float = 0.0) -> None:
@@ -89,6 +98,11 @@ class RemoteProcess:
     def __init__(self, connection: Connection, pid: int, host: str, node: int):
         self.connection, self.pid, self.host, self.node = connection, pid, host, node
         self._lost = False
+        self._sending = threading.Lock()  # the driver's thread and its heartbeat both send
+
+    def send(self, message) -> None:
+        with self._sending:
+            self.connection.send(message)
 
     def poll(self) -> int | None:
         if not self._lost:
@@ -113,7 +127,7 @@ class RemoteProcess:
     def kill(self, reason: str = "the driver (rank 0) ended the job after an error") -> None:
         try:
             io_timeout(self.connection, send=1.0)  # a stuck rank must not hold the driver
-            self.connection.send(("abort", STARTUP_ID, reason))
+            self.send(("abort", STARTUP_ID, reason))
         except (OSError, ValueError):
             pass
         else:
@@ -138,6 +152,13 @@ class Workers:
         self.connections: list[Connection] = []
         self.owner_pid = os.getpid()
 
+    def send(self, rank: int, message) -> None:
+        process = self.processes[rank]
+        if isinstance(process, RemoteProcess):
+            process.send(message)
+        else:
+            self.connections[rank].send(message)
+
     def stop(self, grace: float) -> None:
         """Ask idle workers to leave, wait ``grace`` s, kill the rest, reap all (remote ranks:
         ``stop`` when idle, else ``abort``; they exit themselves)."""
@@ -147,9 +168,9 @@ class Workers:
                 connection.close()
             return
         if grace > 0:
-            for connection in self.connections:
+            for rank in range(len(self.connections)):
                 try:
-                    connection.send(("stop", STARTUP_ID, None))
+                    self.send(rank, ("stop", STARTUP_ID, None))
                 except (OSError, ValueError):
                     pass
             deadline = time.monotonic() + grace
@@ -207,3 +228,32 @@ class Workers:
         if status == "stopped":
             return f"worker {rank} (pid {process.pid}) is stopped (SIGSTOP or Ctrl-Z)"
         return f"worker {rank} (pid {process.pid}) is {status}"
+
+
+def heartbeat_interval(timeout: float) -> float:
+    """Seconds between the driver's heartbeats to the remote ranks of a launched job."""
+    return min(5.0, max(0.5, timeout / 4))
+
+
+def driver_silence(timeout: float) -> float:
+    """Seconds without a word from the driver after which a remote rank leaves."""
+    interval = heartbeat_interval(timeout)
+    return max(timeout, 4 * interval) + 2 * interval
+
+
+def heartbeat(pool_reference, workers: Workers, interval: float) -> None:
+    """Tell the remote ranks that the driver is alive, every ``interval`` s for as long as
+    ``workers`` serve the pool: a rank that hears nothing (no request, no heartbeat) for
+    :func:`driver_silence` exits, so a stopped or frozen driver cannot keep it waiting."""
+    while True:
+        time.sleep(interval)
+        pool = pool_reference()
+        if pool is None or pool._workers is not workers:
+            return
+        del pool
+        for process in workers.processes:
+            if isinstance(process, RemoteProcess):
+                try:
+                    process.send(("ping", STARTUP_ID, None))
+                except (OSError, ValueError):
+                    pass  # gone: the next call reports it

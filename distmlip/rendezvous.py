@@ -21,12 +21,20 @@ import time
 from dataclasses import replace
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 
-from distmlip.cluster import Launch, identity
+from distmlip.cluster import Launch, identity, run_settings
 from distmlip.errors import WorkerError
 from distmlip.processes import _ABORTED, io_timeout
 from distmlip.worker import STARTUP_TIMEOUT, run_worker
 
-__all__ = ["DriverRendezvous", "JobEnded", "serve", "report_failure", "host_store", "launched"]
+__all__ = [
+    "DriverRendezvous",
+    "JobEnded",
+    "serve",
+    "report_failure",
+    "host_store",
+    "launched",
+    "abort_on_uncaught",
+]
 
 INTERFACE_ENVIRONMENT = "DISTMLIP_SOCKET_IFNAME"
 """Network interface whose address the driver publishes (default: ``GLOO_SOCKET_IFNAME``,
@@ -46,23 +54,63 @@ def _store(launch: Launch, timeout: float, host: bool = False):
     lifetime so that the other ranks can post and read while rank 0 works."""
     from torch.distributed import TCPStore
 
+    where = f"{launch.master_addr}:{launch.master_port}"
     if host or launch.job in _HOSTED:
         if launch.job not in _HOSTED:
-            _HOSTED[launch.job] = TCPStore(
-                launch.master_addr,
-                launch.master_port,
-                is_master=True,
-                timeout=datetime.timedelta(seconds=timeout),
-                wait_for_workers=False,
-            )
+            try:
+                _HOSTED[launch.job] = TCPStore(
+                    launch.master_addr,
+                    launch.master_port,
+                    is_master=True,
+                    timeout=datetime.timedelta(seconds=timeout),
+                    wait_for_workers=False,
+                )
+            except Exception as error:
+                if "EADDRINUSE" not in str(error) and "in use" not in str(error):
+                    raise
+                raise ValueError(
+                    f"MASTER_PORT={launch.master_port} is in use on this machine (another job "
+                    "or program): give each job its own, e.g. "
+                    "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))"
+                ) from None
         return _HOSTED[launch.job]
-    return TCPStore(
-        launch.master_addr,
-        launch.master_port,
-        is_master=False,
-        timeout=datetime.timedelta(seconds=timeout),
-        wait_for_workers=False,
-    )
+
+    def connect():
+        return TCPStore(
+            launch.master_addr,
+            launch.master_port,
+            is_master=False,
+            timeout=datetime.timedelta(seconds=timeout),
+            wait_for_workers=False,
+        )
+
+    # TCPStore's own timeout does not bound a handshake with a listener that is not a store.
+    return _within(connect, timeout + 5.0, f"connecting to the job's store at {where}")
+
+
+def _within(function, seconds: float, what: str):
+    """``function()``, or RuntimeError if it has not returned within ``seconds``."""
+    import threading
+
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # handed to the caller
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="distmlip-store", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise RuntimeError(
+            f"{what}: no answer within {seconds:.0f} s; is another program listening on "
+            "MASTER_PORT?"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def host_store(launch: Launch) -> None:
@@ -100,6 +148,22 @@ def launched(launch: Launch | None):
     except Exception as error:
         report_failure(launch, (str(error).strip().splitlines() or [type(error).__name__])[0])
         raise
+
+
+def abort_on_uncaught(pool) -> None:
+    """A script that dies on rank 0 with an uncaught exception ends the job as a failure: the
+    other ranks are aborted (status 1), not stopped as after a clean end."""
+    import weakref
+
+    previous, reference = sys.excepthook, weakref.ref(pool)
+
+    def hook(kind, value, traceback) -> None:
+        previous(kind, value, traceback)
+        alive = reference()
+        if alive is not None:
+            alive._discard(grace=0.0)
+
+    sys.excepthook = hook
 
 
 def _failures(store, launch: Launch) -> str | None:
@@ -221,8 +285,9 @@ class DriverRendezvous:
         """Where the workers form their process group: ``WorkerConfig.store``."""
         return (self.launch.master_addr, self.launch.master_port, f"{self.launch.prefix}/group")
 
-    def accept(self, own: dict[str, str]) -> dict[int, tuple[Connection, dict]]:
-        """Every other rank's connection and hello, checked against ``own`` identity.
+    def accept(self, own: dict[str, str], settings: dict) -> dict[int, tuple[Connection, dict]]:
+        """Every other rank's connection and hello, checked against ``own`` identity and the
+        :func:`~distmlip.cluster.run_settings` of rank 0.
 
         Raises:
             ValueError: a rank runs a different model or installation (all are refused).
@@ -261,7 +326,9 @@ class DriverRendezvous:
                 waiting.discard(rank)
             for rank, (_, hello) in sorted(ranks.items()):
                 if hello["identity"] != own:
-                    raise ValueError(_mismatch(rank, hello, own))
+                    raise ValueError(_mismatch(rank, hello["host"], hello["identity"], own))
+                if hello["settings"] != settings:
+                    raise ValueError(_mismatch(rank, hello["host"], hello["settings"], settings))
         except BaseException as error:
             for connection, _ in ranks.values():
                 try:
@@ -276,16 +343,16 @@ class DriverRendezvous:
         return ranks
 
 
-def _mismatch(rank: int, hello: dict, own: dict) -> str:
-    theirs = hello["identity"]
+def _mismatch(rank: int, host: str, theirs: dict, own: dict) -> str:
     differ = [
         f"{key} {theirs.get(key)} on rank {rank}, {value} on rank 0"
         for key, value in own.items()
         if theirs.get(key) != value
     ]
     return (
-        f"rank {rank} (on {hello['host']}) was started with a different model or installation: "
-        f"{'; '.join(differ)}; start every rank with the same command, model and versions"
+        f"rank {rank} (on {host}) was started with a different model, installation or "
+        f"options: {'; '.join(differ)}; start every rank with the same command, model and "
+        "versions"
     )
 
 
@@ -340,36 +407,36 @@ def _until_closed(connection: Connection, seconds: float) -> None:
         pass
 
 
-def serve(model, launch: Launch, options) -> None:
+def serve(model, launch: Launch, options, graph_options) -> None:
     """Be worker ``launch.rank`` of the job until the driver closes it, then exit the process
     (``SystemExit``: 0 after a clean end, 1 after an error, with one line on stderr)."""
     sys.stdout.flush()
     os.dup2(2, 1)  # nothing but rank 0's output on standard output (model banners included)
     try:
-        status, message = ENDINGS[_serve(model, launch, options)]
+        status, message = ENDINGS[_serve(model, launch, options, graph_options)]
     except Exception as error:
         status, message = 1, (str(error).strip().splitlines() or [type(error).__name__])[0]
         if not isinstance(error, JobEnded):
             report_failure(launch, message)
-    if message:
-        print(f"distmlip: error: rank {launch.rank}: {message}", file=sys.stderr, flush=True)
+    if message:  # one write: lines of ranks sharing a terminal do not interleave
+        sys.stderr.write(f"distmlip: error: rank {launch.rank}: {message}\n")
+        sys.stderr.flush()
     raise SystemExit(status)
 
 
 def _terminated(launch: Launch):
     def handler(signum, frame) -> None:
-        print(
+        os.write(
+            2,
             f"distmlip: error: rank {launch.rank}: stopped by SIGTERM (its launcher or the "
-            "scheduler ended the job; rank 0's message says why)",
-            file=sys.stderr,
-            flush=True,
+            "scheduler ended the job; rank 0's message says why)\n".encode(),
         )
         os._exit(128 + signum)
 
     return handler
 
 
-def _serve(model, launch: Launch, options) -> str:
+def _serve(model, launch: Launch, options, graph_options) -> str:
     import signal
 
     # Ctrl-C reaches every process of a terminal's job: rank 0 handles it, and ends the job.
@@ -381,7 +448,8 @@ def _serve(model, launch: Launch, options) -> str:
     addresses, port, authkey = _await_driver(launch, store, deadline)
     connection = _connect(addresses, port, authkey, options.timeout)
     hello = {"host": socket.gethostname(), "pid": os.getpid(), "node": launch.node}
-    connection.send(("hello", launch.rank, {**hello, "identity": identity(model)}))
+    hello.update(identity=identity(model), settings=run_settings(options, graph_options))
+    connection.send(("hello", launch.rank, hello))
     if not connection.poll(max(0.0, deadline - time.monotonic())):
         raise JobEnded(f"rank 0 accepted this rank but did not start the job within {wait:.0f} s")
     kind, payload = connection.recv()

@@ -45,7 +45,15 @@ class Job:
     seen: dict[int, float] = field(default_factory=dict)  # pid → create time
 
     @classmethod
-    def start(cls, node_args: list[list[str]], cwds: list[Path], module=True, env=None) -> Job:
+    def start(
+        cls,
+        node_args: list[list[str]],
+        cwds: list[Path],
+        module=True,
+        env=None,
+        n_nodes=NODES,
+        per_node=PER_NODE,
+    ) -> Job:
         port = free_port()
         nodes = []
         for node_rank, (args, cwd) in enumerate(zip(node_args, cwds, strict=True)):
@@ -53,8 +61,8 @@ class Job:
                 sys.executable,
                 "-m",
                 "torch.distributed.run",
-                f"--nnodes={NODES}",
-                f"--nproc-per-node={PER_NODE}",
+                f"--nnodes={n_nodes}",
+                f"--nproc-per-node={per_node}",
                 f"--node-rank={node_rank}",
                 "--master-addr=127.0.0.1",
                 f"--master-port={port}",

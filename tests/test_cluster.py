@@ -167,6 +167,28 @@ def test_a_send_to_a_worker_that_stopped_reading_times_out():
     theirs.close()
 
 
+def test_a_busy_or_silent_master_port_is_an_error_not_a_hang():
+    import socket
+
+    from distmlip.rendezvous import _store
+
+    with socket.create_server(("127.0.0.1", 0)) as squatter:  # listens, never speaks
+        port = squatter.getsockname()[1]
+        launch = detect_launch({**TORCHRUN, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        with pytest.raises(ValueError, match=f"MASTER_PORT={port} is in use on this machine"):
+            _store(launch, 5.0, host=True)
+        began = time.monotonic()
+        with pytest.raises(RuntimeError, match="no answer within"):
+            _store(launch, 1.0)
+        assert time.monotonic() - began < 15
+
+
+def test_distmlip_launch_values():
+    assert detect_launch({**TORCHRUN, "DISTMLIP_LAUNCH": "LOCAL"}) is None
+    with pytest.raises(ValueError, match="DISTMLIP_LAUNCH='Lcoal': use 'local'"):
+        detect_launch({**TORCHRUN, "DISTMLIP_LAUNCH": "Lcoal"})
+
+
 def test_tasks_per_node():
     assert _tasks_per_node("2(x3),1") == [2, 2, 2, 1]
     assert _tasks_per_node("4") == [4]
@@ -332,6 +354,19 @@ def test_srun_rank_0_failing_before_its_calculator_stops_every_task(tmp_path):
     assert len(others) == 3 and all("rank 0 failed to start" in line for line in others), others
 
 
+def test_torchrun_with_one_rank_is_an_ordinary_run(tmp_path):
+    job = Job.start(
+        [["predict", "bulk:Cu:fcc:3.61:cubic", "--model", "reference", "--json"]],
+        [tmp_path],
+        n_nodes=1,
+        per_node=1,
+    )
+    job.wait(120)
+    assert job.nodes[0].process.returncode == 0, job.nodes[0].stderr
+    assert json.loads(job.nodes[0].stdout)["nprocs"] == 2  # its own two workers
+    assert not job.left_behind()
+
+
 def test_user_script_runs_unchanged_on_every_rank(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(
@@ -377,18 +412,28 @@ def test_user_script_runs_unchanged_on_every_rank(tmp_path):
 # --- faults ----------------------------------------------------------------------------------
 
 
-def test_a_rank_with_another_model_is_refused_at_start(tmp_path):
+@pytest.mark.parametrize(
+    "other, said",
+    [
+        (
+            ["--model", "chgnet"],
+            "model distmlip.models.chgnet.CHGNetAdapter on rank 2, "
+            "distmlip.models.reference.ReferenceMPNN on rank 0",
+        ),
+        (["--model", "reference", "--dtype", "float32"], "dtype 'float32' on rank 2"),
+    ],
+)
+def test_a_rank_with_another_model_or_options_is_refused_at_start(tmp_path, other, said):
     args = ["predict", "bulk:Cu:fcc:3.61:cubic", "--model", "reference", "--json"]
     began = time.monotonic()
-    job = run_job(tmp_path, args, node1_args=[*args[:3], "chgnet", "--json"], timeout=120)
-    assert time.monotonic() - began < 120
+    job = run_job(tmp_path, args, node1_args=[args[0], args[1], *other, "--json"], timeout=120)
+    assert time.monotonic() - began < 60
     assert all(node.process.returncode != 0 for node in job.nodes)
     assert all(node.stdout == "" for node in job.nodes)
-    refusal = [line for line in job.errors() if "rank 1:" not in line and "rank 2" in line]
-    assert refusal and "different model" in refusal[0], job.errors()
-    assert (
-        "CHGNetAdapter on rank 2, distmlip.models.reference.ReferenceMPNN on rank 0" in (refusal[0])
-    )
+    rank0 = rank0_errors(job)
+    assert len(rank0) == 1 and rank0[0].startswith("distmlip: error: rank 2 (on "), job.errors()
+    assert "was started with a different model, installation or options" in rank0[0]
+    assert said in rank0[0]
 
 
 def test_a_rank_that_cannot_start_stops_the_job_at_once(tmp_path):

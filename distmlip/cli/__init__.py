@@ -387,7 +387,8 @@ def _handler(spec: str):
 
 
 def _error(message: str, status: int) -> int:
-    print(f"distmlip: error: {message}", file=sys.stderr)
+    sys.stderr.write(f"distmlip: error: {message}\n")  # one write: ranks' lines do not mix
+    sys.stderr.flush()
     return status
 
 
@@ -448,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         return _failed(launch, str(error), 2)
     except KeyboardInterrupt:
-        print("distmlip: interrupted", file=sys.stderr)
+        where = f" (rank {launch.rank})" if launch is not None else ""
+        sys.stderr.write(f"distmlip: interrupted{where}\n")
         return 130
     except Exception as error:
         if os.environ.get("DISTMLIP_TRACEBACK"):

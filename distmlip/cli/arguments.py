@@ -194,4 +194,6 @@ def worker_calculator(args, **options):
         checkpoint=args.checkpoint,
         timeout=args.timeout,
     )
+    if hasattr(args, "skin"):  # md and demo: the same on every rank of a launched job
+        settings["skin"] = args.skin
     return DistributedCalculator(args.model, **{**settings, **options})
