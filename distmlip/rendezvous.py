@@ -418,6 +418,10 @@ def serve(model, launch: Launch, options, graph_options) -> None:
         status, message = 1, (str(error).strip().splitlines() or [type(error).__name__])[0]
         if not isinstance(error, JobEnded):
             report_failure(launch, message)
+    # Ending already: a launcher's SIGTERM now would only add a second line for this rank.
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if message:  # one write: lines of ranks sharing a terminal do not interleave
         sys.stderr.write(f"distmlip: error: rank {launch.rank}: {message}\n")
         sys.stderr.flush()
