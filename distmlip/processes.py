@@ -121,9 +121,6 @@ class RemoteProcess:
                 probe.close()
         return 1 if self._lost else None
 
-    def wait(self, timeout: float | None = None) -> int | None:
-        return self.poll()
-
     def kill(self, reason: str = "the driver (rank 0) ended the job after an error") -> None:
         try:
             io_timeout(self.connection, send=1.0)  # a stuck rank must not hold the driver
