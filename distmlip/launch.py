@@ -61,20 +61,11 @@ from distmlip.worker import STARTUP_ID, STARTUP_TIMEOUT, EvaluationRequest, Work
 __all__ = ["WorkerPool", "WorkerError", "WorkerOptions", "collect_replies"]
 
 
-PORT_ATTEMPTS = 3
-"""Start-ups tried when the rendezvous port is taken between choosing and using it."""
-
 STOP_GRACE = 5.0
 """Seconds idle workers get to leave cleanly on :meth:`WorkerPool.close` before being killed."""
 
 _LAUNCHED = []
 """Pools this process made for a torchrun/SLURM job: the job's other ranks serve one only."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 _LIVE_POOLS: weakref.WeakSet = weakref.WeakSet()
@@ -158,33 +149,24 @@ class WorkerPool:
                     "this calculator was closed or a call failed, and cannot be restarted: one "
                     "calculator per job; start the job again"
                 )
-            for attempt in range(PORT_ATTEMPTS):
+            self._discard(grace=0.0)
+            workers = self._workers = Workers()
+            self._finalizer = weakref.finalize(self, workers.stop, STOP_GRACE)
+            self._state = "starting"
+            _LIVE_POOLS.add(self)
+            try:
+                self._spawn(workers)
+                self._collect(STARTUP_ID, "starting workers", max(self.timeout, STARTUP_TIMEOUT))
+            except BaseException:
                 self._discard(grace=0.0)
-                workers = self._workers = Workers()
-                self._finalizer = weakref.finalize(self, workers.stop, STOP_GRACE)
-                self._state = "starting"
-                _LIVE_POOLS.add(self)
-                try:
-                    self._spawn(workers)
-                    timeout = max(self.timeout, STARTUP_TIMEOUT)
-                    self._collect(STARTUP_ID, "starting workers", timeout)
-                except WorkerError as error:
-                    self._discard(grace=0.0)
-                    # The rendezvous port was free when chosen, but another process took it
-                    # before rank 0 listened on it: start again on a new port.
-                    retry = self.launch is None and attempt + 1 < PORT_ATTEMPTS
-                    if "EADDRINUSE" in str(error) and retry:
-                        continue
-                    raise
-                except BaseException:
-                    self._discard(grace=0.0)
-                    raise
-                self._state = "ready"
-                return
+                raise
+            self._state = "ready"
 
     def _spawn(self, workers: Workers) -> None:
         if self.launch is None:
-            init = {"init_method": f"tcp://127.0.0.1:{_free_port()}"}
+            # A file in a user-only directory, not a TCP store (which would listen on every
+            # interface): only this user's processes can join the group.
+            init = {"init_method": workers.meeting_place()}
             for rank in range(self.nprocs):
                 self._start_local(workers, rank, rank, init)
             return

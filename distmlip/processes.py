@@ -148,6 +148,16 @@ class Workers:
         self.processes: list[subprocess.Popen | RemoteProcess] = []
         self.connections: list[Connection] = []
         self.owner_pid = os.getpid()
+        self.meeting_dir: str | None = None
+        """A user-only directory holding the local workers' rendezvous file (no listener:
+        another user of the machine can neither read nor join the group), removed on stop."""
+
+    def meeting_place(self) -> str:
+        """The ``file://`` init method of a fresh, user-only (0700) directory."""
+        import tempfile
+
+        self.meeting_dir = tempfile.mkdtemp(prefix="distmlip-")
+        return f"file://{self.meeting_dir}/store"
 
     def send(self, rank: int, message) -> None:
         process = self.processes[rank]
@@ -190,6 +200,11 @@ class Workers:
         for connection in self.connections:
             if not any(connection is aborted for aborted in _ABORTED):
                 connection.close()
+        if self.meeting_dir is not None:
+            import shutil
+
+            shutil.rmtree(self.meeting_dir, ignore_errors=True)
+            self.meeting_dir = None
 
     def _status(self, rank: int) -> str:
         try:

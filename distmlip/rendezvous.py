@@ -1,19 +1,20 @@
 """How the ranks of a torchrun/SLURM job meet (:mod:`distmlip.cluster` says who they are).
 
 Through the job's TCP store (torchrun's agent hosts it at ``MASTER_ADDR:MASTER_PORT``; under srun
-rank 0 hosts one there): rank 0 publishes the addresses of a listening socket and an
-authentication key; every other rank connects, authenticates, says who it is (host, pid,
-:func:`~distmlip.cluster.identity`), and is accepted or refused; a rank that fails before it
-connects posts its error there, so the others stop at once. Then each rank serves rank 0 as
-worker ``RANK`` (:func:`serve`) until rank 0 closes.
+rank 0 hosts one there): rank 0 publishes a record of where it listens, signed with a key only
+the job's ranks can derive (:mod:`distmlip.jobsecret`: the store has no access control, so it
+carries no secret and nothing read from it is unpickled); every other rank checks the
+signature, connects, proves it holds the key (and makes rank 0 prove it), says who it is
+(host, pid, :func:`~distmlip.cluster.identity`), and is accepted or refused. A connection that
+fails the proof is logged and dropped, and the job goes on. A rank that fails before it
+connects posts its error to the store, so the others stop at once. Then each rank serves rank
+0 as worker ``RANK`` (:func:`serve`) until rank 0 closes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import os
-import pickle
 import select
 import socket
 import sys
@@ -23,6 +24,9 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 
 from distmlip.cluster import Launch, identity, run_settings
 from distmlip.errors import WorkerError
+from distmlip.jobsecret import SECRET_ENVIRONMENT, JobKeys, job_secret, secret_file
+from distmlip.jobstore import JobEnded, failures, host_store, job_store, present, report_failure
+from distmlip.network import job_addresses, keepalive, listen
 from distmlip.processes import _ABORTED, io_timeout
 from distmlip.worker import STARTUP_TIMEOUT, run_worker
 
@@ -35,100 +39,6 @@ __all__ = [
     "launched",
     "abort_on_uncaught",
 ]
-
-INTERFACE_ENVIRONMENT = "DISTMLIP_SOCKET_IFNAME"
-"""Network interface whose address the driver publishes (default: ``GLOO_SOCKET_IFNAME``,
-then ``NCCL_SOCKET_IFNAME``, then the one that routes to ``MASTER_ADDR``)."""
-
-
-class JobEnded(RuntimeError):
-    """Another rank failed to start, or rank 0 refused this one: nothing more to report."""
-
-
-_HOSTED: dict = {}
-"""The store this process hosts (rank 0 under srun), by job: one server per process."""
-
-
-def _store(launch: Launch, timeout: float, host: bool = False):
-    """A client of the job's TCP store, or (``host``) the store itself, kept for the process's
-    lifetime so that the other ranks can post and read while rank 0 works."""
-    from torch.distributed import TCPStore
-
-    where = f"{launch.master_addr}:{launch.master_port}"
-    if host or launch.job in _HOSTED:
-        if launch.job not in _HOSTED:
-            try:
-                _HOSTED[launch.job] = TCPStore(
-                    launch.master_addr,
-                    launch.master_port,
-                    is_master=True,
-                    timeout=datetime.timedelta(seconds=timeout),
-                    wait_for_workers=False,
-                )
-            except Exception as error:
-                if "EADDRINUSE" not in str(error) and "in use" not in str(error):
-                    raise
-                raise ValueError(
-                    f"MASTER_PORT={launch.master_port} is in use on this machine (another job "
-                    "or program): give each job its own, e.g. "
-                    "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))"
-                ) from None
-        return _HOSTED[launch.job]
-
-    def connect():
-        return TCPStore(
-            launch.master_addr,
-            launch.master_port,
-            is_master=False,
-            timeout=datetime.timedelta(seconds=timeout),
-            wait_for_workers=False,
-        )
-
-    # TCPStore's own timeout does not bound a handshake with a listener that is not a store.
-    return _within(connect, timeout + 5.0, f"connecting to the job's store at {where}")
-
-
-def _within(function, seconds: float, what: str):
-    """``function()``, or RuntimeError if it has not returned within ``seconds``."""
-    import threading
-
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = function()
-        except BaseException as error:  # handed to the caller
-            outcome["error"] = error
-
-    thread = threading.Thread(target=run, name="distmlip-store", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        raise RuntimeError(
-            f"{what}: no answer within {seconds:.0f} s; is another program listening on "
-            "MASTER_PORT?"
-        )
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
-def host_store(launch: Launch) -> None:
-    """On rank 0 of an srun job, start the job's store now, before reading any input, so the
-    other ranks hear at once if rank 0 fails (torchrun's agent hosts it already)."""
-    if launch.rank == 0 and launch.host_store:
-        _store(launch, STARTUP_TIMEOUT, host=True)
-
-
-def report_failure(launch: Launch, message: str) -> None:
-    """Tell the other ranks (through the store) that this rank failed before it could serve,
-    so they stop at once instead of waiting for it. Best effort: a few seconds at most."""
-    try:
-        store = _store(launch, 5.0)
-        store.set(f"{launch.prefix}/failed/{launch.rank}", message)
-        store.add(f"{launch.prefix}/failures", 1)
-    except Exception:  # the store is gone: the job is ending anyway
-        pass
 
 
 @contextlib.contextmanager
@@ -166,106 +76,52 @@ def abort_on_uncaught(pool) -> None:
     sys.excepthook = hook
 
 
-def _failures(store, launch: Launch) -> str | None:
-    """The first failure another rank posted, as ``rank R: message``, or None."""
-    if store.add(f"{launch.prefix}/failures", 0) == 0:
-        return None
-    for rank in range(launch.world_size):
-        key = f"{launch.prefix}/failed/{rank}"
-        if store.check([key]):
-            return f"rank {rank} failed to start: {store.get(key).decode()}"
-    return None
-
-
 HANDSHAKE_TIMEOUT = 10.0
 """Seconds each step of the authentication handshake may take (a silent client is dropped)."""
 
 
-def _keepalive(sock: socket.socket, timeout: float) -> None:
-    """Notice a peer whose machine or network vanished (no FIN): idle, by keep-alive probes
-    within ~30 s; with data unacknowledged, after ``timeout`` s (``TCP_USER_TIMEOUT``)."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    options = (
-        ("TCP_KEEPIDLE", 15),
-        ("TCP_KEEPINTVL", 5),
-        ("TCP_KEEPCNT", 3),
-        ("TCP_USER_TIMEOUT", int(timeout * 1000)),
-    )
-    for option, value in options:
-        if hasattr(socket, option):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+def _keys(launch: Launch) -> JobKeys:
+    return JobKeys(job_secret(), launch.prefix)
 
 
-def _interfaces_named(spec: str, names) -> list[str]:
-    """The interfaces an ``NCCL_SOCKET_IFNAME``-style value selects: comma-separated name
-    prefixes, ``=`` for exact names, ``^`` to exclude (``^lo,docker``: all but those)."""
-    exclude = spec.startswith("^")
-    spec = spec.lstrip("^")
-    exact = spec.startswith("=")
-    wanted = [name for name in spec.lstrip("=").split(",") if name]
-
-    def named(interface: str) -> bool:
-        return any(interface == w if exact else interface.startswith(w) for w in wanted)
-
-    return [interface for interface in sorted(names) if named(interface) != exclude]
+SECRET_HINT = (
+    f"every rank needs the same secret: the same {SECRET_ENVIRONMENT} in every rank's "
+    "environment, or the same user-only file "
+)
 
 
-def _published_addresses(launch: Launch) -> list[str]:
-    """This machine's addresses for the other ranks to try, best first: the named interface's
-    alone, else the one that routes to the store's host, then every other IPv4 address
-    (loopback last: a hostname may resolve to 127.0.1.1, which other machines cannot reach)."""
-    import psutil
-
-    interfaces = psutil.net_if_addrs()
-    for variable in (INTERFACE_ENVIRONMENT, "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-        spec = os.environ.get(variable, "")
-        if not spec:
-            continue
-        chosen = _interfaces_named(spec, interfaces)
-        addresses = [
-            a.address for name in chosen for a in interfaces[name] if a.family == socket.AF_INET
-        ]
-        if not addresses:
-            raise ValueError(
-                f"{variable}={spec!r} selects no network interface with an IPv4 address here; "
-                f"this machine has {', '.join(sorted(interfaces))}"
-            )
-        return sorted(addresses, key=lambda address: address.startswith("127."))
-    found = []
-    try:  # the interface that routes to the store's host (no packet is sent)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect((socket.gethostbyname(launch.master_addr), launch.master_port))
-            found.append(probe.getsockname()[0])
-    except OSError:
-        pass
-    found += [
-        a.address for values in interfaces.values() for a in values if a.family == socket.AF_INET
-    ]
-    unique = list(dict.fromkeys(found))
-    return sorted(unique, key=lambda address: address.startswith("127."))
-
-
-def _connect(addresses: list[str], port: int, authkey: bytes, timeout: float) -> Connection:
-    """The first of the driver's ``addresses`` that answers, authenticated both ways."""
+def _connect(endpoints: list[tuple[str, int]], authkey: bytes, timeout: float) -> Connection:
+    """The first of the driver's ``endpoints`` that answers, authenticated both ways: this
+    rank proves it holds ``authkey``, then the listener must prove it too."""
     failures = []
-    for address in addresses:
+    for address, port in endpoints:
         try:
             sock = socket.create_connection((address, port), timeout=5.0)
         except OSError as error:
-            failures.append(f"{address}: {error.strerror or error}")
+            failures.append(f"{address}:{port}: {error.strerror or error}")
             continue
         sock.settimeout(None)
-        _keepalive(sock, timeout)
+        keepalive(sock, timeout)
         connection = Connection(sock.detach())
-        io_timeout(connection, HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT)
-        answer_challenge(connection, authkey)
-        deliver_challenge(connection, authkey)
-        io_timeout(connection, 0.0, 0.0)
+        try:
+            io_timeout(connection, HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT)
+            answer_challenge(connection, authkey)
+            deliver_challenge(connection, authkey)
+            io_timeout(connection, 0.0, 0.0)
+        except Exception as error:  # not rank 0, or rank 0 holds another secret
+            connection.close()
+            failures.append(f"{address}:{port}: authentication failed ({error})")
+            continue
         return connection
     raise RuntimeError(
-        f"cannot reach rank 0 at port {port} ({'; '.join(failures)}); name the interface the "
-        "machines reach each other on: GLOO_SOCKET_IFNAME (or NCCL_SOCKET_IFNAME) on every node"
+        f"cannot reach rank 0 ({'; '.join(failures)}); name the interface the machines reach "
+        "each other on: GLOO_SOCKET_IFNAME (or NCCL_SOCKET_IFNAME) on every node; "
+        f"{SECRET_HINT}({secret_file()})"
     )
+
+
+DROPPED_SHOWN = 10
+"""Connections that fail authentication, logged one line each (the rest are counted)."""
 
 
 class DriverRendezvous:
@@ -273,12 +129,17 @@ class DriverRendezvous:
 
     def __init__(self, launch: Launch, timeout: float):
         self.launch, self.timeout = launch, timeout
-        self.store = _store(launch, timeout, host=launch.host_store)
-        addresses = _published_addresses(launch)
-        self.listener = socket.create_server(("", 0), backlog=launch.world_size)
-        self.authkey = os.urandom(32)
-        port = self.listener.getsockname()[1]
-        self.store.set(f"{launch.prefix}/driver", pickle.dumps((addresses, port, self.authkey)))
+        self.keys = _keys(launch)  # a missing secret fails here, before the store is touched
+        self.store = job_store(launch, timeout, host=launch.host_store)
+        addresses = job_addresses(
+            launch.master_addr, launch.master_port, launch.world_size > launch.local_world_size
+        )
+        self.listeners = listen(addresses, backlog=launch.world_size)
+        endpoints = [sock.getsockname()[:2] for sock in self.listeners]
+        record, nonce = self.keys.record(endpoints)
+        self.authkey = self.keys.authkey(nonce)
+        self.dropped = 0
+        self.store.set(f"{launch.prefix}/driver", record)
 
     @property
     def group_store(self) -> tuple[str, int, str]:
@@ -299,31 +160,25 @@ class DriverRendezvous:
         deadline = time.monotonic() + wait
         try:
             while waiting:
-                failure = _failures(self.store, self.launch)
+                failure = failures(self.store, self.launch)
                 if failure:
                     raise WorkerError(f"starting the job: {failure}")
                 if time.monotonic() > deadline:
                     raise WorkerError(
                         f"starting the job: ranks {sorted(waiting)} did not connect to rank 0 "
                         f"within {wait:.0f} s; start the same command on every node (a script "
-                        "must make its DistributedCalculator on every rank)"
+                        f"must make its DistributedCalculator on every rank); {SECRET_HINT}"
+                        f"({secret_file()})"
                     )
-                if not select.select([self.listener], [], [], 0.5)[0]:
+                ready = select.select(self.listeners, [], [], 0.5)[0]
+                if not ready:
                     continue
-                sock, _ = self.listener.accept()
-                _keepalive(sock, self.timeout)
-                connection = Connection(sock.detach())
-                try:
-                    io_timeout(connection, HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT)
-                    deliver_challenge(connection, self.authkey)
-                    answer_challenge(connection, self.authkey)
-                    _, rank, hello = connection.recv()
-                    io_timeout(connection, 0.0, 0.0)
-                except Exception:  # not one of ours (a port scanner), silent, or it died
-                    connection.close()
-                    continue
-                ranks[rank] = (connection, hello)
-                waiting.discard(rank)
+                sock, peer = ready[0].accept()
+                accepted = self._authenticate(sock, peer)
+                if accepted is not None:
+                    rank, connection, hello = accepted
+                    ranks[rank] = (connection, hello)
+                    waiting.discard(rank)
             for rank, (_, hello) in sorted(ranks.items()):
                 if hello["identity"] != own:
                     raise ValueError(_mismatch(rank, hello["host"], hello["identity"], own))
@@ -339,8 +194,38 @@ class DriverRendezvous:
                     _ABORTED.append(connection)
             raise
         finally:
-            self.listener.close()
+            for listener in self.listeners:
+                listener.close()
         return ranks
+
+    def _authenticate(self, sock: socket.socket, peer) -> tuple[int, Connection, dict] | None:
+        """``(rank, connection, hello)`` of a peer that proves it holds this job's key (and
+        gets rank 0's proof); None, with a line on stderr, for any other: nothing it sent is
+        unpickled before its proof (the challenge's answer is read as bytes)."""
+        keepalive(sock, self.timeout)
+        connection = Connection(sock.detach())
+        step = "authentication"
+        try:
+            io_timeout(connection, HANDSHAKE_TIMEOUT, HANDSHAKE_TIMEOUT)
+            deliver_challenge(connection, self.authkey)
+            answer_challenge(connection, self.authkey)
+            step = "its hello"
+            kind, rank, hello = connection.recv()
+            if kind != "hello" or not 0 < rank < self.launch.world_size:
+                raise ValueError(f"a {kind!r} message for rank {rank!r}")
+            io_timeout(connection, 0.0, 0.0)
+        except Exception as error:  # a port scanner, an intruder, another job, or it died
+            connection.close()
+            self.dropped += 1
+            if self.dropped <= DROPPED_SHOWN:
+                more = " (further ones are not shown)" if self.dropped == DROPPED_SHOWN else ""
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                sys.stderr.write(
+                    f"distmlip: warning: dropped a connection to rank 0 from "
+                    f"{peer[0]}:{peer[1]}: {step} failed ({reason[:200]}){more}\n"
+                )
+            return None
+        return rank, connection, hello
 
 
 def _mismatch(rank: int, host: str, theirs: dict, own: dict) -> str:
@@ -356,29 +241,35 @@ def _mismatch(rank: int, host: str, theirs: dict, own: dict) -> str:
     )
 
 
-def _await_driver(launch: Launch, store, deadline: float) -> tuple[list[str], int, bytes]:
+def _await_driver(
+    launch: Launch, store, keys: JobKeys, deadline: float
+) -> tuple[list[tuple[str, int]], bytes]:
+    """Rank 0's endpoints and the connection key, from the first record in the store signed
+    with this job's key (anything else there, planted or garbage, is ignored)."""
     key = f"{launch.prefix}/driver"
-    while not _present(store, key, launch):
-        failure = _failures(store, launch)
+    unsigned = 0
+    while True:
+        if present(store, key, launch):
+            opened = keys.open_record(store.get(key))
+            if opened is not None:
+                endpoints, nonce = opened
+                return endpoints, keys.authkey(nonce)
+            unsigned += 1
+        failure = failures(store, launch)
         if failure:
             raise JobEnded(failure)
         if time.monotonic() > deadline:
+            seen = (
+                f"; what is there is not signed with this rank's secret: {SECRET_HINT}"
+                f"({secret_file()})"
+                if unsigned
+                else ""
+            )
             raise RuntimeError(
                 f"rank 0 did not start the job within {STARTUP_TIMEOUT:.0f} s (no driver in "
-                f"the store at {launch.master_addr}:{launch.master_port})"
+                f"the store at {launch.master_addr}:{launch.master_port}{seen})"
             )
         time.sleep(0.2)
-    return pickle.loads(store.get(key))
-
-
-def _present(store, key: str, launch: Launch) -> bool:
-    try:
-        return store.check([key])
-    except Exception:  # the store's host (rank 0's machine) ended or is unreachable
-        raise JobEnded(
-            f"lost the job's store at {launch.master_addr}:{launch.master_port}: rank 0 ended "
-            "or its machine is unreachable (rank 0's message says why)"
-        ) from None
 
 
 ENDINGS = {
@@ -448,9 +339,10 @@ def _serve(model, launch: Launch, options, graph_options) -> str:
     signal.signal(signal.SIGTERM, _terminated(launch))
     wait = max(options.timeout, STARTUP_TIMEOUT)
     deadline = time.monotonic() + wait
-    store = _store(launch, wait)
-    addresses, port, authkey = _await_driver(launch, store, deadline)
-    connection = _connect(addresses, port, authkey, options.timeout)
+    keys = _keys(launch)
+    store = job_store(launch, wait)
+    endpoints, authkey = _await_driver(launch, store, keys, deadline)
+    connection = _connect(endpoints, authkey, options.timeout)
     hello = {"host": socket.gethostname(), "pid": os.getpid(), "node": launch.node}
     hello.update(identity=identity(model), settings=run_settings(options, graph_options))
     connection.send(("hello", launch.rank, hello))

@@ -198,6 +198,7 @@ def run_worker(connection: Connection, config: WorkerConfig, load_model) -> str:
             timeout = datetime.timedelta(seconds=max(config.timeout, STARTUP_TIMEOUT))
             if config.store is None:
                 meeting = {"init_method": config.init_method}
+                _gloo_on_loopback()
             else:
                 host, port, prefix = config.store
                 job = dist.TCPStore(host, port, is_master=False, timeout=timeout)
@@ -218,6 +219,20 @@ def run_worker(connection: Connection, config: WorkerConfig, load_model) -> str:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _gloo_on_loopback() -> None:
+    """Workers on one machine connect to each other over the loopback interface only (gloo
+    would otherwise listen on the address the host name resolves to), unless the user named
+    an interface."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addresses):
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
 
 
 def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> str:

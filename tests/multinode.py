@@ -4,6 +4,7 @@ with every process it started recorded, to check that none is left behind."""
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import psutil
 
 NODES = 2
 PER_NODE = 2
+SECRET = secrets.token_hex(32)
 
 
 def free_port() -> int:
@@ -25,7 +27,8 @@ def free_port() -> int:
 
 def environment(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
+    # The job's shared secret (distmlip.jobsecret): one per test session, never the user's.
+    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", DISTMLIP_SECRET=SECRET, **extra)
     return env
 
 

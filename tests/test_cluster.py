@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -127,28 +128,43 @@ def test_env_launch_without_local_rank_is_refused():
 
 
 def test_interface_variables_follow_nccl_syntax():
-    from distmlip.rendezvous import _interfaces_named
+    from distmlip.network import interfaces_named
 
     names = ["lo", "eth0", "eth1", "ib0", "docker0"]
-    assert _interfaces_named("eth", names) == ["eth0", "eth1"]
-    assert _interfaces_named("=eth0", names) == ["eth0"]
-    assert _interfaces_named("^lo,docker", names) == ["eth0", "eth1", "ib0"]
-    assert _interfaces_named("^=lo", names) == ["docker0", "eth0", "eth1", "ib0"]
+    assert interfaces_named("eth", names) == ["eth0", "eth1"]
+    assert interfaces_named("=eth0", names) == ["eth0"]
+    assert interfaces_named("^lo,docker", names) == ["eth0", "eth1", "ib0"]
+    assert interfaces_named("^=lo", names) == ["docker0", "eth0", "eth1", "ib0"]
 
 
-def test_published_addresses_put_loopback_last(monkeypatch):
-    from distmlip.rendezvous import _published_addresses
+def test_rank_0_listens_only_on_the_interface_the_job_uses(monkeypatch):
+    import psutil
 
-    launch = detect_launch({**TORCHRUN, "MASTER_ADDR": "127.0.0.1"})
+    from distmlip.network import job_addresses
+
+    for variable in ("DISTMLIP_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        monkeypatch.delenv(variable, raising=False)
+    # Every rank on this machine: loopback alone, whatever the job's size.
+    assert job_addresses("127.0.0.1", 29500, spans_machines=True) == ["127.0.0.1"]
+    assert job_addresses("localhost", 29500, spans_machines=True) == ["127.0.0.1"]
+    outside = [
+        a.address
+        for values in psutil.net_if_addrs().values()
+        for a in values
+        if a.family == socket.AF_INET and not a.address.startswith("127.")
+    ]
+    if outside:  # MASTER_ADDR on another interface of this machine: that one, alone
+        assert job_addresses(outside[0], 29500, spans_machines=True) == [outside[0]]
+    # A host name that resolves to loopback here may be a real address elsewhere.
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "127.0.1.1")
+    spanning = job_addresses("node0", 29500, spans_machines=True)
+    assert spanning[-1] == "127.0.0.1" and spanning[:-1] == list(dict.fromkeys(outside))
+    assert job_addresses("node0", 29500, spans_machines=False) == ["127.0.0.1"]
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "^lo")
-    addresses = _published_addresses(launch)
-    assert addresses and not any(address.startswith("127.") for address in addresses)
-    monkeypatch.delenv("NCCL_SOCKET_IFNAME")
-    addresses = _published_addresses(launch)
-    assert addresses[-1].startswith("127.") and not addresses[0].startswith("127.")
+    assert not any(a.startswith("127.") for a in job_addresses("127.0.0.1", 1, True))
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuch0")
     with pytest.raises(ValueError, match="selects no network interface"):
-        _published_addresses(launch)
+        job_addresses("127.0.0.1", 1, True)
 
 
 def test_a_send_to_a_worker_that_stopped_reading_times_out():
@@ -170,16 +186,16 @@ def test_a_send_to_a_worker_that_stopped_reading_times_out():
 def test_a_busy_or_silent_master_port_is_an_error_not_a_hang():
     import socket
 
-    from distmlip.rendezvous import _store
+    from distmlip.jobstore import job_store
 
     with socket.create_server(("127.0.0.1", 0)) as squatter:  # listens, never speaks
         port = squatter.getsockname()[1]
         launch = detect_launch({**TORCHRUN, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
         with pytest.raises(ValueError, match=f"MASTER_PORT={port} is in use on this machine"):
-            _store(launch, 5.0, host=True)
+            job_store(launch, 5.0, host=True)
         began = time.monotonic()
         with pytest.raises(RuntimeError, match="no answer within"):
-            _store(launch, 1.0)
+            job_store(launch, 1.0)
         assert time.monotonic() - began < 15
 
 

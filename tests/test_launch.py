@@ -216,27 +216,43 @@ def test_workers_outlive_the_thread_that_started_them(reference_model):
         calc.close()
 
 
-def test_start_retries_on_a_new_port_when_the_port_is_taken(monkeypatch):
-    """The rendezvous port can be taken between choosing and using it (another job starting
-    workers at the same moment): the pool starts again on a new one."""
-    import socket
+def test_local_workers_listen_on_loopback_only_and_meet_in_a_private_directory():
+    """One machine's workers form their group through a file in a user-only directory (no
+    store listening on every interface) and connect over loopback only; the directory goes
+    with the workers."""
+    import stat
 
-    import distmlip.launch as launch
+    import psutil
 
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        ports = [busy.getsockname()[1]]
-        chosen = []
-        choose = launch._free_port
+    with DistributedCalculator("reference", nprocs=2, timeout=120) as calc:
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+        atoms.calc = calc
+        assert np.isfinite(atoms.get_potential_energy())
+        workers = calc.pool._workers
+        meeting = workers.meeting_dir
+        assert stat.S_IMODE(os.stat(meeting).st_mode) == 0o700
+        listening = [
+            connection.laddr.ip
+            for process in workers.processes
+            for connection in psutil.Process(process.pid).net_connections("inet")
+            if connection.status == psutil.CONN_LISTEN
+        ]
+        assert listening, "gloo listens for its peers"
+        assert all(ip.startswith("127.") for ip in listening), listening
+    assert not os.path.exists(meeting)
 
-        def free_port():
-            chosen.append(ports.pop() if ports else choose())
-            return chosen[-1]
 
-        monkeypatch.setattr(launch, "_free_port", free_port)
-        with DistributedCalculator("reference", nprocs=2, timeout=120) as calc:
-            atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
-            atoms.calc = calc
-            assert np.isfinite(atoms.get_potential_energy())
-        assert len(chosen) == 2, chosen  # the taken port, then a free one
+def test_gloo_of_local_workers_is_put_on_the_loopback_interface(monkeypatch):
+    """(The host name of some machines, this one included, resolves to 127.0.0.1 anyway, so
+    the test above cannot tell; this one checks the choice itself.)"""
+    import psutil
+
+    from distmlip.worker import _gloo_on_loopback
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    _gloo_on_loopback()
+    chosen = os.environ["GLOO_SOCKET_IFNAME"]
+    assert any(a.address == "127.0.0.1" for a in psutil.net_if_addrs()[chosen])
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # the user's choice is kept
+    _gloo_on_loopback()
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
