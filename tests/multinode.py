@@ -46,6 +46,7 @@ class Job:
 
     nodes: list[Node]
     seen: dict[int, float] = field(default_factory=dict)  # pid → create time
+    port: int = 0  # MASTER_PORT: where the job's store listens
 
     @classmethod
     def start(
@@ -82,7 +83,7 @@ class Job:
                 text=True,
             )
             nodes.append(Node(process, cwd))
-        return cls(nodes)
+        return cls(nodes, port=port)
 
     @classmethod
     def srun(cls, args: list[str], cwds: list[Path]) -> Job:

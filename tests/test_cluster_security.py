@@ -1,0 +1,265 @@
+"""Who can use a launched job's control channel: only its ranks.
+
+The job's TCP store has no access control. These tests attack a real torchrun job the way
+anyone who can reach ``MASTER_PORT`` could: plant a pickle where the ranks look for rank 0's
+address, read what rank 0 publishes, connect to rank 0 and send pickles with and without a
+guessed key. Nothing may run in any rank, and the job must still give one process's numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import pickle
+import socket
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection, answer_challenge
+
+import numpy as np
+from ase.build import bulk
+from multinode import Job
+
+from distmlip import DistributedCalculator
+
+
+class _Payload:
+    """Unpickling this creates ``path``: proof that someone's pickle ran."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+SCRIPT = """
+import json, os, sys, time
+from ase.build import bulk
+from distmlip import DistributedCalculator
+rank = os.environ["RANK"]
+if rank == "0":
+    time.sleep(4)   # the intruder plants its pickle before rank 0 publishes
+if rank == "3":
+    time.sleep(12)  # rank 0 keeps listening meanwhile: the intruder's connections reach it
+atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+atoms.rattle(0.1, seed=3)
+calc = DistributedCalculator("reference", dtype="float64", timeout=120)
+atoms.calc = calc
+json.dump({"energy": atoms.get_potential_energy(), "forces": atoms.get_forces().tolist()},
+          sys.stdout)
+calc.close()
+"""
+
+
+class Intruder(threading.Thread):
+    """Someone on this machine who knows MASTER_PORT (not the job's secret)."""
+
+    def __init__(self, port: int, marker: str):
+        super().__init__(daemon=True)
+        self.port, self.marker = port, marker
+        self.key = "distmlip/none.0/driver"  # torchrun's static rendezvous: predictable
+        self.planted = False
+        self.record: bytes | None = None
+        self.attempts: list[str] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._attack()
+        except BaseException as error:  # reported by the test
+            self.error = error
+
+    def _store(self):
+        import datetime
+
+        from torch.distributed import TCPStore
+
+        deadline = time.monotonic() + 120
+        while True:  # the agent of node 0 starts the store; keep knocking until it is there
+            try:
+                return TCPStore(
+                    "127.0.0.1",
+                    self.port,
+                    is_master=False,
+                    timeout=datetime.timedelta(seconds=2),
+                    wait_for_workers=False,
+                )
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _attack(self) -> None:
+        store = self._store()
+        evil = pickle.dumps(_Payload(self.marker))
+        # (b) plant a pickle where the ranks look for rank 0's address, before rank 0 writes it
+        self.planted = store.compare_set(self.key, "", evil) == evil
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            value = store.get(self.key)
+            if value != evil:
+                self.record = value
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("rank 0 never published its record")
+        endpoints = json.loads(self.record)["endpoints"]
+        host, port = endpoints[0]
+        # (a1) a pickle straight away, as the answer to rank 0's challenge
+        connection = _dial(host, port)
+        connection.recv_bytes(256)  # the challenge
+        connection.send_bytes(evil)
+        self.attempts.append(_read_reply(connection))
+        connection.close()
+        # (a2) answer with the best guess of a key what the store holds, then a pickle hello
+        for guess in (self.record, bytes.fromhex(json.loads(self.record)["mac"])):
+            connection = _dial(host, port)
+            try:
+                answer_challenge(connection, guess)
+                self.attempts.append("authenticated!")
+            except Exception as error:
+                self.attempts.append(f"refused: {type(error).__name__}")
+            try:
+                connection.send(("hello", 1, _Payload(self.marker)))
+                connection.send_bytes(evil)
+            except OSError:
+                pass
+            connection.close()
+
+
+def _dial(host: str, port: int) -> Connection:
+    sock = socket.create_connection((host, port), timeout=10)
+    sock.settimeout(None)  # Connection reads a blocking descriptor
+    return Connection(sock.detach())
+
+
+def _read_reply(connection: Connection) -> str:
+    try:
+        return f"reply {connection.recv_bytes(256)!r}"
+    except (EOFError, OSError) as error:
+        return f"closed ({type(error).__name__})"
+
+
+def test_store_attacks_run_nothing_and_the_job_gives_the_right_numbers(tmp_path):
+    marker = tmp_path / "pwned"
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for cwd in cwds:
+        cwd.mkdir()
+    job = Job.start([[str(script)], [str(script)]], cwds, module=False)
+    intruder = Intruder(job.port, str(marker))
+    intruder.start()
+    job.wait(300)
+    intruder.join(30)
+    assert intruder.error is None, repr(intruder.error)
+    assert intruder.planted, "the pickle was not planted before rank 0 published"
+    assert not marker.exists(), "an intruder's pickle ran in the job"
+    node0, node1 = job.nodes
+    assert node0.process.returncode == 0 and node1.process.returncode == 0, job.errors()
+    assert not job.left_behind()
+
+    # What rank 0 published holds no key: only where to connect, a nonce and a MAC.
+    record = json.loads(intruder.record)
+    assert sorted(record) == ["endpoints", "mac", "nonce"]
+    assert all(host == "127.0.0.1" for host, _ in record["endpoints"])
+    assert intruder.attempts[0].startswith("reply b'#FAILURE#'"), intruder.attempts
+    assert intruder.attempts[1:] == ["refused: AuthenticationError"] * 2, intruder.attempts
+    dropped = [line for line in node0.stderr.splitlines() if "dropped a connection" in line]
+    assert len(dropped) == 3, node0.stderr
+    assert all("from 127.0.0.1:" in line and "authentication failed" in line for line in dropped)
+
+    ours = json.loads(node0.stdout)
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.1, seed=3)
+    with DistributedCalculator("reference", nprocs=1, dtype="float64") as calc:
+        atoms.calc = calc
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    assert abs(ours["energy"] - energy) <= 1e-10 * abs(energy)
+    assert np.max(np.abs(np.asarray(ours["forces"]) - forces)) <= 1e-10 * np.max(np.abs(forces))
+
+
+def test_the_keys_of_a_record_do_not_open_another_records_connections():
+    """A record replayed from an earlier job of the same name (same secret) carries an old
+    nonce: its key cannot answer this job's challenges (no relay through an old record)."""
+    from distmlip.jobsecret import JobKeys
+
+    keys = JobKeys(b"s" * 32, "distmlip/none.0")
+    old, old_nonce = keys.record([("127.0.0.1", 1000)])
+    new, new_nonce = keys.record([("127.0.0.1", 1000)])
+    assert keys.open_record(old) == ([("127.0.0.1", 1000)], old_nonce)
+    assert old_nonce != new_nonce and keys.authkey(old_nonce) != keys.authkey(new_nonce)
+    # Another job's name or another secret: the same bytes are not this job's record.
+    assert JobKeys(b"s" * 32, "distmlip/other.0").open_record(new) is None
+    assert JobKeys(b"t" * 32, "distmlip/none.0").open_record(new) is None
+    # Altered endpoints (an intruder's own listener) break the MAC.
+    forged = json.loads(new)
+    forged["endpoints"] = [["10.9.9.9", 4444]]
+    assert keys.open_record(json.dumps(forged).encode()) is None
+    for garbage in (b"", b"\x80\x04K\x01.", b"{}", b'{"endpoints": 1, "nonce": 2, "mac": "zz"}'):
+        assert keys.open_record(garbage) is None
+    # The key is not something computable from the record alone.
+    record = json.loads(new)
+    mac = bytes.fromhex(record["mac"])
+    assert keys.authkey(new_nonce) not in (mac, new, hmac.new(mac, b"", hashlib.sha256).digest())
+
+
+def test_rank_0_drops_a_peer_with_the_wrong_key_and_accepts_the_right_one(monkeypatch, capsys):
+    """In one process: rank 0's rendezvous with an intruder holding another secret, then a
+    genuine rank; the intruder is logged and dropped and the genuine rank accepted."""
+    from multinode import free_port
+
+    from distmlip.cluster import detect_launch
+    from distmlip.jobsecret import JobKeys
+    from distmlip.jobstore import job_store
+    from distmlip.rendezvous import DriverRendezvous, _connect
+
+    monkeypatch.setenv("DISTMLIP_SECRET", "right-" + "x" * 20)
+    port = free_port()
+    launch = detect_launch(
+        {
+            "RANK": "0",
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "TORCHELASTIC_RUN_ID": "security-test",
+        }
+    )
+    driver = DriverRendezvous(launch, timeout=30)
+    client = job_store(launch, 10)
+    raw = client.get(f"{launch.prefix}/driver")
+    wrong = JobKeys(b"wrong-" + b"y" * 20, launch.prefix)
+    right = JobKeys(b"right-" + b"x" * 20, launch.prefix)
+    assert wrong.open_record(raw) is None  # another secret cannot even read where to go
+    endpoints, nonce = right.open_record(raw)
+    outcome: dict = {}
+
+    def ranks() -> None:
+        try:
+            _connect(endpoints, wrong.authkey(nonce), 5.0)
+        except RuntimeError as error:
+            outcome["intruder"] = str(error)
+        connection = _connect(endpoints, right.authkey(nonce), 5.0)
+        connection.send(("hello", 1, {"identity": {}, "settings": {}, "host": "h", "pid": 1}))
+        outcome["rank"] = connection
+
+    thread = threading.Thread(target=ranks)
+    thread.start()
+    accepted = driver.accept({}, {})
+    thread.join(30)
+    assert sorted(accepted) == [1]
+    assert "authentication failed" in outcome["intruder"]
+    assert driver.dropped == 1
+    err = capsys.readouterr().err
+    assert err.count("distmlip: warning: dropped a connection to rank 0 from 127.0.0.1:") == 1
+    outcome["rank"].close()
+    accepted[1][0].close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run with pytest")
