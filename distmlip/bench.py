@@ -2,6 +2,8 @@
 
 For every (structure size, P, partitioner, halo mode) a fresh calculator is started, the
 structure is evaluated ``repeats`` times (energy + forces + stress) and the fastest call is kept.
+Every configuration is checked before the first is measured (:func:`check_config`); the report
+is :mod:`distmlip.bench_report`.
 Single process is P = 1 (same code, no communication); ``halo="ghost"`` is the conventional
 spatial-decomposition baseline. Every configuration gets the same total number of torch threads
 (``total_threads``, split evenly over workers), so ratios compare equal hardware.
@@ -19,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from distmlip.report import machine_description, markdown_table, pyplot, write_report
+from distmlip.bench_report import write
 from distmlip.systems import crystal
 
-__all__ = ["BenchConfig", "run_bench"]
+__all__ = ["BenchConfig", "BenchOptionError", "check_config", "configurations", "run_bench"]
 
 
 @dataclass
@@ -68,10 +70,12 @@ def measure(model, atoms, nprocs: int, partitioner: str, halo: str, config: Benc
         checkpoint=config.checkpoint,
         allocator=config.allocator,
     ) as calc:
+        # A model that predicts forces directly (eSEN's direct variants) has no stress.
+        properties = ["energy", "forces"] + ([] if calc.model.direct_forces else ["stress"])
         best, first_peaks = None, None
         for _ in range(config.repeats):
             start = time.perf_counter()
-            calc.calculate(atoms.copy(), ["energy", "forces", "stress"])
+            calc.calculate(atoms.copy(), properties)
             elapsed = time.perf_counter() - start
             if first_peaks is None:  # a fresh pool: the first call's peak is this structure's
                 first_peaks = [s["peak_rss_mb"] for s in calc.last_stats]
@@ -155,218 +159,96 @@ def forward_segments(trace) -> list[float]:
     return segments
 
 
-def capacity(rows: list[dict], budget_mb: float) -> dict[tuple[str, int], float]:
-    """Extrapolated largest N per (halo, P) whose per-worker peak fits ``budget_mb``."""
-    result = {}
-    for key in sorted({(r["halo"], r["nprocs"]) for r in rows}):
-        group = [r for r in rows if (r["halo"], r["nprocs"]) == key]
-        held = np.array([max(np.add(r["owned_atoms"], r["halo_atoms"])) for r in group], float)
-        peak = np.array([max(r["peak_rss_mb"]) for r in group])
-        if len(group) < 2 or np.ptp(held) == 0:
-            continue
-        slope, base = np.polyfit(held, peak, 1)
-        held_per_atom = np.mean(held / np.array([r["atoms"] for r in group]))
-        result[key] = max(0.0, (budget_mb - base) / slope / held_per_atom) if slope > 0 else 0.0
-    return result
+class BenchOptionError(ValueError):
+    """A configuration the run could not measure (a halo mode the model lacks, an element it
+    does not know, more workers than atoms...), found before anything is measured."""
 
 
-BENCH_COLUMNS = (
-    "atoms",
-    "P",
-    "partitioner",
-    "halo",
-    "time (s)",
-    "×single",
-    "preprocess (s)",
-    "forward (s)",
-    "backward (s)",
-    "comm/worker (s)",
-    "comm % critical path",
-    "comm % largest",
-    "imbalance (s)",
-    "peak/worker (MB)",
-    "×single",
-    "computed atoms/worker",
-    "edges/worker",
-    "halo/worker",
-    "bytes/exchange",
-    "forward compute between exchanges (s)",
-)
-
-
-COMMUNICATION_DEFINITIONS = (
-    "Time and phases are the fastest of the repeats; phases (preprocess, forward, backward, "
-    "forward compute) are those of the critical worker, the one with the most compute "
-    "(forward + backward + forces − communication), which the others wait for. "
-    "*comm/worker*: seconds each worker spent posting and waiting on exchanges. "
-    "*comm % critical path*: the critical worker's communication as a share of the step: "
-    "the exchange cost the step could not hide. *comm % largest*: the largest worker's share: "
-    "transfer plus waiting for the critical worker. *imbalance*: max − min compute over the "
-    "workers, the waiting that comes from unequal partitions."
-)
-
-
-def _table_row(row: dict, single: dict | None) -> list[str]:
-    """One configuration's cells of :data:`BENCH_COLUMNS`; ratios against ``single`` (P = 1)."""
-    t_ratio = f"{row['time_s'] / single['time_s']:.2f}" if single else "–"
-    m_ratio = f"{max(row['peak_rss_mb']) / max(single['peak_rss_mb']):.2f}" if single else "–"
-    per_exchange = [b for log in row["bytes_per_exchange"] for b in log]
-    mean_bytes = f"{np.mean(per_exchange) / 1e6:.2f} MB" if per_exchange else "0"
+def configurations(config: BenchConfig) -> list[tuple[str, str, int]]:
+    """The (halo, partitioner, P) measured for every size, in order; P = 1 once (the same
+    single process for every mode)."""
     return [
-        f"{row['atoms']}",
-        f"{row['nprocs']}",
-        row["partitioner"],
-        row["halo"],
-        f"{row['time_s']:.2f}",
-        t_ratio,
-        f"{row['preprocess_s']:.2f}",
-        f"{row['forward_s']:.2f}",
-        f"{row['backward_s']:.2f}",
-        " / ".join(f"{c:.3f}" for c in row["communication_s"]),
-        f"{100 * row['critical_path_fraction']:.1f}",
-        f"{100 * row['largest_fraction']:.1f}",
-        f"{row['imbalance_s']:.3f}",
-        f"{max(row['peak_rss_mb']):.0f}",
-        m_ratio,
-        f"{max(row['computed_atoms'])}",
-        f"{max(row['edges'])}",
-        f"{max(row['halo_atoms'])}",
-        mean_bytes,
-        " / ".join(f"{t:.3f}" for t in row["forward_segments_s"]),
+        (halo, partitioner, nprocs)
+        for halo in config.halos
+        for partitioner in config.partitioners
+        for nprocs in config.nprocs
+        if nprocs > 1 or (halo == "exchange" and partitioner == config.partitioners[0])
     ]
 
 
-def _markdown(rows: list[dict], caps: dict, config: BenchConfig, machine: str) -> str:
-    single = {r["atoms"]: r for r in rows if r["nprocs"] == 1 and r["halo"] == "exchange"}
-    lines = [
-        f"# distmlip bench: {config.model} on {config.crystal}, {config.dtype}, "
-        f"{config.total_threads} threads in total per configuration",
-        "",
-        f"Machine: {machine}.",
-        "",
-        markdown_table(BENCH_COLUMNS, [_table_row(r, single.get(r["atoms"])) for r in rows]),
-        "",
-        COMMUNICATION_DEFINITIONS,
-    ]
-    if caps:
-        lines += [
-            "",
-            f"Extrapolated capacity (largest N with per-worker peak ≤ "
-            f"{config.memory_budget_gb:g} GB; linear fit of peak RSS vs atoms held):",
-            "",
-            markdown_table(
-                ("halo", "P", "atoms"), [(h, p, f"{n:,.0f}") for (h, p), n in caps.items()]
-            ),
-        ]
-    return "\n".join(lines) + "\n"
+def check_config(config: BenchConfig, model, structures: list) -> None:
+    """Raise :class:`BenchOptionError` for any configuration that would fail: each one's
+    worker and graph options as the calculator checks them, against the model (ghost mode needs
+    its layer count), and every structure against the model and the largest P. Cheap (no
+    worker starts), so a run that would fail after hours of measuring fails at once instead.
+    """
+    from distmlip.graph import Structure
+    from distmlip.options import GraphOptions, WorkerOptions
+    from distmlip.validate import validate_structure
 
-
-def _figure(rows: list[dict], caps: dict, title: str):
-    """Strong scaling, memory per worker, communication share and capacity, 2 × 2 panels."""
-    plt = pyplot()
-    figure, axes = plt.subplots(2, 2, figsize=(11, 8))
-    (scaling, memory), (comm, cap) = axes
-    largest = max(r["atoms"] for r in rows)
-    for halo, marker in (("exchange", "o"), ("ghost", "s")):
-        for part in sorted({r["partitioner"] for r in rows}):
-            pts = sorted(
-                (r["nprocs"], r["time_s"])
-                for r in rows
-                if r["atoms"] == largest and r["halo"] == halo and r["partitioner"] == part
+    name = f"{config.model} ({type(model).__name__})"
+    if "ghost" in config.halos and not model.num_layers:
+        raise BenchOptionError(
+            f"--halo ghost: {name} has no ghost mode (the recomputing baseline needs the "
+            "model's number of message-passing layers); use --halo exchange"
+        )
+    for halo, partitioner, nprocs in configurations(config):
+        try:
+            WorkerOptions(
+                nprocs=nprocs,
+                device=config.device,
+                backend=config.backend,
+                dtype=config.dtype,
+                timeout=3600,
+                threads_per_worker=max(1, config.total_threads // nprocs),
+                checkpoint=config.checkpoint,
+                allocator=config.allocator,
             )
-            if pts:
-                scaling.plot(*zip(*pts, strict=True), marker=marker, label=f"{halo}/{part}")
-            mem = sorted(
-                (r["atoms"], max(r["peak_rss_mb"]) / 1024, r["nprocs"])
-                for r in rows
-                if r["halo"] == halo and r["partitioner"] == part
-            )
-            for nprocs in sorted({m[2] for m in mem}):
-                series = [(a, m) for a, m, p in mem if p == nprocs]
-                memory.plot(
-                    *zip(*series, strict=True), marker=marker, label=f"{halo}/{part} P={nprocs}"
-                )
-            chosen = sorted(
-                (r["nprocs"], 100 * r["critical_path_fraction"], 100 * r["largest_fraction"])
-                for r in rows
-                if r["atoms"] == largest and r["halo"] == halo and r["partitioner"] == part
-            )
-            if chosen:
-                nprocs, critical, worst = zip(*chosen, strict=True)
-                comm.plot(nprocs, critical, marker=marker, label=f"{halo}/{part} critical path")
-                comm.plot(
-                    nprocs, worst, marker=marker, linestyle=":", label=f"{halo}/{part} largest"
-                )
-    scaling.set(xlabel="P", ylabel="time per evaluation (s)", title=f"strong scaling, N={largest}")
-    memory.set(
-        xlabel="atoms",
-        ylabel="peak RSS per worker (GB)",
-        xscale="log",
-        yscale="log",
-        title="memory per worker",
-    )
-    comm.set(xlabel="P", ylabel="communication (% of step)", title=f"N={largest}")
-    if caps:
-        labels = [f"{h}\nP={p}" for h, p in caps]
-        cap.bar(labels, [n for n in caps.values()])
-        cap.set(ylabel="atoms", title="extrapolated capacity")
-    for axis in (scaling, memory, comm):
-        axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=7)
-    figure.suptitle(title)
-    figure.tight_layout()
-    return figure
-
-
-def _write(config: BenchConfig, rows: list[dict], plot: bool) -> None:
-    if config.out is None or not rows:
-        return
-    caps = capacity(rows, config.memory_budget_gb * 1024)
-    machine = machine_description(config.device)
-    write_report(
-        config.out,
-        f"bench_{config.model}_{config.crystal}",
-        payload={
-            "config": {k: str(v) for k, v in vars(config).items()},
-            "machine": machine,
-            "rows": rows,
-            "capacity": {f"{h}/P={p}": n for (h, p), n in caps.items()},
-        },
-        markdown=_markdown(rows, caps, config, machine),
-        figure=(lambda: _figure(rows, caps, f"{config.model} on {config.crystal}"))
-        if plot
-        else None,
-        dpi=110,
-    )
+            graph = GraphOptions(partitioner=partitioner, halo=halo)
+            graph.check_model(model)
+            graph.resident_on(config.device)
+        except (ValueError, ImportError) as error:
+            raise BenchOptionError(
+                f"P={nprocs}, {partitioner}, halo {halo}: {error}".rstrip(".")
+            ) from None
+    largest = max(nprocs for _, _, nprocs in configurations(config))
+    for n_atoms, atoms in structures:  # (asked for, the crystal built)
+        try:
+            structure = Structure.from_ase(atoms, model.system_inputs(atoms))
+            validate_structure(structure, largest, model)
+        except ValueError as error:
+            raise BenchOptionError(
+                f"--crystal {config.crystal} --atoms {n_atoms} ({len(atoms)} atoms) with "
+                f"{name}: {error}"
+            ) from None
 
 
 def run_bench(config: BenchConfig, progress=print) -> list[dict]:
-    """Run every configuration; write JSON, markdown and PNG under ``config.out`` if set."""
+    """Run every configuration; write JSON, markdown and PNG under ``config.out`` if set.
+
+    Raises:
+        BenchOptionError: a configuration that cannot run, before any is measured.
+    """
     from distmlip.models import resolve_model
 
     model = resolve_model(config.model)
+    structures = [(n_atoms, _structure(config, n_atoms)) for n_atoms in config.sizes]
+    check_config(config, model, structures)
     rows = []
-    for n_atoms in config.sizes:
-        atoms = _structure(config, n_atoms)
-        for halo in config.halos:
-            for partitioner in config.partitioners:
-                for nprocs in config.nprocs:
-                    if nprocs == 1 and (
-                        halo != "exchange" or partitioner != config.partitioners[0]
-                    ):
-                        continue  # single process is the same for every mode
-                    row = measure(model, atoms, nprocs, partitioner, halo, config)
-                    rows.append(row)
-                    progress(
-                        f"{row['atoms']:>8} atoms  P={nprocs}  {partitioner:<5} {halo:<8} "
-                        f"{row['time_s']:8.2f} s  "
-                        f"comm {100 * row['critical_path_fraction']:5.1f}% "
-                        f"(largest {100 * row['largest_fraction']:.1f}%)"
-                        f"  peak/worker {max(row['peak_rss_mb']):7.0f} MB"
-                        f"  edges/worker {max(row['edges'])}"
-                    )
-                    # Saved as each configuration finishes: a long run that fails later (out
-                    # of memory, a lost node) keeps what it measured. The plot comes last.
-                    _write(config, rows, plot=False)
-    _write(config, rows, plot=True)
+    for _, atoms in structures:
+        for halo, partitioner, nprocs in configurations(config):
+            row = measure(model, atoms, nprocs, partitioner, halo, config)
+            rows.append(row)
+            progress(
+                f"{row['atoms']:>8} atoms  P={nprocs}  {partitioner:<5} {halo:<8} "
+                f"{row['time_s']:8.2f} s  "
+                f"comm {100 * row['critical_path_fraction']:5.1f}% "
+                f"(largest {100 * row['largest_fraction']:.1f}%)"
+                f"  peak/worker {max(row['peak_rss_mb']):7.0f} MB"
+                f"  edges/worker {max(row['edges'])}"
+            )
+            # Saved as each configuration finishes: a long run that fails later (out of
+            # memory, a lost node) keeps what it measured. The plot comes last.
+            write(config, rows, plot=False)
+    write(config, rows, plot=True)
     return rows

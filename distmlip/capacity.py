@@ -2,14 +2,17 @@
 
 The method (:func:`estimate_memory`; docs/performance.md, "Capacity"):
 
-1. **Carve** smaller structures from the target (:func:`carve`). Along a periodic axis on
-   which the target repeats (a supercell: translating every atom by ``cell[axis] / n`` maps the
-   structure onto itself, within 0.6 Å), the pieces are smaller periodic supercells of the same
-   material, cut between lattice planes; axes without a period (amorphous cells, open axes)
-   are cut open, last, which gives the pieces surfaces (fewer edges per atom).
+1. **Carve** smaller structures from the target (:mod:`distmlip.carving`). Along a periodic
+   axis on which the target repeats (a supercell: translating every atom by ``cell[axis] / n``
+   maps the structure onto itself, within 0.6 Å), the pieces are smaller periodic supercells
+   of the same material, cut between lattice planes; axes without a period (amorphous cells,
+   open axes) are cut open, last, which gives the pieces surfaces (fewer edges per atom).
 2. **Measure**: evaluate them (energy, forces and stress) on the calculator's own fresh
    workers, in ascending size after one warm-up call, doubling from :data:`START_ATOMS` per
-   worker until the per-call peak has grown :data:`GROWTH_MB` (:func:`_calibrate`), and read
+   worker until the per-call peak has grown :data:`GROWTH_MB` (:func:`_calibrate`). Under a
+   ``memory_limit`` the workers keep it: no piece holds more atoms per worker than the target
+   will, the next piece must be predicted within :data:`LIMIT_SHARE` of the limit, and a piece
+   that runs out of memory ends the calibration (the pieces before it are used). Read
    each worker's peak memory *of that call* (Linux: RSS high-water mark ``VmHWM``, reset before
    each call through ``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated`` after
    ``reset_peak_memory_stats``; :class:`distmlip.memory.PeakMemory`). The RSS peak includes the
@@ -30,18 +33,17 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from distmlip.carving import carve, frame_of, repeat_counts
 from distmlip.graph import Structure
 
 __all__ = ["MemoryEstimate", "estimate_memory", "carve", "worker_sizes", "repeat_counts"]
 
-PERIOD_TOLERANCE = 0.6
-"""Å: how far an atom may be from its image under a translation for that to be a period."""
-MIN_PERIOD = 1.0
-"""Å: the shortest period along a cell vector that is looked for."""
-SLICE = 3.0
-"""Å: the thickness steps in which an axis without a period is cut."""
 START_ATOMS = 64
 """Atoms per worker of the smallest calibration structure."""
+LIMIT_SHARE = 0.8
+"""Under ``memory_limit``: calibration calls are predicted to use at most this share of it."""
+OUT_OF_MEMORY_TRIES = 3
+"""Calibration pieces that may run out of memory (each restarts the workers) before it stops."""
 GROWTH_MB = 256.0
 """MB: calibration stops once a worker's per-call peak has grown this much over the smallest
 call's (the baseline), so that the slope is measured well above the allocator's noise."""
@@ -102,158 +104,6 @@ class MemoryEstimate:
         }
 
 
-@dataclass
-class _Frame:
-    """The target in the coordinates carving needs.
-
-    Attributes:
-        frac: (N, 3) fractional coordinates, wrapped to [0, 1) on periodic axes; on open axes
-            relative to the atoms' extent, in [0, 1].
-        positions: (N, 3) Cartesian positions with periodic axes wrapped into the cell, Å.
-        lengths: (3,) Å: the cell vector's length on periodic axes, the atoms' extent on open.
-    """
-
-    frac: np.ndarray
-    positions: np.ndarray
-    lengths: np.ndarray
-
-
-def _frame(structure: Structure) -> _Frame:
-    cell, pbc = structure.cell, np.asarray(structure.pbc, dtype=bool)
-    full = cell.copy()
-    for axis in np.flatnonzero(np.linalg.norm(full, axis=1) < 1e-9):
-        full[axis] = np.eye(3)[axis]  # an open axis without a cell vector: Å along it
-    raw = np.linalg.solve(full.T, structure.positions.T).T
-    frac = raw.copy()
-    frac[:, pbc] %= 1.0
-    positions = structure.positions + (frac - raw) @ full
-    lengths = np.linalg.norm(full, axis=1)
-    for axis in np.flatnonzero(~pbc):
-        low, high = frac[:, axis].min(), frac[:, axis].max()
-        frac[:, axis] = (frac[:, axis] - low) / max(high - low, 1e-12)
-        lengths[axis] *= high - low
-    return _Frame(frac, positions, lengths)
-
-
-def _wrapped_distances(structure: Structure, d: np.ndarray, inverse: np.ndarray) -> np.ndarray:
-    """Squared lengths of displacements ``d`` (k, 3), periodic axes wrapped (minimum image)."""
-    periodic = np.asarray(structure.pbc, dtype=bool)
-    d = d - np.round((d @ inverse)[:, periodic]) @ structure.cell[periodic]
-    return np.einsum("ij,ij->i", d, d)
-
-
-def _columns(structure: Structure, frame: _Frame, axis: int, sample, inverse) -> list:
-    """Per sample atom, the atoms of its species that a translation along ``cell[axis]`` can
-    bring within :data:`PERIOD_TOLERANCE` of it (only ``frac[axis]`` changes): a thin column,
-    so every candidate period is checked against a few atoms, not all N."""
-    others = [b for b in range(3) if b != axis]
-    reach = PERIOD_TOLERANCE * np.linalg.norm(inverse, axis=0)  # |Δfrac_b| ≤ |Δx| ‖inv[:, b]‖
-    columns = []
-    for j in sample:
-        near = structure.numbers == structure.numbers[j]
-        for b in others:
-            delta = frame.frac[:, b] - frame.frac[j, b]
-            if structure.pbc[b]:
-                delta -= np.round(delta)
-            near &= np.abs(delta) <= reach[b] + 1e-9
-        columns.append(np.flatnonzero(near))
-    return columns
-
-
-def _is_period(structure, frame, axis: int, shift: float, sample, columns, inverse) -> bool:
-    """Translating every sampled atom by ``cell[axis] * shift`` lands it on an atom."""
-    for j, column in zip(sample, columns, strict=True):
-        d = frame.positions[column] - (frame.positions[j] + structure.cell[axis] * shift)
-        if _wrapped_distances(structure, d, inverse).min() > PERIOD_TOLERANCE**2:
-            return False
-    return True
-
-
-def repeat_counts(structure: Structure, frame: _Frame | None = None) -> list[int]:
-    """Per axis, the largest n such that the structure repeats n times along it (1: none)."""
-    frame = _frame(structure) if frame is None else frame
-    n_atoms = structure.n_atoms
-    sample = np.linspace(0, n_atoms - 1, min(8, n_atoms)).astype(int)
-    inverse = np.linalg.pinv(structure.cell)
-    counts = []
-    for axis in range(3):
-        found = 1
-        if structure.pbc[axis]:
-            columns = _columns(structure, frame, axis, sample, inverse)
-            limit = min(int(frame.lengths[axis] / MIN_PERIOD), n_atoms)
-            for n in range(limit, 1, -1):  # n must divide the atom count
-                # Every multiple of the shift must map too: a near-miss (L/7 of 6 periods, off
-                # by a seventh of one) passes once but drifts further with each step.
-                steps = sorted({1, 2, 3, n // 2} & set(range(1, n)))
-                if n_atoms % n == 0 and all(
-                    _is_period(structure, frame, axis, k / n, sample, columns, inverse)
-                    for k in steps
-                ):
-                    found = n
-                    break
-        counts.append(found)
-    return counts
-
-
-def _cut_offset(values: np.ndarray) -> float:
-    """A cut position in [0, 1) (a fraction of one period) in the widest gap between atoms."""
-    ordered = np.sort(values % 1.0)
-    gaps = np.diff(np.concatenate([ordered, [ordered[0] + 1.0]]))
-    k = int(np.argmax(gaps))
-    return float((ordered[k] + gaps[k] / 2) % 1.0)
-
-
-def carve(
-    structure: Structure, fraction: float, frame: _Frame | None = None, counts=None
-) -> tuple[Structure, bool]:
-    """A piece of ``structure`` with about ``fraction`` of its atoms (at least one unit of each
-    axis); True if it is a periodic supercell of the target (cut along periods only), False if
-    some axis was cut open."""
-    frame = _frame(structure) if frame is None else frame
-    counts = repeat_counts(structure, frame) if counts is None else counts
-    units = [
-        count if count > 1 else max(1, int(length // SLICE))
-        for count, length in zip(counts, frame.lengths, strict=True)
-    ]
-    keep = list(units)
-
-    def kept() -> float:
-        return float(np.prod([k / u for k, u in zip(keep, units, strict=True)]))
-
-    while kept() > fraction:
-        # Smaller supercells first; cut an axis open (a new surface) only where that is not
-        # enough, the target's own open axes last.
-        shrinkable = [a for a in range(3) if keep[a] > 1 and counts[a] > 1]
-        shrinkable = shrinkable or [a for a in range(3) if keep[a] > 1 and structure.pbc[a]]
-        shrinkable = shrinkable or [a for a in range(3) if keep[a] > 1]
-        if not shrinkable:
-            break
-        # Shrink the longest side first: compact pieces have the fewest surface atoms.
-        axis = max(shrinkable, key=lambda a: frame.lengths[a] * keep[a] / units[a])
-        keep[axis] -= 1
-    mask = np.ones(structure.n_atoms, dtype=bool)
-    cell, pbc, periodic = structure.cell.copy(), np.asarray(structure.pbc).copy(), True
-    for axis in range(3):
-        if keep[axis] == units[axis]:
-            continue
-        part = keep[axis] / units[axis]
-        if counts[axis] > 1:  # a smaller supercell: cut between lattice planes
-            offset = _cut_offset(frame.frac[:, axis] * units[axis]) / units[axis]
-            mask &= (frame.frac[:, axis] - offset) % 1.0 < part - 1e-9
-            cell[axis] *= part
-        else:  # cut open
-            mask &= frame.frac[:, axis] <= part
-            pbc[axis], periodic = False, False
-    piece = Structure(
-        positions=frame.positions[mask],
-        numbers=structure.numbers[mask],
-        cell=cell,
-        pbc=pbc,
-        system=dict(structure.system),
-    )
-    return piece, periodic and abs(piece.n_atoms - structure.n_atoms * kept()) < 0.5
-
-
 def worker_sizes(structure: Structure, model, nprocs: int, partitioner: str, halo: str) -> dict:
     """Per worker, the owned and halo atoms and edges it would hold (no model runs)."""
     from distmlip.ghost import build_ghost_graph
@@ -307,34 +157,54 @@ def _measure(calc, piece: Structure, periodic: bool) -> dict:
 
 
 def _budget_mb(calc) -> float:
-    """Per-worker memory a calibration call may use: half of ``memory_limit``, or of the
-    machine's memory shared by the workers."""
+    """Per-worker memory a calibration call may be predicted to use: :data:`LIMIT_SHARE` of
+    ``memory_limit`` (a call beyond the limit fails cleanly, so it may come close), or half of
+    the machine's memory shared by the workers (beyond it the kernel kills a worker)."""
     from distmlip.memory import _machine_mb
 
     limit = calc.pool.options.memory_limit
     if limit is not None:
-        return 0.5 * limit * 1024
+        return LIMIT_SHARE * limit * 1024
     machine = _machine_mb()
     return 0.5 * machine / calc.nprocs if machine else float("inf")
 
 
-def _calibrate(calc, target: Structure, largest: int) -> list[dict]:
-    """Calibration records, smallest first: sizes double from :data:`START_ATOMS` per worker
-    until the per-call peak has grown by :data:`GROWTH_MB` over the smallest (and there are at
-    least three), ``largest`` atoms are reached, or the next call could exceed the budget."""
-    frame = _frame(target)
+def _calibrate(calc, target: Structure, largest: int) -> tuple[list[dict], int | None]:
+    """Calibration records, smallest first, and the atoms of the smallest piece that ran out
+    of memory (None if none did).
+
+    Sizes double from :data:`START_ATOMS` per worker (from half of ``largest`` where that is
+    less, so there are two) until the per-call peak has grown by :data:`GROWTH_MB` over the
+    smallest (and there are at least three), ``largest`` atoms are reached, or the next call is
+    predicted to exceed the budget. A call that runs out of memory (under ``memory_limit``, or
+    the GPU's) caps the sizes below it; with fewer than two records the next size is halfway
+    between the last that fitted (or none) and it, at most :data:`OUT_OF_MEMORY_TRIES` times.
+    """
+    from distmlip.errors import OutOfMemoryError
+
+    frame = frame_of(target)
     counts = repeat_counts(target, frame)
     key = "gpu_peak_mb" if calc.pool.options.device == "cuda" else "peak_mb"
     budget = _budget_mb(calc)
-    size = min(START_ATOMS * calc.nprocs, largest)
-    records, warm = [], False
+    size = max(min(START_ATOMS * calc.nprocs, largest // 2), 1)
+    records, warm, failed, tries = [], False, None, 0
     while True:
         piece, periodic = carve(target, size / target.n_atoms, frame, counts)
-        if piece.n_atoms >= 2 * calc.nprocs and all(r["atoms"] != piece.n_atoms for r in records):
-            if not warm:  # one-time allocations (thread pools, buffers) are not a slope
-                calc.compute(piece, forces=True)
-                warm = True
-            records.append(_measure(calc, piece, periodic))
+        fresh = piece.n_atoms >= 2 * calc.nprocs and piece.n_atoms < (failed or largest + 1)
+        if fresh and all(r["atoms"] != piece.n_atoms for r in records):
+            try:
+                if not warm:  # one-time allocations (thread pools, buffers) are not a slope
+                    calc.compute(piece, forces=True)
+                    warm = True
+                records.append(_measure(calc, piece, periodic))
+            except OutOfMemoryError:  # the workers were stopped; the next call starts new ones
+                failed, warm, tries = piece.n_atoms, False, tries + 1
+                largest = min(largest, failed - 1)
+                low = records[-1]["atoms"] if records else 0
+                if len(records) >= 2 or tries >= OUT_OF_MEMORY_TRIES or failed - low < 2:
+                    break
+                size = (low + failed) // 2
+                continue
         if records and len(records) >= 3:
             grown = max(records[-1][key]) - min(records[0][key])
             if grown >= GROWTH_MB:
@@ -350,12 +220,31 @@ def _calibrate(calc, target: Structure, largest: int) -> list[dict]:
             if base + slope * max(records[-1]["edges"]) * following / size > budget:
                 break
         size = following
-    if len(records) < 2:
-        raise ValueError(
+    return records, failed
+
+
+def _too_few(calc, target: Structure, nprocs: int, failed: int | None) -> Exception:
+    """The error for a calibration with fewer than two records: one line, what to change."""
+    from distmlip.errors import OutOfMemoryError
+
+    if failed is None:
+        return ValueError(
             f"cannot cut two calibration structures of different sizes from {target.n_atoms} "
             "atoms; evaluate this structure directly and read calc.last_stats instead"
         )
-    return records
+    limit = calc.pool.options.memory_limit
+    bound = f"memory_limit={limit:g} GB" if limit is not None else "the GPU's memory"
+    per_piece, per_target = failed / calc.nprocs, target.n_atoms / nprocs
+    verdict = (
+        f"so the {target.n_atoms:,}-atom structure (~{per_target:,.0f} atoms per worker at "
+        f"P={nprocs}) does not fit either: use more workers or a larger memory_limit"
+        if per_piece <= per_target
+        else "too small to calibrate in: calibrate on more workers or with a larger memory_limit"
+    )
+    return OutOfMemoryError(
+        f"estimating memory: a {failed:,}-atom calibration piece (~{per_piece:,.0f} atoms per "
+        f"worker on {calc.nprocs}) ran out of memory under {bound}, {verdict}"
+    )
 
 
 def estimate_memory(
@@ -374,7 +263,14 @@ def estimate_memory(
         atoms: ASE ``Atoms`` or a :class:`~distmlip.graph.Structure`.
         nprocs: P of the prediction (the calibration runs on ``calc.nprocs`` workers).
         calibration_atoms: the most atoms a calibration structure may have (default and at
-            most: half the target's).
+            most: half the target's; under ``memory_limit`` also at most the target's atoms
+            per worker at ``nprocs``, times ``calc.nprocs``).
+
+    Raises:
+        ValueError: a structure that cannot be evaluated on ``nprocs`` workers, or too small
+            to cut two calibration pieces from.
+        OutOfMemoryError: even the smallest calibration pieces ran out of memory (under
+            ``memory_limit``, or the GPU's): one line saying whether the target can fit.
     """
     from distmlip.options import _positive_int
     from distmlip.validate import validate_structure
@@ -384,13 +280,19 @@ def estimate_memory(
     nprocs = calc.nprocs if nprocs is None else _positive_int("nprocs", nprocs)
     validate_structure(target, nprocs, model)
     largest = max(target.n_atoms // 2, 1)
+    if calc.pool.options.memory_limit is not None:
+        # No piece holds more atoms per worker than the target will: if the target fits the
+        # limit, so does every piece, and a calibration that runs out says the target won't.
+        largest = min(largest, max(target.n_atoms * calc.nprocs // nprocs, 1))
     if calibration_atoms is not None:
         largest = min(_positive_int("calibration_atoms", calibration_atoms), largest)
     if calc.graph_builds or calc.graph_reuses:
         # Workers keep memory from earlier calls mapped ("keep" allocator, heap fragments),
         # which a per-call peak starts from: calibrate on fresh ones.
         calc.pool.close()
-    calibration = _calibrate(calc, target, largest)
+    calibration, failed = _calibrate(calc, target, largest)
+    if len(calibration) < 2:
+        raise _too_few(calc, target, nprocs, failed)
     fitted = calibration[-3:]  # the largest: nearest to the target's regime
     edges = [e for record in fitted for e in record["edges"]]
     base, slope = _fit(edges, [m for record in fitted for m in record["peak_mb"]])

@@ -326,7 +326,8 @@ def out_of_memory_message(rank: int, report: dict, nprocs: int) -> str:
         f"worker {rank} ran out of {where} ({failed}){_held(report)}"
         + (f"; {memory}" if memory else "")
         + f". To fit, use {', '.join(remedies)}; "
-        + "calc.estimate_memory(atoms, nprocs) predicts the peak per worker"
+        + "calc.estimate_memory(atoms, nprocs) (`distmlip estimate`) predicts the peak per "
+        + ("worker, calibrating within memory_limit" if report.get("memory_limit_mb") else "worker")
     )
 
 

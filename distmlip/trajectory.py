@@ -9,9 +9,13 @@ state.
   (a process killed mid-write) so the file can be appended to.
 * :class:`ThermoLog` writes whitespace-separated columns with a ``#`` header
   (``numpy.loadtxt`` reads it).
-* :func:`save_state` / :func:`load_state` keep the integrator state of the last frame in
-  ``<trajectory>.state.json``, replaced atomically.
+* :func:`save_state` / :func:`load_state` keep the integrator state of the last frame (and of
+  the one before, :func:`state_at`) in ``<trajectory>.state.json``, replaced atomically.
 * :func:`interrupts_deferred` holds Ctrl-C until a frame and its state are both written.
+
+A write that fails (a full disk) raises :class:`OutputError` naming the file, and leaves no
+part of what it was writing: a frame or a log row is cut back off the file, a temporary file
+is removed.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from distmlip.durable import OutputError, append_durably, open_appending, replace_durably
+
 __all__ = [
     "FrameWriter",
+    "OutputError",
     "last_frame",
     "ThermoLog",
     "THERMO_COLUMNS",
@@ -37,6 +44,7 @@ __all__ = [
     "truncate_log",
     "save_state",
     "load_state",
+    "state_at",
     "interrupts_deferred",
     "trajectory_format",
 ]
@@ -56,12 +64,14 @@ def trajectory_format(path: Path) -> str:
     )
 
 
-def _frame(atoms, results: dict, step: int, time_fs: float, extras: tuple[str, ...]):
-    """A copy of ``atoms`` carrying ``results`` (energy, forces, stress, extras) and the step."""
+def _frame(atoms, results: dict, step: int, time_fs: float, extras: tuple[str, ...], info: dict):
+    """A copy of ``atoms`` carrying ``results`` (energy, forces, stress, extras), the step and
+    ``info``."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     frame = atoms.copy()  # positions, momenta, cell, pbc, numbers; not the calculator
     frame.info = {key: value for key, value in atoms.info.items() if _plain_info(value)}
+    frame.info.update(info)
     frame.info.update(step=int(step), time_fs=float(time_fs))
     stored = {name: results[name] for name in ("energy", "forces", "stress") if name in results}
     stored.update({name: results[name] for name in extras if name in results})
@@ -75,48 +85,65 @@ def _plain_info(value) -> bool:
 
 class FrameWriter:
     """Appends frames to ``path``; ``append=False`` starts the file anew. The file is opened at
-    the first frame, so a run that fails before its first frame leaves no empty file behind."""
+    the first frame, so a run that fails before its first frame leaves no empty file behind.
+    ``info`` goes into every frame's ``atoms.info`` (the run's record)."""
 
-    def __init__(self, path, append: bool = False, extras: tuple[str, ...] = ()):
+    def __init__(
+        self, path, append: bool = False, extras: tuple[str, ...] = (), info: dict | None = None
+    ):
         self.path = Path(path)
         self.format = trajectory_format(self.path)
         self.extras = tuple(extras)
+        self.info = dict(info or {})
         self.frames = 0
         self._append = append
-        self._trajectory = self._file = None
+        self._trajectory = self._fd = None
+        self._broken = False
 
     def _open(self) -> None:
-        mode = "a" if self._append else "w"
         if self.format == "traj":
             from ase.io.trajectory import Trajectory
 
-            self._trajectory = Trajectory(str(self.path), mode)
+            try:
+                self._trajectory = Trajectory(str(self.path), "a" if self._append else "w")
+            except OSError as error:
+                raise OutputError.of(error, self.path) from error
         else:
-            self._file = open(self.path, mode)  # noqa: SIM115
+            self._fd = open_appending(self.path, self._append)
 
     def write(self, atoms, results: dict, step: int, time_fs: float) -> None:
-        """One complete frame, on disk when this returns."""
-        frame = _frame(atoms, results, step, time_fs, self.extras)
-        if self._trajectory is None and self._file is None:
+        """One complete frame, on disk when this returns.
+
+        Raises:
+            OutputError: the frame could not be written (an extended XYZ file is cut back to
+                its previous frames; an ASE trajectory counts a frame only once complete).
+        """
+        frame = _frame(atoms, results, step, time_fs, self.extras, self.info)
+        if self._trajectory is None and self._fd is None:
             self._open()
         if self.format == "traj":
-            self._trajectory.write(frame)  # ULM: the frame counts only once it is complete
-            self._trajectory.backend.fd.flush()
-            os.fsync(self._trajectory.backend.fd.fileno())
+            try:
+                self._trajectory.write(frame)  # ULM: the frame counts only once it is complete
+                self._trajectory.backend.fd.flush()
+                os.fsync(self._trajectory.backend.fd.fileno())
+            except OSError as error:
+                self._broken = True  # its buffer may hold the rest: never flushed again
+                raise OutputError.of(error, self.path) from error
         else:
             from ase.io import write
 
             text = io.StringIO()
             write(text, frame, format="extxyz")
-            self._file.write(text.getvalue())  # one write: a frame is torn only by a kill
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            append_durably(self._fd, text.getvalue().encode(), self.path)
         self.frames += 1
 
     def close(self) -> None:
-        for handle in (self._trajectory, self._file):
-            if handle is not None:
-                handle.close()
+        if self._trajectory is not None:
+            with contextlib.suppress(OSError) if self._broken else contextlib.nullcontext():
+                self._trajectory.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> FrameWriter:
         return self
@@ -176,10 +203,13 @@ def _last_traj_frame(path: Path, repair: bool) -> tuple[object, int]:
             raise ValueError(f"no complete frame in {str(path)!r} to restart from")
         if repair and count < len(frames):
             temporary = path.with_name(path.name + ".repair")
-            with Trajectory(str(temporary), "w") as copy:
-                for index in range(count):
-                    copy.write(frames[index])
-            os.replace(temporary, path)
+            try:
+                with Trajectory(str(temporary), "w") as copy:
+                    for index in range(count):
+                        copy.write(frames[index])
+                os.replace(temporary, path)
+            finally:
+                temporary.unlink(missing_ok=True)  # a full disk: no half copy left behind
     return frame, count
 
 
@@ -232,14 +262,19 @@ class ThermoLog:
     def __init__(self, path, append: bool = False):
         self.path = Path(path)
         self._append = append
-        self._file = None
+        self._fd = None
 
     def write(self, **values) -> None:
-        if self._file is None:  # opened at the first row, like the trajectory
-            header = not (self._append and self.path.exists() and self.path.stat().st_size > 0)
-            self._file = open(self.path, "a" if self._append else "w")  # noqa: SIM115
-            if header:
-                self._file.write("# " + " ".join(THERMO_COLUMNS) + "\n")
+        """One row (with the header first in a new file), on disk when this returns.
+
+        Raises:
+            OutputError: the row could not be written (the file is cut back to its rows).
+        """
+        header = ""
+        if self._fd is None:  # opened at the first row, like the trajectory
+            if not (self._append and self.path.exists() and self.path.stat().st_size > 0):
+                header = "# " + " ".join(THERMO_COLUMNS) + "\n"
+            self._fd = open_appending(self.path, self._append)
         cells = []
         for name in THERMO_COLUMNS:
             value = values[name]
@@ -247,13 +282,12 @@ class ThermoLog:
                 cells.append(str(int(value)))
             else:
                 cells.append("nan" if not math.isfinite(value) else f"{value:.10g}")
-        self._file.write(" ".join(cells) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        append_durably(self._fd, (header + " ".join(cells) + "\n").encode(), self.path)
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> ThermoLog:
         return self
@@ -279,9 +313,7 @@ def truncate_log(path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if line.startswith("#") or _row_step(line) <= step]
     if len(kept) != len(lines):
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(kept))
-        os.replace(temporary, path)
+        replace_durably(path, "".join(kept).encode())
 
 
 def _row_step(line: str) -> float:
@@ -298,11 +330,15 @@ def state_path(trajectory) -> Path:
 
 
 def save_state(trajectory, state: dict) -> None:
-    """Replace the restart state atomically (a reader sees the old or the new, never half)."""
-    target = state_path(trajectory)
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(json.dumps(state))
-    os.replace(temporary, target)
+    """Replace the restart state atomically (a reader sees the old or the new, never half).
+
+    ``state["previous"]``, if given, is the state of the frame before: written before a frame
+    (a frame that then fails to be written leaves the state of the last one that was).
+
+    Raises:
+        OutputError: the old state stays, and no temporary file.
+    """
+    replace_durably(state_path(trajectory), json.dumps(state).encode())
 
 
 def load_state(trajectory) -> dict | None:
@@ -311,6 +347,17 @@ def load_state(trajectory) -> dict | None:
         return json.loads(state_path(trajectory).read_text())
     except (OSError, ValueError):
         return None
+
+
+def state_at(trajectory, step: int) -> dict | None:
+    """The saved restart state of ``step`` (the latest, or the one before it), or None."""
+    state = load_state(trajectory)
+    if not isinstance(state, dict):
+        return None
+    for candidate in (state, state.get("previous")):
+        if isinstance(candidate, dict) and candidate.get("step") == step:
+            return {key: value for key, value in candidate.items() if key != "previous"}
+    return None
 
 
 @contextlib.contextmanager

@@ -129,11 +129,6 @@ def _one_line_error(capsys) -> str:
         (["predict", "--timeout", "0"], 2, "--timeout: must be a number of seconds in (0, "),
         (["predict", "--timeout", "1e10"], 2, "--timeout: must be a number of seconds in (0, "),
         (["bench", "--out", "{empty}"], 2, "exists and is not a directory"),
-        (
-            ["predict", "--model", "reference", "--structure", "{bad_frame}", "--json"],
-            1,
-            "frame 1 of",
-        ),
         (["demo", "--steps", "0"], 2, "--steps: must be a positive integer, got '0'"),
         (["demo", "--skin", "-1"], 2, "--skin: must be a number >= 0"),
         (["bench", "--nprocs", "0"], 2, "--nprocs: must be a positive integer, got '0'"),
@@ -153,9 +148,6 @@ def test_errors_are_one_line_with_exit_status(argv, status, says, tmp_path, caps
         "corrupt": _write(tmp_path / "corrupt.xyz", bytes(range(256)) * 4),
         "garbled_cif": _write(tmp_path / "garbled.cif", "data_x\n_cell_length_a oops\n"),
         "two": _write(tmp_path / "two.xyz", "1\n\nCu 0 0 0\n1\n\nCu 0 0 0.5\n"),
-        "bad_frame": _write(
-            tmp_path / "bad_frame.xyz", "2\n\nCu 0 0 0\nCu 0 0 2.5\n2\n\nCu 0 0 0\nCu 0 0 0\n"
-        ),
     }
     argv = [arg.format(**files) for arg in argv]
     assert main(argv) == status

@@ -12,6 +12,7 @@ import os
 import sys
 
 from distmlip.cli.arguments import (
+    MODEL_HELP,
     Formatter,
     Parser,
     UsageError,
@@ -38,7 +39,7 @@ memory per worker. "distmlip COMMAND --help" describes each command."""
 def bench(args) -> int:
     from pathlib import Path
 
-    from distmlip.bench import BenchConfig, run_bench
+    from distmlip.bench import BenchConfig, BenchOptionError, run_bench
 
     config = BenchConfig(
         model=args.model,
@@ -55,7 +56,10 @@ def bench(args) -> int:
         memory_budget_gb=args.memory_budget_gb,
         out=Path(args.out) if args.out else None,
     )
-    rows = run_bench(config, progress=(lambda _: None) if args.json else print)
+    try:  # every configuration is checked before the first is measured
+        rows = run_bench(config, progress=(lambda _: None) if args.json else print)
+    except BenchOptionError as error:
+        raise UsageError(str(error)) from None
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()
@@ -116,8 +120,7 @@ def _model_option(parser, default: str) -> None:
         "--model",
         type=model_argument,
         default=default,
-        help="reference (random weights, for tests), chgnet (pretrained CHGNet 0.3.0, shipped), "
-        "chgnet-0.2.0, chgnet-r2scan, or the path of a MACE model file",
+        help=MODEL_HELP,
     )
 
 
@@ -193,7 +196,8 @@ def _parser() -> Parser:
         "(velocity Verlet), NVT (Langevin or Nosé–Hoover chain), NPT (MTK, full cell).\n"
         "Every --log-every steps a frame goes to --trajectory, a row to the log and the\n"
         "integrator state beside the trajectory; --restart FILE continues FILE's last frame\n"
-        "(--steps is the step to end at). See docs/md.md.",
+        "(--steps is the step to end at) with the run's model, --dtype and --skin unless\n"
+        "given (a new run: --model chgnet, --dtype float32, --skin 1). See docs/md.md.",
         formatter_class=Formatter,
     )
     add_structure_arguments(m, optional=True, index_default="-1")
@@ -265,7 +269,8 @@ def _parser() -> Parser:
     )
     _worker_options(m, dtype="float32", timeout=1800.0)
     m.add_argument("--json", action="store_true", help="print the final summary as JSON")
-    m.set_defaults(handler="distmlip.cli.md:md")
+    # None: not given, so a restart takes the run's own (distmlip.cli.md_restart).
+    m.set_defaults(handler="distmlip.cli.md:md", model=None, dtype=None, skin=None)
     r = commands.add_parser(
         "relax",
         help="relax atoms (and optionally the cell) to a force threshold",
@@ -322,8 +327,8 @@ def _parser() -> Parser:
         "--memory-limit",
         type=positive_float,
         metavar="GB",
-        help="memory each worker may use: the calibration stays within half of it, and the "
-        "prediction is compared with it",
+        help="memory each worker may use: the calibration runs within it (pieces no larger "
+        "per worker than the structure's), and the prediction is compared with it",
     )
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(handler="distmlip.cli.estimate:estimate")
@@ -423,7 +428,9 @@ def _launched(args, launch) -> None:
     args.nprocs = launch.world_size
     if launch.rank > 0:
         from distmlip.cli.arguments import worker_calculator
+        from distmlip.cli.md_restart import fill_model_defaults
 
+        fill_model_defaults(args)  # md leaves --model, --dtype, --skin unset when not given
         worker_calculator(args)  # serves rank 0, then exits the process
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "finite_float",
     "non_negative_float",
     "model_argument",
+    "MODEL_HELP",
     "structure_file",
     "frame_index",
     "output_directory",
@@ -83,23 +84,44 @@ def non_negative_float(text: str) -> float:
     return _finite_float(text, lambda value: value >= 0, "a number >= 0")
 
 
+MODEL_HELP = (
+    "a name: reference (random weights, for tests), chgnet (pretrained CHGNet 0.3.0, shipped), "
+    "chgnet-0.2.0, chgnet-r2scan, or a model an installed package registers (entry-point group "
+    "distmlip.models); or a path: a MACE model file, a fairchem eSEN checkpoint (.pt), or the "
+    "directory of a saved matgl TensorNet potential (potential.save(DIR))"
+)
+"""``--model``'s help: what :func:`model_argument` (and ``DistributedCalculator``) take."""
+
+
 def model_argument(text: str) -> str:
-    """A model name distmlip knows, or the path of an existing model file."""
+    """What ``DistributedCalculator(model)`` takes as a string: a model name (built in or an
+    entry point's), a model file (MACE, fairchem checkpoint) or a saved matgl model's directory.
+
+    Checked here as far as that is cheap (the name is known, the path exists, a directory holds
+    a saved matgl model); the file's contents are read, and checked, when the model loads.
+    The same rule as :func:`distmlip.models.registry.resolve_model` tells names from paths.
+    """
     from distmlip.models import model_names
+    from distmlip.models.registry import MODEL_FILE_SUFFIXES
 
     names = model_names()
     if text.lower() in names:
         return text.lower()
-    looks_like_path = os.sep in text or "/" in text or Path(text).suffix or Path(text).exists()
-    if looks_like_path and not text.lower().startswith("chgnet"):
-        path = Path(text)
+    path = Path(text).expanduser()
+    if os.sep in text or "/" in text or text.lower().endswith(MODEL_FILE_SUFFIXES) or path.exists():
         if path.is_dir():
-            raise argparse.ArgumentTypeError(f"{text!r} is a directory, not a model file")
+            if not (path / "model.json").is_file():  # else matgl would look on its model hub
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} is a directory but not a saved matgl model (no model.json; "
+                    "save one with potential.save(DIR))"
+                )
+            return text
         if not path.is_file():
-            raise argparse.ArgumentTypeError(f"no model file {text!r}")
+            raise argparse.ArgumentTypeError(f"no model file or directory {text!r}")
         return text
     raise argparse.ArgumentTypeError(
-        f"unknown model {text!r}; choose one of {', '.join(names)} or give a MACE model file"
+        f"unknown model {text!r}; choose one of {', '.join(names)}, or give a model file "
+        "(MACE, fairchem .pt) or a saved matgl model's directory"
     )
 
 

@@ -3,76 +3,30 @@
 Every ``--log-every`` steps (and at the last) a frame goes to the trajectory, a row to the thermo
 log and the integrator state, with the run's settings, to ``<trajectory>.state.json``, together
 and never half (Ctrl-C and SIGTERM are held while they are written). ``--restart FILE``
-continues from FILE's last complete frame with its step count, time, settings and integrator
-state; ``--steps`` is the step the run ends at, so the interrupted command line with
-``--restart FILE`` added finishes the run.
+continues from FILE's last complete frame with its step count, time, model, dtype, skin,
+settings and integrator state (:mod:`distmlip.cli.md_restart`); ``--steps`` is the step the
+run ends at, so the interrupted command line with ``--restart FILE`` added finishes the run.
+Ctrl-C, SIGTERM, a failed worker or a failed write (a full disk) end the run with one line
+that says what the trajectory holds and the command that continues it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import signal
+import shlex
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from distmlip.cli.arguments import UsageError, worker_calculator, writable_path
+from distmlip.cli.md_restart import RECORD_KEYS, SETTING_DEFAULTS, RestartPoint
 from distmlip.cli.output import json_only_stdout, print_json
+from distmlip.cli.stopping import sigterm_as_interrupt, stopped
 
 __all__ = ["md", "SETTING_DEFAULTS"]
-
-SETTING_DEFAULTS = {
-    "ensemble": "nve",
-    "thermostat": "langevin",
-    "temperature": 300.0,
-    "timestep": 1.0,
-    "friction": 0.01,
-    "tdamp": None,
-    "pressure": 0.0,
-    "pdamp": None,
-}
-"""The MD options' defaults for a new run; a restart takes the run's own instead."""
-
-_SETTING_FIELDS = {
-    "ensemble": "ensemble",
-    "thermostat": "thermostat",
-    "temperature": "temperature_K",
-    "timestep": "timestep_fs",
-    "friction": "friction_per_fs",
-    "tdamp": "tdamp_fs",
-    "pressure": "pressure_GPa",
-    "pdamp": "pdamp_fs",
-}
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a batch scheduler's time limit): stop like Ctrl-C, frames intact."""
-
-
-def _settings(args, saved: dict | None):
-    """MDSettings from the options given, else the restarted run's, else the defaults."""
-    from distmlip.dynamics import MDSettings
-
-    values, changed = {}, []
-    for option, field in _SETTING_FIELDS.items():
-        given = getattr(args, option)
-        if given is not None:
-            values[field] = given
-            if saved and field in saved and saved[field] != given:
-                changed.append(f"--{option} {given} (the run had {saved[field]})")
-        elif saved and field in saved:
-            values[field] = saved[field]
-        else:
-            values[field] = SETTING_DEFAULTS[option]
-    if changed:
-        print("distmlip: note: changed on restart: " + ", ".join(changed), file=sys.stderr)
-    try:
-        return MDSettings(seed=args.seed, **values)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
 
 
 def _check_options(args, settings) -> None:
@@ -111,68 +65,6 @@ def _paths(args) -> tuple[Path, Path]:
     return trajectory, log
 
 
-def _start(args, trajectory: Path, log: Path, settings):
-    """(atoms with momenta, first step, its time in fs, saved state or None, append?, what)."""
-    from distmlip.cli.structures import load_structures
-    from distmlip.dynamics import initial_velocities
-    from distmlip.trajectory import last_frame, load_state, state_path
-
-    if args.restart is not None:
-        restart = Path(args.restart)
-        if not restart.is_file():
-            raise UsageError(f"no such file {str(restart)!r} to restart from")
-        appending = trajectory.exists() and trajectory.resolve() == restart.resolve()
-        if not appending:
-            _refuse_existing(args, trajectory, log)
-        size = restart.stat().st_size
-        frame, frames = last_frame(restart, repair=appending)
-        if "step" not in frame.info:
-            raise ValueError(
-                f"{str(restart)!r} has no step numbers (not a distmlip md trajectory); to start "
-                "from its last frame's positions and momenta, give it as STRUCTURE with "
-                "--keep-velocities"
-            )
-        if restart.stat().st_size != size:
-            print(f"distmlip: note: dropped a torn final frame of {restart}", file=sys.stderr)
-        ignored = [
-            name
-            for name, given in (
-                ("STRUCTURE", args.structure is not None),
-                ("--repeat", bool(args.repeat)),
-                ("--rattle", bool(args.rattle)),
-                ("--index", args.index is not None),
-            )
-            if given
-        ]
-        if ignored:
-            print(
-                f"distmlip: note: continuing {restart}; {', '.join(ignored)} not used",
-                file=sys.stderr,
-            )
-        step = int(frame.info["step"])
-        if appending:
-            from distmlip.trajectory import truncate_log
-
-            truncate_log(log, step)  # rows after the frame continued from belong to no frame
-        state = load_state(restart)
-        if state is not None and state.get("step") != step:
-            state = None
-        atoms = frame.copy()  # positions, momenta, cell; not the stored results
-        time_fs = float(frame.info.get("time_fs", np.nan))
-        return atoms, step, time_fs, state, appending, f"{restart} (frame {frames}, step {step})"
-    _refuse_existing(args, trajectory, log)
-    state_path(trajectory).unlink(missing_ok=True)  # --overwrite: the old run's state goes too
-    frames, description = load_structures(args, default_index=-1)
-    if len(frames) != 1:
-        raise UsageError("--index must select one frame to start MD from")
-    atoms = frames[0]
-    if not args.keep_velocities:
-        initial_velocities(atoms, settings.temperature_K, args.seed)
-    elif not atoms.has("momenta"):
-        raise UsageError("--keep-velocities: STRUCTURE has no velocities (momenta)")
-    return atoms, 0, 0.0, None, False, description
-
-
 def _refuse_existing(args, trajectory: Path, log: Path) -> None:
     from distmlip.trajectory import is_thermo_log
 
@@ -184,22 +76,6 @@ def _refuse_existing(args, trajectory: Path, log: Path) -> None:
             )
     if log.exists() and log.stat().st_size and not is_thermo_log(log):
         raise UsageError(f"--log {str(log)!r} exists and is not a thermo log; name another")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    def stop(number, frame):
-        raise Terminated
-
-    try:
-        previous = signal.signal(signal.SIGTERM, stop)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class BlownUp(ValueError):
@@ -224,33 +100,112 @@ def _check_sane(atoms, results: dict, step: int, settings, warned: list) -> None
         )
 
 
+@dataclass
+class _Start:
+    """Where the run starts: atoms with momenta, step, time (fs), the restart point or None,
+    whether the trajectory is appended to, and a description for the start-up line."""
+
+    atoms: object
+    step: int
+    time_fs: float
+    point: RestartPoint | None
+    appending: bool
+    description: str
+
+
+def _restart_point(args, trajectory: Path, log: Path) -> tuple[RestartPoint, bool]:
+    """The restarted run's last frame and record; whether ``trajectory`` is its file."""
+    from distmlip.cli.md_restart import read_restart
+
+    restart = Path(args.restart)
+    if not restart.is_file():
+        raise UsageError(f"no such file {str(restart)!r} to restart from")
+    appending = trajectory.exists() and trajectory.resolve() == restart.resolve()
+    if not appending:
+        _refuse_existing(args, trajectory, log)
+    point = read_restart(restart, appending)
+    ignored = [
+        name
+        for name, given in (
+            ("STRUCTURE", args.structure is not None),
+            ("--repeat", bool(args.repeat)),
+            ("--rattle", bool(args.rattle)),
+            ("--index", args.index is not None),
+        )
+        if given
+    ]
+    if ignored:
+        print(
+            f"distmlip: note: continuing {restart}; {', '.join(ignored)} not used", file=sys.stderr
+        )
+    return point, appending
+
+
+def _fresh_start(args, trajectory: Path, log: Path, settings) -> _Start:
+    from distmlip.cli.structures import load_structures
+    from distmlip.dynamics import initial_velocities
+    from distmlip.trajectory import state_path
+
+    _refuse_existing(args, trajectory, log)
+    state_path(trajectory).unlink(missing_ok=True)  # --overwrite: the old run's state goes too
+    frames, description = load_structures(args, default_index=-1)
+    if len(frames) != 1:
+        raise UsageError("--index must select one frame to start MD from")
+    atoms = frames[0]
+    for key in RECORD_KEYS:
+        atoms.info.pop(key, None)  # another run's record, if STRUCTURE is one of its frames
+    if not args.keep_velocities:
+        initial_velocities(atoms, settings.temperature_K, args.seed)
+    elif not atoms.has("momenta"):
+        raise UsageError("--keep-velocities: STRUCTURE has no velocities (momenta)")
+    return _Start(atoms, 0, 0.0, None, False, description)
+
+
 def md(args) -> int:
+    from distmlip.cli.md_restart import (
+        check_launched,
+        choose_model,
+        md_settings,
+        note_changes,
+        warn_lost_state,
+    )
     from distmlip.cli.md_summary import summary, summary_table
-    from distmlip.trajectory import load_state
 
     trajectory, log_path = _paths(args)
-    saved = None
+    given = {option for option in ("model", "dtype", "skin") if getattr(args, option) is not None}
+    point, appending = None, False
     if args.restart is not None:
-        saved = (load_state(args.restart) or {}).get("settings")
-    settings = _settings(args, saved)
+        point, appending = _restart_point(args, trajectory, log_path)
+    settings, changed = md_settings(args, point.settings if point else None)
+    changed += choose_model(args, point)
     _check_options(args, settings)
-    atoms, first_step, first_time, state, appending, description = _start(
-        args, trajectory, log_path, settings
-    )
-    if not np.isfinite(first_time):
-        first_time = first_step * settings.timestep_fs
-    if first_step >= args.steps:
-        message = f"{description} is at step {first_step} >= --steps {args.steps}: nothing to run"
+    check_launched(args, given)
+    note_changes(changed)
+    if point is not None:
+        warn_lost_state(args, point, settings)
+        if appending:
+            from distmlip.trajectory import truncate_log
+
+            truncate_log(log_path, point.step)  # rows after the frame continued from: no frame
+        description = f"{point.path} (frame {point.frames}, step {point.step})"
+        time_fs = point.time_fs if np.isfinite(point.time_fs) else point.step * settings.timestep_fs
+        start = _Start(point.frame.copy(), point.step, time_fs, point, appending, description)
+    else:
+        start = _fresh_start(args, trajectory, log_path, settings)
+    if start.step >= args.steps:
+        message = (
+            f"{start.description} is at step {start.step} >= --steps {args.steps}: nothing to run"
+        )
         print(message, file=sys.stderr if args.json else sys.stdout)
         if args.json:
-            print_json({"steps_run": 0, "last_step": first_step, "trajectory": str(trajectory)})
+            print_json({"steps_run": 0, "last_step": start.step, "trajectory": str(trajectory)})
         return 0
+    atoms = start.atoms
     if settings.ensemble == "npt" and not (np.all(atoms.pbc) and atoms.cell.volume > 0):
         raise UsageError("--ensemble npt needs a cell periodic in all three directions")
     started = time.perf_counter()
-    with json_only_stdout(args.json), _sigterm_as_interrupt():
-        outcome = _run(args, settings, atoms, first_step, first_time, state, appending,
-                       trajectory, log_path, description)  # fmt: skip
+    with json_only_stdout(args.json), sigterm_as_interrupt():
+        outcome = _run(args, settings, start, trajectory, log_path, "model" in given)
     if isinstance(outcome, int):
         return outcome
     rows, step_seconds, worker_timings, builds, reuses = outcome
@@ -262,6 +217,8 @@ def md(args) -> int:
         log=str(log_path),
         atoms=len(atoms),
         integrator=settings.describe(),
+        model=args.model,
+        dtype=args.dtype,
     )
     if args.json:
         print_json(result)
@@ -270,23 +227,49 @@ def md(args) -> int:
     return 0
 
 
-def _run(args, settings, atoms, first_step, first_time, state, appending, trajectory, log_path,
-         description):  # fmt: skip
+def _continuation(args, trajectory: Path, start: _Start, last_written: int | None) -> str:
+    """What the trajectory holds and the command line that continues the run."""
+    where = f"--restart {shlex.quote(str(trajectory))}"
+    if last_written is None and start.point is not None:  # a new file: nothing in it yet
+        where = (
+            f"--restart {shlex.quote(str(start.point.path))} --trajectory "
+            f"{shlex.quote(str(trajectory))} --overwrite"
+        )
+        held = f"no frame was written to {trajectory}"
+    elif last_written is None:
+        return f"no frame was written to {trajectory}"
+    else:
+        held = f"{trajectory} holds frames up to step {last_written}"
+    log = f" --log {shlex.quote(args.log)}" if args.log else ""
+    return f"{held}; continue with: distmlip md {where} --steps {args.steps}{log}"
+
+
+def _run(args, settings, start: _Start, trajectory: Path, log_path: Path, model_given: bool):
     """The MD loop; returns the records, or an exit status after an interruption or failure."""
     from tqdm import tqdm
 
     from distmlip import WorkerError
+    from distmlip.cli.md_restart import check_weights, frame_record, run_record
     from distmlip.cli.md_summary import progress_line, thermo_row
     from distmlip.dynamics import dynamics_state, make_dynamics, restore_dynamics_state
-    from distmlip.trajectory import FrameWriter, ThermoLog, interrupts_deferred, save_state
+    from distmlip.trajectory import (
+        FrameWriter,
+        OutputError,
+        ThermoLog,
+        interrupts_deferred,
+        save_state,
+    )
 
+    atoms, first_step, point = start.atoms, start.step, start.point
     step_seconds: list[float] = []
     worker_timings: list[list[dict]] = []
     rows: list[dict] = []
-    last_written = first_step if args.restart is not None else None
+    last_written = first_step if start.appending else None
+    previous = point.state if point is not None else None  # kept while the next is written
     warned: list[int] = []
     with contextlib.ExitStack() as stack:
         calc = stack.enter_context(worker_calculator(args, skin=args.skin))
+        run = run_record(args, check_weights(args, calc, point, model_given))
         direct = getattr(calc.model, "direct_forces", False)
         if settings.ensemble == "npt" and direct:
             raise UsageError(f"--ensemble npt needs the stress; {args.model} has none")
@@ -304,17 +287,13 @@ def _run(args, settings, atoms, first_step, first_time, state, appending, trajec
         wanted += [name for name in args.extras if name not in wanted]
         atoms.calc = calc
         dynamics = make_dynamics(atoms, settings)
-        if state is not None:
-            restore_dynamics_state(dynamics, state["integrator_state"])
-        elif args.restart is not None and settings.ensemble != "nve":
-            print(
-                f"distmlip: warning: no integrator state for step {first_step} beside "
-                f"{args.restart}; the thermostat variables (and Langevin's random stream, from "
-                "--seed) start afresh",
-                file=sys.stderr,
-            )
-        writer = stack.enter_context(FrameWriter(trajectory, appending, tuple(args.extras)))
-        log = stack.enter_context(ThermoLog(log_path, append=appending))
+        if point is not None and point.state is not None:
+            restore_dynamics_state(dynamics, point.state["integrator_state"])
+        info = frame_record(settings, run)
+        writer = stack.enter_context(
+            FrameWriter(trajectory, start.appending, tuple(args.extras), info)
+        )
+        log = stack.enter_context(ThermoLog(log_path, append=start.appending))
         progress = stack.enter_context(
             tqdm(
                 total=args.steps,
@@ -327,8 +306,9 @@ def _run(args, settings, atoms, first_step, first_time, state, appending, trajec
             )  # fmt: skip
         )
         print(
-            f"distmlip md: {description}, {len(atoms)} atoms; {settings.describe()}; "
-            f"{args.nprocs} workers; steps {first_step} → {args.steps}",
+            f"distmlip md: {start.description}, {len(atoms)} atoms; model {args.model} "
+            f"({args.dtype}, skin {args.skin:g} Å); {settings.describe()}; {args.nprocs} "
+            f"workers; steps {first_step} → {args.steps}",
             file=sys.stderr,
         )
         try:
@@ -352,42 +332,38 @@ def _run(args, settings, atoms, first_step, first_time, state, appending, trajec
                     continue
                 results = calc.get_properties(wanted, atoms)
                 _check_sane(atoms, results, step, settings, warned)
-                time_fs = first_time + (step - first_step) * settings.timestep_fs
+                time_fs = start.time_fs + (step - first_step) * settings.timestep_fs
                 row = thermo_row(atoms, results, step, time_fs, float(np.mean(since_row)), calc)
+                state = {
+                    "step": step,
+                    "settings": asdict(settings),
+                    "run": run,
+                    "integrator_state": dynamics_state(dynamics),
+                }
+                # The log row, then the state (with the last frame's), then the frame: a write
+                # that fails leaves the last frame and a state for it (a restart drops rows
+                # after its frame).
                 with interrupts_deferred():
-                    writer.write(atoms, results, step, time_fs)
                     log.write(**row)
-                    save_state(
-                        trajectory,
-                        {
-                            "step": step,
-                            "settings": asdict(settings),
-                            "integrator_state": dynamics_state(dynamics),
-                        },
-                    )
-                    last_written = step
+                    save_state(trajectory, {**state, "previous": previous})
+                    writer.write(atoms, results, step, time_fs)
+                    last_written, previous = step, state
                 rows.append(row)
                 since_row = []
                 progress.set_postfix(T=f"{row['temperature_K']:.0f} K", refresh=False)
                 if progress.disable:
                     print(progress_line(row, args.steps), file=sys.stderr, flush=True)
                 clock = time.perf_counter()  # the writes are not a step's time
-        except (KeyboardInterrupt, WorkerError, ValueError) as error:  # ValueError: bad atoms
-            progress.close()
-            kept = (
-                f"{trajectory} holds frames up to step {last_written}; continue with "
-                f"--restart {trajectory}"
-                if last_written is not None
-                else f"no frame was written to {trajectory}"
-            )
-            if isinstance(error, Terminated):
-                print(f"distmlip: terminated (SIGTERM); {kept}", file=sys.stderr)
-                return 143
+        except (KeyboardInterrupt, WorkerError, ValueError, OutputError) as error:
+            progress.close()  # ValueError: bad atoms; OutputError: a full disk
+            kept = _continuation(args, trajectory, start, last_written)
             if isinstance(error, KeyboardInterrupt):
-                print(f"distmlip: interrupted; {kept}", file=sys.stderr)
-                return 130
-            first_line = (str(error).strip().splitlines() or [""])[0]
-            print(f"distmlip: error: {first_line}; {kept}", file=sys.stderr)
+                return stopped(error, kept)
+            if isinstance(error, OutputError):
+                reason = f"writing {error.filename}: {error.strerror}"
+            else:
+                reason = (str(error).strip().splitlines() or [""])[0]
+            print(f"distmlip: error: {reason}; {kept}", file=sys.stderr)
             return 1
         progress.close()
         return rows, step_seconds, worker_timings, calc.graph_builds, calc.graph_reuses

@@ -91,6 +91,7 @@ def summary_table(result: dict) -> str:
     shares = result["step_time_shares"]
     rows = [
         ("atoms", f"{result['atoms']}"),
+        ("model", f"{result['model']} ({result['dtype']})"),
         ("integrator", result["integrator"]),
         ("steps", f"{result['steps_run']} run, now at step {result['last_step']}"),
         ("time", f"{result['wall_s']:.1f} s, median {result['median_step_s']:.3f} s per step"),

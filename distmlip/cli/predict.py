@@ -4,11 +4,13 @@ crystal."""
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from distmlip.cli.arguments import UsageError, worker_calculator
-from distmlip.cli.output import json_only_stdout, print_json, table
+from distmlip.cli.output import FramesDocument, json_only_stdout, print_json, table
+from distmlip.cli.stopping import Terminated, sigterm_as_interrupt, stopped
 
 __all__ = ["predict", "read_frames", "GPA_PER_EV_PER_A3"]
 
@@ -43,7 +45,17 @@ def _generated(size: int):
     return crystal("cu", repeat=size, rattle=0.05, seed=0)
 
 
-def _evaluate(atoms, calc) -> dict:
+def _evaluate(atoms, calc, number: int, source: str, several: bool) -> dict:
+    """Energy (eV), forces (eV/Å), stress (eV/Å³, and GPa) and timings of frame ``number``."""
+    try:
+        return _evaluated(atoms, calc)
+    except ValueError as error:  # bad atoms: say which frame
+        if not several:
+            raise
+        raise ValueError(f"frame {number} of {source}: {error}") from error
+
+
+def _evaluated(atoms, calc) -> dict:
     atoms.calc = calc
     start = time.perf_counter()
     # A model that predicts forces directly has no stress to report.
@@ -94,8 +106,10 @@ def _print_frame(result: dict, args) -> None:
         )
 
 
-def _frames(args) -> tuple[list, str]:
-    from distmlip.cli.structures import load_structures
+def _frames(args) -> tuple[list, list[int], str]:
+    """The frames to evaluate, their indices in the file (0 for a generated crystal) and a
+    description of where they come from."""
+    from distmlip.cli.structures import BulkSpec, frame_numbers, load_structures
 
     if args.structure is not None and args.structure_option is not None:
         raise UsageError("give the structure once: as STRUCTURE or as --structure FILE")
@@ -103,59 +117,116 @@ def _frames(args) -> tuple[list, str]:
     if args.structure is not None:
         if args.size is not None:
             raise UsageError("--size sets the generated Cu crystal; it cannot resize STRUCTURE")
-        return load_structures(args)
+        frames, source = load_structures(args)
+        if isinstance(args.structure, BulkSpec):
+            return frames, [0], source
+        index = slice(None) if args.index is None else args.index
+        return frames, frame_numbers(args.structure, index, len(frames)), source
     if args.index is not None:
         raise UsageError("--index selects frames of a STRUCTURE file; give one")
     if args.repeat or args.rattle:
         raise UsageError("--repeat and --rattle apply to STRUCTURE; give one (or use --size)")
     size = 6 if args.size is None else args.size
-    return [_generated(size)], f"generated fcc Cu, {size}³ cells"
+    return [_generated(size)], [0], f"generated fcc Cu, {size}³ cells"
+
+
+def _reason(error: BaseException) -> str:
+    """Why a streamed run stopped, in one line (the JSON document's ``"reason"``)."""
+    if isinstance(error, Terminated):
+        return "terminated (SIGTERM)"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def predict(args) -> int:
+    """Evaluate every selected frame; a table (a row per frame as it completes) or JSON.
 
-    frames, source = _frames(args)
+    ``--json`` with one frame prints one object after the run. With several frames the
+    document is streamed: ``{..., "frames": [`` at once, each frame object as it completes,
+    and ``], "interrupted": ...}`` at the end, also on Ctrl-C, SIGTERM or a failure, so that
+    standard output always holds a valid document with every frame computed (a 100,000-frame
+    run stopped after 350 keeps those 350). JSON lines would need no closing, but the
+    documented output, which consumers (``jq .frames``) read, is one document. Frames are
+    labelled by their index in the file. Ctrl-C exits 130 (the command line's one line);
+    SIGTERM 143, saying how many frames were evaluated.
+    """
+    frames, numbers, source = _frames(args)
+    run = _Run()
+    try:
+        startup = _run(args, frames, numbers, source, run)
+    except Terminated as error:  # SIGTERM: one line and status 143, as md and relax
+        kept = f"; {run.document.count} on stdout" if run.document is not None else ""
+        return stopped(error, f"{len(run.done)} of {len(frames)} frames evaluated{kept}")
+    if len(frames) > 1:
+        return 0
+    if args.json:
+        print_json({**_common(args, source, startup), **run.done[0]})
+    else:
+        print(f"  {source}; worker start-up {startup:.2f} s")
+        _print_frame(run.done[0], args)
+    return 0
+
+
+@dataclass
+class _Run:
+    """How far a run got: the frames evaluated and the JSON document they stream to."""
+
+    done: list[dict] = field(default_factory=list)
+    document: FramesDocument | None = None
+
+
+def _run(args, frames: list, numbers: list[int], source: str, run: _Run) -> float:
+    """Evaluate ``frames`` in turn, each result into ``run.done``; several frames stream (a
+    table row or a JSON object each, as it completes). Returns the start-up time, s."""
     start = time.perf_counter()
-    results = []
-    # Several frames as a table: a row as soon as each frame is done, so long jobs show progress.
-    streaming = not args.json and len(frames) > 1
+    streaming = len(frames) > 1
     with (
-        json_only_stdout(args.json),
+        json_only_stdout(args.json) as stdout,
+        sigterm_as_interrupt(),
         worker_calculator(args) as calc,
     ):
         startup = time.perf_counter() - start
-        if streaming:
+        if streaming and args.json:
+            header = {**_common(args, source, startup), "frames_selected": len(frames)}
+            run.document = FramesDocument(stdout, header)
+        elif streaming:
             print(f"  {source}: {len(frames)} frames; worker start-up {startup:.2f} s\n")
             print("  frame  atoms  energy (eV)        eV/atom      max |F| (eV/Å)  seconds")
-        for number, atoms in enumerate(frames):
-            try:
-                results.append({"frame": number, **_evaluate(atoms, calc)})
-            except ValueError as error:  # bad atoms: say which frame
-                if len(frames) == 1:
-                    raise
-                raise ValueError(f"frame {number} of {source}: {error}") from error
-            if streaming:
-                print(_frame_row(results[-1]), flush=True)
-    if args.json:
-        common = {
-            "source": source,
-            "model": str(args.model),
-            "nprocs": args.nprocs,
-            "partitioner": args.partitioner,
-            "dtype": args.dtype,
-            "units": {
-                "energy": "eV",
-                "forces": "eV/Å",
-                "stress": "eV/Å³ (Voigt xx yy zz yz xz xy)",
-            },
-            "startup_s": startup,
-        }
-        payload = {**common, **results[0]} if len(results) == 1 else {**common, "frames": results}
-        print_json(payload)
-    elif not streaming:
-        print(f"  {source}; worker start-up {startup:.2f} s")
-        _print_frame(results[0], args)
-    return 0
+        document = run.document
+        try:
+            for number, atoms in zip(numbers, frames, strict=True):
+                result = {"frame": number, **_evaluate(atoms, calc, number, source, streaming)}
+                run.done.append(result)
+                if document is not None:
+                    document.add(result)
+                elif streaming:
+                    print(_frame_row(result), flush=True)
+        except BaseException as error:
+            if document is not None:
+                document.close(_reason(error))
+            raise
+        if document is not None:
+            document.close()
+    return startup
+
+
+def _common(args, source: str, startup: float) -> dict:
+    """The JSON fields that describe the run rather than a frame."""
+    return {
+        "source": source,
+        "model": str(args.model),
+        "nprocs": args.nprocs,
+        "partitioner": args.partitioner,
+        "dtype": args.dtype,
+        "units": {
+            "energy": "eV",
+            "forces": "eV/Å",
+            "stress": "eV/Å³ (Voigt xx yy zz yz xz xy)",
+        },
+        "startup_s": startup,
+    }
 
 
 def _frame_row(result: dict) -> str:

@@ -1,4 +1,9 @@
-"""``distmlip relax``: FIRE or BFGS on P workers to a force (and stress) threshold."""
+"""``distmlip relax``: FIRE or BFGS on P workers to a force (and stress) threshold.
+
+The relaxed structure goes to ``--output`` through a temporary file beside it (a full disk
+leaves the old file, if any, and no partial one); Ctrl-C or SIGTERM during the relaxation
+writes the current structure there the same way and says so (exit status 130 or 143).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import numpy as np
 from distmlip.cli.arguments import UsageError, worker_calculator, writable_path
 from distmlip.cli.output import json_only_stdout, print_json, table
 from distmlip.cli.predict import GPA_PER_EV_PER_A3
+from distmlip.cli.stopping import sigterm_as_interrupt, stopped
 
 __all__ = ["relax", "residuals"]
 
@@ -30,7 +36,6 @@ def residuals(atoms, pressure_GPa: float = 0.0, cell: bool = False) -> tuple[flo
 
 
 def relax(args) -> int:
-    from ase.io import write
     from ase.io.formats import UnknownFileTypeError, filetype, ioformats
 
     from distmlip.cli.structures import load_structures
@@ -65,42 +70,48 @@ def relax(args) -> int:
     atoms = frames[0]
     if args.cell and not (np.all(atoms.pbc) and atoms.cell.volume > 0):
         raise UsageError("--cell needs a periodic cell in all three directions")
+    steps, started = 0, False
     with (
         warnings.catch_warnings(),
         json_only_stdout(args.json),
+        sigterm_as_interrupt(),
         worker_calculator(args) as calc,
     ):
         # FrechetCellFilter's matrix logarithm warns at round-off level (errors ~1e-13).
         warnings.filterwarnings("ignore", message="logm result may be inaccurate")
         atoms.calc = calc
         start = time.perf_counter()
-        energy0 = atoms.get_potential_energy()
-        initial = residuals(atoms, args.pressure, args.cell)
-        optimizer = _optimizer(atoms, args)
-        steps, converged = 0, _converged(initial, args)
-        iterator = optimizer.irun(fmax=0.0, steps=args.steps)
-        next(iterator)  # the first evaluation, done above and cached
-        while not converged and steps < args.steps:
-            try:
-                next(iterator)
-            except StopIteration:
-                break
-            steps += 1
-            current = residuals(atoms, args.pressure, args.cell)
-            converged = _converged(current, args)
-            print(
-                f"step {steps}: E {atoms.get_potential_energy():.6f} eV, "
-                f"max |F| {current[0]:.4f} eV/Å"
-                + (f", max |σ + p| {current[1]:.4f} GPa" if args.cell else ""),
-                file=sys.stderr,
-                flush=True,
-            )
-        final = residuals(atoms, args.pressure, args.cell)
-        energy = atoms.get_potential_energy()
+        try:
+            energy0 = atoms.get_potential_energy()
+            initial = residuals(atoms, args.pressure, args.cell)
+            optimizer = _optimizer(atoms, args)
+            converged, started = _converged(initial, args), True
+            iterator = optimizer.irun(fmax=0.0, steps=args.steps)
+            next(iterator)  # the first evaluation, done above and cached
+            while not converged and steps < args.steps:
+                try:
+                    next(iterator)
+                except StopIteration:
+                    break
+                steps += 1
+                current = residuals(atoms, args.pressure, args.cell)
+                converged = _converged(current, args)
+                print(
+                    f"step {steps}: E {atoms.get_potential_energy():.6f} eV, "
+                    f"max |F| {current[0]:.4f} eV/Å"
+                    + (f", max |σ + p| {current[1]:.4f} GPa" if args.cell else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+            final = residuals(atoms, args.pressure, args.cell)
+            energy = atoms.get_potential_energy()
+        except KeyboardInterrupt as interruption:
+            return _interrupted(interruption, atoms, output, kind, steps, started)
         elapsed = time.perf_counter() - start
         relaxed = atoms.copy()
         relaxed.calc = None
-    write(str(output), relaxed)
+    if not _saved(relaxed, output, kind, f"the structure after {steps} steps was not kept"):
+        return 1
     result = {
         "source": description,
         "atoms": len(atoms),
@@ -139,6 +150,38 @@ def relax(args) -> int:
         )
         return 1
     return 0
+
+
+def _saved(atoms, output: Path, kind: str, lost: str) -> bool:
+    """Write ``atoms`` to ``output`` (ASE format ``kind``) through a temporary file beside it;
+    on failure (a full disk) one error line ending in ``lost``, and False."""
+    from ase.io import write
+
+    from distmlip.durable import OutputError, written_atomically
+
+    try:
+        with written_atomically(output) as temporary:
+            write(str(temporary), atoms, format=kind)
+    except OutputError as error:
+        print(f"distmlip: error: writing {output}: {error.strerror}; {lost}", file=sys.stderr)
+        return False
+    return True
+
+
+def _interrupted(interruption, atoms, output: Path, kind: str, steps: int, started: bool) -> int:
+    """Ctrl-C or SIGTERM: the current structure to ``output`` (once the relaxation has begun),
+    one line saying where; the exit status (130, or 143 for SIGTERM)."""
+    if not started:
+        return stopped(interruption, f"before the first step; nothing written to {output}")
+    current = atoms.copy()
+    current.calc = None  # positions of the step in progress: maybe not evaluated yet
+    lost = f"interrupted after {steps} steps"
+    if not _saved(current, output, kind, lost):
+        return 1
+    return stopped(
+        interruption,
+        f"the structure after {steps} steps is in {output}; relax from it to continue",
+    )
 
 
 def _converged(residual: tuple[float, float], args) -> bool:

@@ -26,7 +26,13 @@ from distmlip.cli.arguments import (
     structure_file,
 )
 
-__all__ = ["BulkSpec", "structure_argument", "add_structure_arguments", "load_structures"]
+__all__ = [
+    "BulkSpec",
+    "structure_argument",
+    "add_structure_arguments",
+    "load_structures",
+    "frame_numbers",
+]
 
 CRYSTAL_STRUCTURES = (
     "sc fcc bcc tetragonal bct hcp rhombohedral orthorhombic mcl diamond zincblende rocksalt "
@@ -208,3 +214,50 @@ def load_structures(args, default_index=slice(None)) -> tuple[list, str]:
             atoms.rattle(stdev=args.rattle, seed=args.seed)
         description += f", rattled {args.rattle:g} Å"
     return frames, description
+
+
+def frame_numbers(path, index, selected: int) -> list[int]:
+    """The file's own indices (0-based) of the ``selected`` frames that ``index`` (ASE's
+    syntax: an int or a slice) picked from ``path``: ``7:9`` → 7, 8; ``-1`` → the last.
+
+    Counts the file's frames only where the index counts from the end (negative start or stop,
+    negative step); an extended XYZ file is counted by skipping lines, without parsing atoms.
+    """
+    if isinstance(index, int) and index >= 0:
+        return [index]
+    if isinstance(index, slice) and (index.step or 1) > 0 and (index.start or 0) >= 0:
+        if index.stop is None or index.stop >= 0:
+            start, step = index.start or 0, index.step or 1
+            return [start + k * step for k in range(selected)]
+    count = _count_frames(path)
+    numbers = [count + index] if isinstance(index, int) else list(range(count)[index])
+    if len(numbers) != selected:  # a file the fast count misread (e.g. VEC lines)
+        count = _count_frames(path, fast=False)
+        numbers = [count + index] if isinstance(index, int) else list(range(count)[index])
+    return numbers
+
+
+def _count_frames(path, fast: bool = True) -> int:
+    """The number of frames in ``path``; extended XYZ by its atom-count lines (what ASE's own
+    frame index does: each frame is a count, a comment and that many atom lines, up to the
+    first blank line), any other format by reading every frame."""
+    import collections
+    import itertools
+
+    from ase.io import iread
+
+    path = Path(path)
+    if fast and path.suffix.lower() in (".xyz", ".extxyz"):
+        count = 0
+        with path.open("rb") as handle:
+            for line in handle:
+                if not line.strip():
+                    break
+                try:
+                    atoms = int(line)
+                except ValueError:
+                    return _count_frames(path, fast=False)
+                collections.deque(itertools.islice(handle, atoms + 1), maxlen=0)  # skip
+                count += 1
+        return count
+    return sum(1 for _ in iread(path, index=":"))
