@@ -160,7 +160,7 @@ class DriverRendezvous:
         deadline = time.monotonic() + wait
         try:
             while waiting:
-                failure = failures(self.store, self.launch)
+                failure = failures(self.store, self.launch) or self._other_secret(waiting)
                 if failure:
                     raise WorkerError(f"starting the job: {failure}")
                 if time.monotonic() > deadline:
@@ -197,6 +197,19 @@ class DriverRendezvous:
             for listener in self.listeners:
                 listener.close()
         return ranks
+
+    def _other_secret(self, waiting: set[int]) -> str | None:
+        """``rank R holds ...`` for a waiting rank whose posted key check is not rank 0's:
+        it could never verify rank 0's record, so the job is ended now, not at the timeout."""
+        own = self.keys.check()
+        for rank in sorted(waiting):
+            key = f"{self.launch.prefix}/keycheck/{rank}"
+            if self.store.check([key]) and self.store.get(key).decode(errors="replace") != own:
+                return (
+                    f"rank {rank} holds a different job secret from rank 0's; {SECRET_HINT}"
+                    f"({secret_file()})"
+                )
+        return None
 
     def _authenticate(self, sock: socket.socket, peer) -> tuple[int, Connection, dict] | None:
         """``(rank, connection, hello)`` of a peer that proves it holds this job's key (and
@@ -341,6 +354,7 @@ def _serve(model, launch: Launch, options, graph_options) -> str:
     deadline = time.monotonic() + wait
     keys = _keys(launch)
     store = job_store(launch, wait)
+    store.set(f"{launch.prefix}/keycheck/{launch.rank}", keys.check())
     endpoints, authkey = _await_driver(launch, store, keys, deadline)
     connection = _connect(endpoints, authkey, options.timeout)
     hello = {"host": socket.gethostname(), "pid": os.getpid(), "node": launch.node}

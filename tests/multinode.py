@@ -28,7 +28,8 @@ def free_port() -> int:
 def environment(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     # The job's shared secret (distmlip.jobsecret): one per test session, never the user's.
-    env.update(HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", DISTMLIP_SECRET=SECRET, **extra)
+    env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "DISTMLIP_SECRET": SECRET})
+    env.update(extra)
     return env
 
 
@@ -76,7 +77,7 @@ class Job:
             process = subprocess.Popen(
                 command,
                 cwd=cwd,
-                env=env or environment(),
+                env=(env[node_rank] if isinstance(env, list) else env) or environment(),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,

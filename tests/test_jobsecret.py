@@ -97,3 +97,27 @@ def test_a_job_without_the_variable_uses_the_users_file(tmp_path):
     assert json.loads(job.nodes[0].stdout)["nprocs"] == 4
     assert (tmp_path / "config" / "distmlip" / "job-secret").is_file()
     assert not job.left_behind()
+
+
+def test_nodes_with_different_secrets_end_at_once_with_one_clear_line(tmp_path):
+    """A rank with another secret could never verify rank 0's record: rank 0 sees its posted
+    key check and ends the job at once (not after the 300 s start-up timeout)."""
+    import time
+
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for cwd in cwds:
+        cwd.mkdir()
+    envs = [environment(DISTMLIP_SECRET=secret * 24) for secret in ("ab", "cd")]
+    args = ["predict", "bulk:Cu:fcc:3.61:cubic", "--model", "reference", "--json"]
+    began = time.monotonic()
+    job = Job.start([args, args], cwds, env=envs)
+    job.wait(200)
+    assert time.monotonic() - began < 90
+    assert all(node.process.returncode != 0 for node in job.nodes)
+    assert not job.nodes[0].stdout
+    errors = job.errors()
+    assert any(
+        "rank 2 holds a different job secret from rank 0's" in line and "DISTMLIP_SECRET" in line
+        for line in errors
+    ), errors
+    assert not job.left_behind()
