@@ -67,3 +67,41 @@ def test_chgnet_estimate_under_a_tight_limit():
         calc.compute(Structure.from_ase(atoms))  # fits, as predicted
         measured = max(s["call_peak_rss_mb"] for s in calc.last_stats)
         assert abs(estimate.peak_mb - measured) <= 0.25 * measured, (estimate.peak_mb, measured)
+
+
+class LinearMemoryCalc:
+    """A stand-in for a calculator (no workers): each call's per-worker peak is 200 MB plus
+    0.01 MB per edge, 40 edges per atom, so what a call would use is known exactly."""
+
+    def __init__(self, memory_limit: float | None, nprocs: int = 2):
+        from types import SimpleNamespace
+
+        from distmlip import ReferenceMPNN
+
+        self.model, self.nprocs = ReferenceMPNN(), nprocs
+        self.partitioner, self.halo = "slab", "exchange"
+        self.graph_builds = self.graph_reuses = 0
+        options = SimpleNamespace(device="cpu", memory_limit=memory_limit)
+        self.pool = SimpleNamespace(options=options, close=lambda: None)
+        self.peaks: list[float] = []
+
+    def compute(self, structure, forces=True):
+        edges = 40 * structure.n_atoms // self.nprocs
+        self.peaks.append(200.0 + 0.01 * edges)
+        self.last_stats = [{"edges": edges, "call_peak_rss_mb": self.peaks[-1]}] * self.nprocs
+
+
+def test_calibration_calls_stay_within_the_share_of_memory_limit():
+    """Under memory_limit=0.5 GB no calibration call is predicted to, or does, use more than
+    LIMIT_SHARE of it (410 MB here); without the limit the same calibration goes further (to
+    a 256 MB growth, ~600 MB), so it is the limit that stops it."""
+    from distmlip.capacity import LIMIT_SHARE, estimate_memory
+
+    atoms = copper(10)  # 4000 atoms
+    limited = LinearMemoryCalc(memory_limit=0.5)
+    estimate = estimate_memory(limited, atoms)
+    assert len(estimate.calibration) >= 2
+    assert max(limited.peaks) <= LIMIT_SHARE * 0.5 * 1024
+    free = LinearMemoryCalc(memory_limit=None)
+    estimate_memory(free, atoms)
+    assert max(free.peaks) > LIMIT_SHARE * 0.5 * 1024

@@ -234,3 +234,53 @@ def test_a_full_disk_ends_the_run_with_one_line_and_no_partial_files(
     assert [frame.info["step"] for frame in read(trajectory, ":")] == [5, 10, 15, 20]
     log = np.loadtxt(tmp_path / "run.log")
     assert list(log[:, 0]) == [0, 5, 10, 15, 20]
+
+
+def test_a_relative_model_path_is_kept_absolute_and_found_from_another_directory(
+    tmp_path, mace_models, monkeypatch, capsys
+):
+    """``--model m.model`` given in one directory is recorded as its absolute path, so a
+    restart run from another directory uses that file (not 'gone', not another model)."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    model = shutil.copy(mace_models[0], tmp_path / "here" / "m.model").resolve()
+    trajectory = tmp_path / "run.extxyz"
+    monkeypatch.chdir(tmp_path / "here")
+    assert main(md(trajectory, "--model", "m.model", steps=1)) == 0
+    assert saved_run(trajectory)["run"]["model"] == str(model)
+    assert read(trajectory, "-1").info["model"] == str(model)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(restart(trajectory, steps=2)) == 0
+    err = capsys.readouterr().err
+    assert f"model {model} (float32" in err and "changed on restart" not in err
+
+
+def test_giving_the_runs_own_model_name_again_is_no_change(tmp_path, capsys):
+    trajectory = tmp_path / "run.extxyz"
+    assert main(md(trajectory, "--model", "reference", steps=1)) == 0
+    capsys.readouterr()
+    assert main(restart(trajectory, "--model", "reference", "--skin", "1", steps=2)) == 0
+    assert "changed on restart" not in capsys.readouterr().err
+
+
+def test_a_launched_restart_needs_the_runs_model_options_on_every_ranks_command_line(
+    monkeypatch,
+):
+    """Under torchrun the other ranks read no trajectory: a model, dtype or skin taken from
+    the run (not the defaults, not given) must be added to the command line."""
+    from types import SimpleNamespace
+
+    import distmlip.cluster
+    from distmlip.cli.arguments import UsageError
+    from distmlip.cli.md_restart import check_launched
+
+    args = SimpleNamespace(model="reference", dtype="float64", skin=1.0)
+    monkeypatch.setattr(distmlip.cluster, "detect_launch", lambda: None)
+    check_launched(args, given=set())  # not launched: nothing to add
+    monkeypatch.setattr(
+        distmlip.cluster, "detect_launch", lambda: SimpleNamespace(source="torchrun")
+    )
+    with pytest.raises(UsageError, match="under torchrun .*add --model reference --dtype float64$"):
+        check_launched(args, given=set())
+    check_launched(args, given={"model", "dtype"})  # on the command line: every rank has them

@@ -150,3 +150,19 @@ def test_predict_labels_frames_by_their_index_in_a_100000_frame_file(tmp_path, c
             atoms = read(path, index=frame["frame"])
             atoms.calc = calc
             assert frame["energy"] == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
+
+
+def test_an_extxyz_file_is_counted_by_its_lines_without_parsing_frames(tmp_path, monkeypatch):
+    """Indices from the end count an extended XYZ file's frames by skipping lines: ASE's parser
+    (seconds per 10,000 frames) is not used."""
+    import ase.io
+
+    path = tmp_path / "frames.extxyz"
+    write_many_frames(path, 1000)
+
+    def parse(*args, **kwargs):
+        raise AssertionError("the frames were parsed to count them")
+
+    monkeypatch.setattr(ase.io, "iread", parse)
+    assert frame_numbers(path, -1, 1) == [999]
+    assert frame_numbers(path, slice(-3, None), 3) == [997, 998, 999]

@@ -210,3 +210,58 @@ def test_bulk_specs(text, expected):
 def test_bad_bulk_specs(text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         structure_argument(text)
+
+
+class _DiskFills:
+    """``os`` as :mod:`distmlip.durable` sees it, but the disk fills during the first write:
+    half the data goes out (a short write), then every write fails with ENOSPC."""
+
+    def __init__(self):
+        self.written = False
+
+    def __getattr__(self, name):
+        return getattr(os, name)
+
+    def write(self, fd, data) -> int:
+        import errno
+
+        if self.written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.written = True
+        return os.write(fd, bytes(data[: len(data) // 2]))
+
+
+def test_a_failed_append_is_cut_back_and_names_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import distmlip.durable as durable
+
+    path = tmp_path / "run.log"
+    path.write_bytes(b"first record\n")
+    fd = durable.open_appending(path, append=True)
+    try:
+        monkeypatch.setattr(durable, "os", _DiskFills())
+        with pytest.raises(durable.OutputError) as caught:
+            durable.append_durably(fd, b"second record, half written\n", path)
+    finally:
+        os.close(fd)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert path.read_bytes() == b"first record\n"
+
+
+def test_a_failed_replace_keeps_the_old_file_names_it_and_leaves_no_temporary(
+    tmp_path, monkeypatch
+):
+    """The error names the file the user knows (not the temporary one beside it)."""
+    import errno
+
+    import distmlip.durable as durable
+
+    target = tmp_path / "run.extxyz.state.json"
+    target.write_text("old")
+    monkeypatch.setattr(durable, "os", _DiskFills())
+    with pytest.raises(durable.OutputError) as caught:
+        durable.replace_durably(target, b"new " * 1000)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert target.read_text() == "old"
+    assert os.listdir(tmp_path) == [target.name]
