@@ -167,6 +167,17 @@ def test_rank_0_listens_only_on_the_interface_the_job_uses(monkeypatch):
         job_addresses("127.0.0.1", 1, True)
 
 
+def test_listeners_are_bound_to_the_chosen_interface_alone():
+    from distmlip.network import listen
+
+    sockets = listen(["127.0.0.1"], backlog=2)
+    try:
+        assert [sock.getsockname()[0] for sock in sockets] == ["127.0.0.1"]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def test_a_send_to_a_worker_that_stopped_reading_times_out():
     import socket
     from multiprocessing.connection import Connection

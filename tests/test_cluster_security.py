@@ -19,6 +19,7 @@ import time
 from multiprocessing.connection import Connection, answer_challenge
 
 import numpy as np
+import pytest
 from ase.build import bulk
 from multinode import Job
 
@@ -259,6 +260,207 @@ def test_rank_0_drops_a_peer_with_the_wrong_key_and_accepts_the_right_one(monkey
     assert err.count("distmlip: warning: dropped a connection to rank 0 from 127.0.0.1:") == 1
     outcome["rank"].close()
     accepted[1][0].close()
+
+
+def _driver(monkeypatch, secret="right-" + "x" * 20):
+    """Rank 0's rendezvous of a 2-rank job on loopback, and the genuine rank's keys."""
+    from multinode import free_port
+
+    from distmlip.cluster import detect_launch
+    from distmlip.jobsecret import JobKeys
+    from distmlip.jobstore import job_store
+    from distmlip.rendezvous import DriverRendezvous
+
+    monkeypatch.setenv("DISTMLIP_SECRET", secret)
+    launch = detect_launch(
+        {
+            "RANK": "0",
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+            "TORCHELASTIC_RUN_ID": "security-test",
+        }
+    )
+    driver = DriverRendezvous(launch, timeout=30)
+    raw = job_store(launch, 10).get(f"{launch.prefix}/driver")
+    keys = JobKeys(secret.encode(), launch.prefix)
+    endpoints, nonce = keys.open_record(raw)
+    return driver, endpoints, keys.authkey(nonce)
+
+
+def _genuine_rank(endpoints, authkey, outcome: dict, delay: float = 0.0) -> threading.Thread:
+    from distmlip.rendezvous import _connect
+
+    def rank() -> None:
+        time.sleep(delay)
+        connection = _connect(endpoints, authkey, 5.0)
+        connection.send(("hello", 1, {"identity": {}, "settings": {}, "host": "h", "pid": 1}))
+        outcome["rank"] = connection
+
+    thread = threading.Thread(target=rank, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_record_with_any_byte_of_its_mac_altered_or_cut_is_refused():
+    from distmlip.jobsecret import JobKeys
+
+    keys = JobKeys(b"s" * 32, "distmlip/none.0")
+    raw, _ = keys.record([("127.0.0.1", 1000)])
+    record = json.loads(raw)
+    mac = bytes.fromhex(record["mac"])
+    for index in (0, len(mac) // 2, len(mac) - 1):
+        altered = bytearray(mac)
+        altered[index] ^= 0x01
+        forged = {**record, "mac": altered.hex()}
+        assert keys.open_record(json.dumps(forged).encode()) is None, index
+    for cut in (mac[:2], mac[:16], mac[:-1], b""):
+        assert keys.open_record(json.dumps({**record, "mac": cut.hex()}).encode()) is None
+
+
+def test_a_rank_refuses_a_listener_that_cannot_prove_it_holds_the_key():
+    """Someone who took rank 0's port (or a stale record's) and welcomes any answer: the rank
+    must not go on to send its hello (a pickle) or read what comes back."""
+    from multiprocessing.connection import CHALLENGE, WELCOME
+
+    from distmlip.rendezvous import _connect
+
+    seen: dict = {}
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+
+        def impostor() -> None:
+            sock, _ = server.accept()
+            connection = Connection(sock.detach())
+            try:
+                connection.send_bytes(CHALLENGE + b"x" * 20)
+                connection.recv_bytes(256)  # whatever the rank answers: welcome
+                connection.send_bytes(WELCOME)
+                seen["challenge"] = connection.recv_bytes(256)  # the rank's own challenge
+                connection.send_bytes(b"\0" * 16)  # cannot answer it
+                seen["after"] = connection.recv_bytes(256)
+                seen["more"] = connection.poll(2.0) and connection.recv_bytes(1 << 20)
+            except (EOFError, OSError):
+                pass
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=impostor, daemon=True)
+        thread.start()
+        with pytest.raises(RuntimeError, match="authentication failed"):
+            _connect([("127.0.0.1", port)], b"k" * 32, 5.0)
+        thread.join(10)
+    assert seen.get("challenge", b"").startswith(CHALLENGE), seen
+    assert seen.get("after") == b"#FAILURE#" and not seen.get("more"), seen
+
+
+def test_rank_0_proves_it_holds_the_key_before_it_reads_a_hello(monkeypatch):
+    """A rank's side done by hand: answer rank 0's challenge, then make rank 0 answer one."""
+    from multiprocessing.connection import deliver_challenge
+
+    driver, endpoints, authkey = _driver(monkeypatch)
+    outcome: dict = {}
+
+    def rank() -> None:
+        connection = _dial(*endpoints[0])
+        try:
+            answer_challenge(connection, authkey)
+            deliver_challenge(connection, authkey)  # raises unless rank 0 answers it
+            connection.send(("hello", 1, {"identity": {}, "settings": {}, "host": "h", "pid": 1}))
+            outcome["rank"] = connection
+        except BaseException as error:  # reported by the test
+            outcome["error"] = error
+            connection.close()
+
+    def accept() -> None:
+        outcome["accepted"] = driver.accept({}, {})
+
+    threads = [threading.Thread(target=work, daemon=True) for work in (rank, accept)]
+    for thread in threads:
+        thread.start()
+    threads[0].join(30)
+    assert "error" not in outcome, outcome
+    threads[1].join(30)
+    accepted = outcome["accepted"]
+    assert sorted(accepted) == [1] and driver.dropped == 0
+    outcome["rank"].close()
+    accepted[1][0].close()
+
+
+def test_rank_0_drops_a_silent_connection_and_goes_on(monkeypatch, capsys):
+    """A peer that connects and says nothing (a port scanner, a frozen process) is dropped
+    after the handshake's timeout: it does not hold up the job."""
+    import distmlip.rendezvous as rendezvous
+
+    monkeypatch.setattr(rendezvous, "HANDSHAKE_TIMEOUT", 1.0)
+    driver, endpoints, authkey = _driver(monkeypatch)
+    silent = socket.create_connection(endpoints[0], timeout=10)
+    outcome: dict = {}
+    rank = _genuine_rank(endpoints, authkey, outcome, delay=2.5)  # once the silent one is gone
+
+    def accept() -> None:
+        outcome["accepted"] = driver.accept({}, {})
+
+    driver_thread = threading.Thread(target=accept, daemon=True)
+    driver_thread.start()
+    driver_thread.join(15)
+    held_up = driver_thread.is_alive()
+    silent.close()
+    rank.join(10)
+    assert not held_up, "rank 0 is still waiting on a peer that says nothing"
+    accepted = outcome["accepted"]
+    assert sorted(accepted) == [1] and driver.dropped == 1
+    assert "dropped a connection to rank 0 from 127.0.0.1:" in capsys.readouterr().err
+    outcome["rank"].close()
+    accepted[1][0].close()
+
+
+def test_rank_0_publishes_exactly_where_it_listens(monkeypatch):
+    driver, endpoints, _ = _driver(monkeypatch)
+    try:
+        bound = [tuple(sock.getsockname()[:2]) for sock in driver.listeners]
+        assert [tuple(e) for e in endpoints] == bound
+        assert all(host == "127.0.0.1" for host, _ in bound), bound
+    finally:
+        for sock in driver.listeners:
+            sock.close()
+
+
+def test_a_failure_posted_in_the_store_is_shown_bounded_and_printable():
+    """Anyone can write the store: what is shown of a posted failure cannot drive the terminal
+    (escape sequences, carriage returns, new lines) nor flood it."""
+    from distmlip.cluster import detect_launch
+    from distmlip.jobstore import failures
+
+    launch = detect_launch(
+        {
+            "RANK": "0",
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "1",
+            "TORCHELASTIC_RUN_ID": "security-test",
+        }
+    )
+    posted = {f"{launch.prefix}/failed/1": b"\x1b[2J\x1b]0;owned\x07bad\rline\nnext" + b"x" * 5000}
+
+    class Store:
+        def add(self, key, amount):
+            return 1
+
+        def check(self, keys):
+            return all(key in posted for key in keys)
+
+        def get(self, key):
+            return posted[key]
+
+    shown = failures(Store(), launch)
+    assert shown.startswith("rank 1 failed to start: ")
+    assert shown.isprintable(), repr(shown[:80])
+    assert len(shown) <= 600, len(shown)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -121,3 +121,44 @@ def test_nodes_with_different_secrets_end_at_once_with_one_clear_line(tmp_path):
         for line in errors
     ), errors
     assert not job.left_behind()
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o620, 0o604, 0o660, 0o602])
+def test_a_file_the_group_or_others_can_use_is_refused(tmp_path, mode):
+    environ = {"XDG_CONFIG_HOME": str(tmp_path)}
+    job_secret(environ)
+    secret_file(environ).chmod(mode)
+    with pytest.raises(ValueError, match="can be read or written by other users"):
+        job_secret(environ)
+
+
+def test_a_file_owned_by_someone_else_is_refused(tmp_path, monkeypatch):
+    environ = {"XDG_CONFIG_HOME": str(tmp_path)}
+    job_secret(environ)
+    owner = secret_file(environ).stat().st_uid
+    monkeypatch.setattr(os, "getuid", lambda: owner + 1)
+    with pytest.raises(ValueError, match="owner uid"):
+        job_secret(environ)
+
+
+@pytest.mark.parametrize("value", ["", "   ", " " * 20 + "hunter2" + " " * 20])
+def test_an_empty_or_padded_short_variable_is_refused(tmp_path, value):
+    environ = {"XDG_CONFIG_HOME": str(tmp_path), "DISTMLIP_SECRET": value}
+    with pytest.raises(ValueError, match="DISTMLIP_SECRET is shorter than 16 characters"):
+        job_secret(environ)
+    assert not secret_file(environ).exists()
+
+
+def test_a_secret_another_rank_just_made_is_never_replaced(tmp_path):
+    """The file appears between this rank's look and its write: theirs is kept, whole."""
+    from distmlip.jobsecret import _create
+
+    environ = {"XDG_CONFIG_HOME": str(tmp_path)}
+    path = secret_file(environ)
+    path.parent.mkdir(mode=0o700, parents=True)
+    path.write_text("theirs-" + "t" * 57 + "\n")
+    path.chmod(0o600)
+    _create(path)
+    assert path.read_text() == "theirs-" + "t" * 57 + "\n"
+    assert job_secret(environ) == ("theirs-" + "t" * 57).encode()
+    assert os.listdir(path.parent) == ["job-secret"]

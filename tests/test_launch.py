@@ -256,3 +256,43 @@ def test_gloo_of_local_workers_is_put_on_the_loopback_interface(monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # the user's choice is kept
     _gloo_on_loopback()
     assert os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
+
+
+def test_a_local_worker_puts_gloo_on_loopback_before_it_joins_the_group(monkeypatch):
+    """The worker itself makes the choice (the test above cannot tell where the host name
+    resolves to loopback): GLOO_SOCKET_IFNAME is the loopback interface when the group forms."""
+    import psutil
+    import torch
+    import torch.distributed as dist
+
+    from distmlip.worker import WorkerConfig, run_worker
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    seen = {}
+
+    def init_process_group(**arguments):
+        seen["interface"] = os.environ.get("GLOO_SOCKET_IFNAME")
+        raise RuntimeError("no group in this test")
+
+    class Sent(list):
+        def send(self, message):
+            self.append(message)
+
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    config = WorkerConfig(
+        rank=0,
+        world_size=2,
+        init_method="file:///nonexistent/store",
+        device="cpu",
+        dtype="float64",
+        timeout=10.0,
+        threads=torch.get_num_threads(),
+        parent_pid=os.getpid(),
+    )
+    sent = Sent()
+    assert run_worker(sent, config, lambda: torch.nn.Linear(1, 1)) == "failed"
+    assert sent and sent[0][0] == "error", sent
+    interface = seen["interface"]
+    assert interface is not None, "gloo was left to pick an interface"
+    assert any(a.address == "127.0.0.1" for a in psutil.net_if_addrs()[interface])
