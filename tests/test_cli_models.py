@@ -78,7 +78,7 @@ def test_plugin_model_runs_like_the_built_in_one(monkeypatch, capfd):
 @pytest.mark.parametrize(
     ("given", "says"),
     [
-        ("{tmp}", "is a directory but not a saved matgl model (no model.json"),
+        ("{tmp}", "is a directory but not a saved matgl model (no model.pt, state.pt, model.json"),
         ("{tmp}/missing.pt", "no model file or directory"),
         ("nosuch", "unknown model 'nosuch'"),
     ],
@@ -115,3 +115,14 @@ def test_bench_refuses_a_configuration_before_measuring(argv, says, tmp_path, ca
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distmlip: error: ") and says in lines[0]
     assert captured.out == "" and not (out.exists() and any(out.iterdir()))
+
+
+def test_a_directory_with_only_a_model_json_is_refused_without_looking_on_a_model_hub(tmp_path):
+    """matgl looks for a directory's name on its model hub unless all three files are there:
+    refused at once, in the CLI and in the API, naming what is missing."""
+    from distmlip import DistributedCalculator
+
+    (tmp_path / "model.json").write_text("")
+    assert main(["predict", "--model", str(tmp_path)]) == 2
+    with pytest.raises(ValueError, match=r"not a saved matgl model \(no model.pt, state.pt;"):
+        DistributedCalculator(str(tmp_path), nprocs=1)

@@ -166,3 +166,50 @@ def test_an_extxyz_file_is_counted_by_its_lines_without_parsing_frames(tmp_path,
     monkeypatch.setattr(ase.io, "iread", parse)
     assert frame_numbers(path, -1, 1) == [999]
     assert frame_numbers(path, slice(-3, None), 3) == [997, 998, 999]
+
+
+@pytest.mark.parametrize("suffix", [".extxyz", ".traj"])
+def test_a_negative_index_before_the_first_frame_is_refused_not_read_as_frame_0(
+    tmp_path, capfd, suffix
+):
+    """ASE reads ``-11`` of a 10-frame file as frame 0: predict, md and relax must refuse it
+    (as they refuse index 10), and ``-10`` is frame 0, labelled 0."""
+    path = tmp_path / f"ten{suffix}"
+    write(path, copper_frames(10))
+    for command in ("predict", "md", "relax"):
+        argv = [command, str(path), "--index=-11", "--model", "reference", "--nprocs", "1"]
+        assert main(argv) == 1
+        err = capfd.readouterr().err
+        assert "has no frame at index -11 (it has 10 frames)" in err, err
+    argv = ["predict", str(path), "--index=-10", "--model", "reference", "--nprocs", "1"]
+    assert main([*argv, "--json"]) == 0
+    document = json.loads(capfd.readouterr().out)
+    first = copper_frames(1)[0]
+    assert np.allclose(document["forces"], _reference_forces(first), atol=1e-10)
+
+
+def _reference_forces(atoms):
+    with DistributedCalculator("reference", nprocs=1) as calc:
+        atoms.calc = calc
+        return atoms.get_forces()
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_run_stopped_before_its_first_frame_still_prints_a_closed_document(
+    tmp_path, capfd, monkeypatch, stop
+):
+    """Ctrl-C (or a failure) while the workers start: an empty, closed document, not nothing."""
+    import distmlip.cli.predict as predict_module
+
+    path = tmp_path / "three.extxyz"
+    write(path, copper_frames(3))
+
+    def no_workers(args, **options):
+        raise stop("while the workers start")
+
+    monkeypatch.setattr(predict_module, "worker_calculator", no_workers)
+    status = main(["predict", str(path), "--model", "reference", "--json"])
+    assert status == (130 if stop is KeyboardInterrupt else 1)
+    document = json.loads(capfd.readouterr().out)
+    assert document["frames"] == [] and document["interrupted"] is True
+    assert document["frames_selected"] == 3 and document["startup_s"] is None

@@ -399,7 +399,7 @@ def _error(message: str, status: int) -> int:
 
 def _one_line(error: BaseException) -> str:
     from distmlip import WorkerError
-    from distmlip.cli.predict import ReadError
+    from distmlip.cli.structures import ReadError
 
     lines = str(error).strip().splitlines() or [""]
     if isinstance(error, ValueError | WorkerError | ReadError | OSError):

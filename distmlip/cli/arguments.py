@@ -110,10 +110,13 @@ def model_argument(text: str) -> str:
     path = Path(text).expanduser()
     if os.sep in text or "/" in text or text.lower().endswith(MODEL_FILE_SUFFIXES) or path.exists():
         if path.is_dir():
-            if not (path / "model.json").is_file():  # else matgl would look on its model hub
+            from distmlip.models.tensornet import missing_matgl_files
+
+            missing = missing_matgl_files(path)
+            if missing:  # else matgl would look for the directory's name on its model hub
                 raise argparse.ArgumentTypeError(
-                    f"{text!r} is a directory but not a saved matgl model (no model.json; "
-                    "save one with potential.save(DIR))"
+                    f"{text!r} is a directory but not a saved matgl model (no "
+                    f"{', '.join(missing)}; save one with potential.save(DIR))"
                 )
             return text
         if not path.is_file():

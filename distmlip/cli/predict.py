@@ -11,32 +11,11 @@ import numpy as np
 from distmlip.cli.arguments import UsageError, worker_calculator
 from distmlip.cli.output import FramesDocument, json_only_stdout, print_json, table
 from distmlip.cli.stopping import Terminated, sigterm_as_interrupt, stopped
+from distmlip.cli.structures import ReadError, read_frames  # noqa: F401  (re-exported)
 
-__all__ = ["predict", "read_frames", "GPA_PER_EV_PER_A3"]
+__all__ = ["predict", "read_frames", "ReadError", "GPA_PER_EV_PER_A3"]
 
 GPA_PER_EV_PER_A3 = 160.21766208
-
-
-class ReadError(Exception):
-    """A structure file that exists but cannot be read as structures."""
-
-
-def read_frames(path, index) -> list:
-    """The frames of ``path`` selected by ``index`` (ASE's syntax), as a list of Atoms."""
-    from ase.io import read
-
-    try:
-        frames = read(path, index=index)
-    except (StopIteration, IndexError) as error:
-        raise ReadError(f"{str(path)!r} has no frame at index {index}") from error
-    except Exception as error:  # ASE raises many types for truncated or corrupt files
-        text = str(error).strip().splitlines()
-        reason = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
-        raise ReadError(f"cannot read structures from {str(path)!r} ({reason})") from error
-    frames = frames if isinstance(frames, list) else [frames]
-    if not frames:
-        raise ReadError(f"cannot read structures from {str(path)!r} (no frames found)")
-    return frames
 
 
 def _generated(size: int):
@@ -182,37 +161,47 @@ def _run(args, frames: list, numbers: list[int], source: str, run: _Run) -> floa
     table row or a JSON object each, as it completes). Returns the start-up time, s."""
     start = time.perf_counter()
     streaming = len(frames) > 1
-    with (
-        json_only_stdout(args.json) as stdout,
-        sigterm_as_interrupt(),
-        worker_calculator(args) as calc,
-    ):
-        startup = time.perf_counter() - start
-        if streaming and args.json:
-            header = {**_common(args, source, startup), "frames_selected": len(frames)}
-            run.document = FramesDocument(stdout, header)
-        elif streaming:
-            print(f"  {source}: {len(frames)} frames; worker start-up {startup:.2f} s\n")
-            print("  frame  atoms  energy (eV)        eV/atom      max |F| (eV/Å)  seconds")
-        document = run.document
+    with json_only_stdout(args.json) as stdout, sigterm_as_interrupt():
         try:
-            for number, atoms in zip(numbers, frames, strict=True):
-                result = {"frame": number, **_evaluate(atoms, calc, number, source, streaming)}
-                run.done.append(result)
-                if document is not None:
-                    document.add(result)
-                elif streaming:
-                    print(_frame_row(result), flush=True)
-        except BaseException as error:
-            if document is not None:
-                document.close(_reason(error))
+            calc = worker_calculator(args)  # starts the workers
+        except BaseException as error:  # stopped or failed before the first frame
+            if streaming and args.json:
+                header = {**_common(args, source, None), "frames_selected": len(frames)}
+                FramesDocument(stdout, header).close(_reason(error))
             raise
+        with calc:
+            return _frames_run(args, frames, numbers, source, run, stdout, calc, start)
+
+
+def _frames_run(args, frames, numbers, source, run: _Run, stdout, calc, start: float) -> float:
+    """:func:`_run` once the workers are up."""
+    streaming = len(frames) > 1
+    startup = time.perf_counter() - start
+    if streaming and args.json:
+        header = {**_common(args, source, startup), "frames_selected": len(frames)}
+        run.document = FramesDocument(stdout, header)
+    elif streaming:
+        print(f"  {source}: {len(frames)} frames; worker start-up {startup:.2f} s\n")
+        print("  frame  atoms  energy (eV)        eV/atom      max |F| (eV/Å)  seconds")
+    document = run.document
+    try:
+        for number, atoms in zip(numbers, frames, strict=True):
+            result = {"frame": number, **_evaluate(atoms, calc, number, source, streaming)}
+            run.done.append(result)
+            if document is not None:
+                document.add(result)
+            elif streaming:
+                print(_frame_row(result), flush=True)
+    except BaseException as error:
         if document is not None:
-            document.close()
+            document.close(_reason(error))
+        raise
+    if document is not None:
+        document.close()
     return startup
 
 
-def _common(args, source: str, startup: float) -> dict:
+def _common(args, source: str, startup: float | None) -> dict:
     """The JSON fields that describe the run rather than a frame."""
     return {
         "source": source,

@@ -32,6 +32,8 @@ __all__ = [
     "add_structure_arguments",
     "load_structures",
     "frame_numbers",
+    "read_frames",
+    "ReadError",
 ]
 
 CRYSTAL_STRUCTURES = (
@@ -188,10 +190,8 @@ def load_structures(args, default_index=slice(None)) -> tuple[list, str]:
 
     Raises:
         UsageError: --index with a generator spec.
-        distmlip.cli.predict.ReadError: a file that cannot be read as structures.
+        ReadError: a file that cannot be read as structures.
     """
-    from distmlip.cli.predict import read_frames
-
     source = args.structure
     if isinstance(source, BulkSpec):
         if args.index is not None:
@@ -214,6 +214,34 @@ def load_structures(args, default_index=slice(None)) -> tuple[list, str]:
             atoms.rattle(stdev=args.rattle, seed=args.seed)
         description += f", rattled {args.rattle:g} Å"
     return frames, description
+
+
+class ReadError(Exception):
+    """A structure file that exists but cannot be read as structures."""
+
+
+def read_frames(path, index) -> list:
+    """The frames of ``path`` selected by ``index`` (ASE's syntax), as a list of Atoms."""
+    from ase.io import read
+
+    if isinstance(index, int) and index < 0:
+        # ASE reads an index before the first frame as the first frame: count, and refuse.
+        count = _count_frames(path)
+        if -index > count:
+            raise ReadError(f"{str(path)!r} has no frame at index {index} (it has {count} frames)")
+        index += count
+    try:
+        frames = read(path, index=index)
+    except (StopIteration, IndexError) as error:
+        raise ReadError(f"{str(path)!r} has no frame at index {index}") from error
+    except Exception as error:  # ASE raises many types for truncated or corrupt files
+        text = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+        raise ReadError(f"cannot read structures from {str(path)!r} ({reason})") from error
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise ReadError(f"cannot read structures from {str(path)!r} (no frames found)")
+    return frames
 
 
 def frame_numbers(path, index, selected: int) -> list[int]:

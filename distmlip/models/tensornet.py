@@ -28,7 +28,17 @@ import torch
 from distmlip.exchange import Exchange, GraphTopology, RowDeclarer
 from distmlip.models.base import DistributedModel, GraphInputs
 
-__all__ = ["TensorNetAdapter", "is_tensornet_potential", "load_matgl_model"]
+__all__ = ["TensorNetAdapter", "is_tensornet_potential", "load_matgl_model", "missing_matgl_files"]
+
+SAVED_MATGL_FILES = ("model.pt", "state.pt", "model.json")
+"""What ``potential.save(path)`` writes; with any missing, matgl would look on its model hub."""
+
+
+def missing_matgl_files(path) -> list[str]:
+    """The files of a saved matgl model that directory ``path`` lacks."""
+    from pathlib import Path
+
+    return [name for name in SAVED_MATGL_FILES if not (Path(path) / name).is_file()]
 
 
 def load_matgl_model(path: str | os.PathLike):
@@ -46,10 +56,11 @@ def load_matgl_model(path: str | os.PathLike):
             f"loading the matgl model in {str(path)!r} needs matgl: "
             "pip install 'distmlip[tensornet]'"
         ) from error
-    if not (path / "model.json").is_file():  # else matgl would look for it on its model hub
+    missing = missing_matgl_files(path)
+    if missing:  # else matgl would look for the directory's name on its model hub
         raise ValueError(
-            f"{str(path)!r} is not a saved matgl model (no model.json; save one with "
-            "potential.save(path))"
+            f"{str(path)!r} is not a saved matgl model (no {', '.join(missing)}; save one "
+            "with potential.save(path))"
         )
     try:
         return matgl.load_model(path)
