@@ -61,6 +61,30 @@ def test_an_interrupted_relax_writes_its_current_structure_and_says_where(tmp_pa
     assert len(relaxed) == len(initial)
     assert np.abs(relaxed.positions - initial.positions).max() > 1e-3  # it moved
     assert energy(relaxed) < energy(initial)  # downhill: the relaxation's, not the input
+    # The last *evaluated* step, not the one in progress (whose positions already moved).
+    printed = [line for line in stderr.splitlines() if line.startswith(f"step {steps}: E ")]
+    assert printed, stderr
+    assert abs(float(printed[-1].split("E ")[1].split()[0]) - energy(relaxed)) < 2e-6
+
+
+@pytest.mark.parametrize(("fault", "status"), [("sigterm", 143), ("ctrl-c", 130)])
+def test_a_relax_stopped_while_its_workers_start_says_so(
+    tmp_path, monkeypatch, capsys, fault, status
+):
+    import distmlip.cli.relax as relax_module
+    from distmlip.cli import main
+    from distmlip.cli.stopping import Terminated
+
+    start, output = tmp_path / "start.extxyz", tmp_path / "relaxed.extxyz"
+    start_structure(start)
+
+    def starting(args, **options):
+        raise Terminated if fault == "sigterm" else KeyboardInterrupt
+
+    monkeypatch.setattr(relax_module, "worker_calculator", starting)
+    assert main(["relax", str(start), "--model", "reference", "--output", str(output)]) == status
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "before the first step; nothing written to" in last and not output.exists()
 
 
 def test_a_full_disk_keeps_the_old_output_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):

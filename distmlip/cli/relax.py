@@ -71,45 +71,52 @@ def relax(args) -> int:
     if args.cell and not (np.all(atoms.pbc) and atoms.cell.volume > 0):
         raise UsageError("--cell needs a periodic cell in all three directions")
     steps, started = 0, False
-    with (
-        warnings.catch_warnings(),
-        json_only_stdout(args.json),
-        sigterm_as_interrupt(),
-        worker_calculator(args) as calc,
-    ):
-        # FrechetCellFilter's matrix logarithm warns at round-off level (errors ~1e-13).
-        warnings.filterwarnings("ignore", message="logm result may be inaccurate")
-        atoms.calc = calc
-        start = time.perf_counter()
-        try:
-            energy0 = atoms.get_potential_energy()
-            initial = residuals(atoms, args.pressure, args.cell)
-            optimizer = _optimizer(atoms, args)
-            converged, started = _converged(initial, args), True
-            iterator = optimizer.irun(fmax=0.0, steps=args.steps)
-            next(iterator)  # the first evaluation, done above and cached
-            while not converged and steps < args.steps:
-                try:
-                    next(iterator)
-                except StopIteration:
-                    break
-                steps += 1
-                current = residuals(atoms, args.pressure, args.cell)
-                converged = _converged(current, args)
-                print(
-                    f"step {steps}: E {atoms.get_potential_energy():.6f} eV, "
-                    f"max |F| {current[0]:.4f} eV/Å"
-                    + (f", max |σ + p| {current[1]:.4f} GPa" if args.cell else ""),
-                    file=sys.stderr,
-                    flush=True,
-                )
-            final = residuals(atoms, args.pressure, args.cell)
-            energy = atoms.get_potential_energy()
-        except KeyboardInterrupt as interruption:
-            return _interrupted(interruption, atoms, output, kind, steps, started)
-        elapsed = time.perf_counter() - start
-        relaxed = atoms.copy()
-        relaxed.calc = None
+    try:
+        with (
+            warnings.catch_warnings(),
+            json_only_stdout(args.json),
+            sigterm_as_interrupt(),
+            worker_calculator(args) as calc,
+        ):
+            # FrechetCellFilter's matrix logarithm warns at round-off level (errors ~1e-13).
+            warnings.filterwarnings("ignore", message="logm result may be inaccurate")
+            atoms.calc = calc
+            start = time.perf_counter()
+            try:
+                energy0 = atoms.get_potential_energy()
+                evaluated = atoms.copy()  # what an interruption writes: the last evaluated step
+                initial = residuals(atoms, args.pressure, args.cell)
+                optimizer = _optimizer(atoms, args)
+                converged, started = _converged(initial, args), True
+                iterator = optimizer.irun(fmax=0.0, steps=args.steps)
+                next(iterator)  # the first evaluation, done above and cached
+                while not converged and steps < args.steps:
+                    try:
+                        next(iterator)
+                    except StopIteration:
+                        break
+                    steps += 1
+                    evaluated = atoms.copy()
+                    current = residuals(atoms, args.pressure, args.cell)
+                    converged = _converged(current, args)
+                    print(
+                        f"step {steps}: E {atoms.get_potential_energy():.6f} eV, "
+                        f"max |F| {current[0]:.4f} eV/Å"
+                        + (f", max |σ + p| {current[1]:.4f} GPa" if args.cell else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                final = residuals(atoms, args.pressure, args.cell)
+                energy = atoms.get_potential_energy()
+            except KeyboardInterrupt as interruption:
+                if not started:
+                    raise
+                return _interrupted(interruption, evaluated, output, kind, steps)
+            elapsed = time.perf_counter() - start
+            relaxed = atoms.copy()
+            relaxed.calc = None
+    except KeyboardInterrupt as interruption:  # while the workers start, or the first call
+        return stopped(interruption, f"before the first step; nothing written to {output}")
     if not _saved(relaxed, output, kind, f"the structure after {steps} steps was not kept"):
         return 1
     result = {
@@ -168,13 +175,12 @@ def _saved(atoms, output: Path, kind: str, lost: str) -> bool:
     return True
 
 
-def _interrupted(interruption, atoms, output: Path, kind: str, steps: int, started: bool) -> int:
-    """Ctrl-C or SIGTERM: the current structure to ``output`` (once the relaxation has begun),
-    one line saying where; the exit status (130, or 143 for SIGTERM)."""
-    if not started:
-        return stopped(interruption, f"before the first step; nothing written to {output}")
-    current = atoms.copy()
-    current.calc = None  # positions of the step in progress: maybe not evaluated yet
+def _interrupted(interruption, evaluated, output: Path, kind: str, steps: int) -> int:
+    """Ctrl-C or SIGTERM once the relaxation has begun: the structure of the last evaluated
+    step (not the one in progress, whose positions the optimizer has moved already) to
+    ``output``, one line saying where; the exit status (130, or 143 for SIGTERM)."""
+    current = evaluated.copy()
+    current.calc = None
     lost = f"interrupted after {steps} steps"
     if not _saved(current, output, kind, lost):
         return 1
