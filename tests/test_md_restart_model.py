@@ -284,3 +284,39 @@ def test_a_launched_restart_needs_the_runs_model_options_on_every_ranks_command_
     with pytest.raises(UsageError, match="under torchrun .*add --model reference --dtype float64$"):
         check_launched(args, given=set())
     check_launched(args, given={"model", "dtype"})  # on the command line: every rank has them
+
+
+@pytest.mark.parametrize(("fault", "status"), [("sigterm", 143), ("ctrl-c", 130)])
+def test_md_stopped_while_its_workers_start_says_so(tmp_path, monkeypatch, capsys, fault, status):
+    import distmlip.cli.md as md_module
+    from distmlip.cli import main
+    from distmlip.cli.stopping import Terminated
+
+    def starting(args, **options):
+        raise Terminated if fault == "sigterm" else KeyboardInterrupt
+
+    monkeypatch.setattr(md_module, "worker_calculator", starting)
+    trajectory = tmp_path / "md.extxyz"
+    argv = ["md", "bulk:Cu:fcc:3.61:cubic", "--model", "reference", "--steps", "3"]
+    assert main([*argv, "--trajectory", str(trajectory)]) == status
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    prefix = "terminated (SIGTERM)" if fault == "sigterm" else "interrupted"
+    assert last == f"distmlip: {prefix}; while the workers started; no step was run"
+
+
+def test_a_state_file_of_another_run_at_the_same_step_is_not_used(tmp_path, capsys):
+    """A state file is matched to the frame by its step; one from another run (a 900 K state
+    beside a 300 K trajectory) would change the science: refused with a warning, and the run
+    continues at its own 300 K."""
+    cold, hot = tmp_path / "cold.extxyz", tmp_path / "hot.extxyz"
+    langevin = ["--model", "reference", "--ensemble", "nvt", "--thermostat", "nose-hoover"]
+    assert main(md(cold, *langevin, "--temperature", "300", "--tdamp", "30")) == 0
+    assert main(md(hot, *langevin, "--temperature", "900", "--tdamp", "30")) == 0
+    shutil.copy(hot.with_name(hot.name + ".state.json"), cold.with_name(cold.name + ".state.json"))
+    capsys.readouterr()
+    assert main(restart(cold)) == 0
+    err = capsys.readouterr().err
+    assert "warning: the integrator state beside" in err and "is not this run's" in err
+    assert "temperature_K 900.0 in the state file, 300.0 in the frames" in err
+    assert "no integrator state for step 5" in err  # and what that loses
+    assert saved_run(cold)["settings"]["temperature_K"] == 300

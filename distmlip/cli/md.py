@@ -204,8 +204,11 @@ def md(args) -> int:
     if settings.ensemble == "npt" and not (np.all(atoms.pbc) and atoms.cell.volume > 0):
         raise UsageError("--ensemble npt needs a cell periodic in all three directions")
     started = time.perf_counter()
-    with json_only_stdout(args.json), sigterm_as_interrupt():
-        outcome = _run(args, settings, start, trajectory, log_path, "model" in given)
+    try:
+        with json_only_stdout(args.json), sigterm_as_interrupt():
+            outcome = _run(args, settings, start, trajectory, log_path, "model" in given)
+    except KeyboardInterrupt as interruption:  # before the first step: the workers' start
+        return stopped(interruption, "while the workers started; no step was run")
     if isinstance(outcome, int):
         return outcome
     rows, step_seconds, worker_timings, builds, reuses = outcome

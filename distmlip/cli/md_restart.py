@@ -111,6 +111,14 @@ def read_restart(path: Path, appending: bool) -> RestartPoint:
     step = int(frame.info["step"])
     state = state_at(path, step)
     info = {key: _plain(frame.info[key]) for key in RECORD_KEYS if key in frame.info}
+    disagree = _disagreements(state, info)
+    if disagree:
+        print(
+            f"distmlip: warning: the integrator state beside {path} is not this run's "
+            f"({'; '.join(disagree)}): not used",
+            file=sys.stderr,
+        )
+        state = None
     stale = load_state(path) or {}
     # The state for this very step, else the frame's own record, else a stale state file.
     settings = (state or {}).get("settings") or _fields(info) or stale.get("settings")
@@ -119,6 +127,24 @@ def read_restart(path: Path, appending: bool) -> RestartPoint:
     for key in RECORD_KEYS:
         frame.info.pop(key, None)  # the continued run writes its own record
     return RestartPoint(path, frame, frames, step, time_fs, state, settings, run)
+
+
+def _disagreements(state: dict | None, info: dict) -> list[str]:
+    """Where a state file (matched to the frame by its step alone) differs from what the
+    frames record of their run: ``KEY X in the state file, Y in the frames``."""
+    if state is None:
+        return []
+    recorded = {**(state.get("settings") or {}), **(state.get("run") or {})}
+    differ = []
+    for key, theirs in info.items():
+        if key not in recorded or key == "model":  # a model path may be written relative
+            continue
+        ours = recorded[key]
+        both_numbers = isinstance(ours, int | float) and isinstance(theirs, int | float)
+        same = np.isclose(ours, theirs, rtol=1e-12, atol=0) if both_numbers else ours == theirs
+        if not same:
+            differ.append(f"{key} {ours} in the state file, {theirs} in the frames")
+    return differ
 
 
 def _plain(value):
