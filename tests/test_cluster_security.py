@@ -211,41 +211,23 @@ def test_the_keys_of_a_record_do_not_open_another_records_connections():
 def test_rank_0_drops_a_peer_with_the_wrong_key_and_accepts_the_right_one(monkeypatch, capsys):
     """In one process: rank 0's rendezvous with an intruder holding another secret, then a
     genuine rank; the intruder is logged and dropped and the genuine rank accepted."""
-    from multinode import free_port
-
-    from distmlip.cluster import detect_launch
     from distmlip.jobsecret import JobKeys
     from distmlip.jobstore import job_store
-    from distmlip.rendezvous import DriverRendezvous, _connect
+    from distmlip.rendezvous import _connect
 
-    monkeypatch.setenv("DISTMLIP_SECRET", "right-" + "x" * 20)
-    port = free_port()
-    launch = detect_launch(
-        {
-            "RANK": "0",
-            "WORLD_SIZE": "2",
-            "LOCAL_RANK": "0",
-            "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-            "TORCHELASTIC_RUN_ID": "security-test",
-        }
-    )
-    driver = DriverRendezvous(launch, timeout=30)
-    client = job_store(launch, 10)
-    raw = client.get(f"{launch.prefix}/driver")
-    wrong = JobKeys(b"wrong-" + b"y" * 20, launch.prefix)
-    right = JobKeys(b"right-" + b"x" * 20, launch.prefix)
-    assert wrong.open_record(raw) is None  # another secret cannot even read where to go
-    endpoints, nonce = right.open_record(raw)
+    driver, endpoints, right_key = _driver(monkeypatch)
+    raw = job_store(driver.launch, 10).get(f"{driver.launch.prefix}/driver")
+    assert JobKeys(b"wrong-" + b"y" * 20, driver.launch.prefix).open_record(raw) is None
+    nonce = json.loads(raw)["nonce"]  # all an intruder can read; the key needs the secret
+    wrong_key = JobKeys(b"wrong-" + b"y" * 20, driver.launch.prefix).authkey(nonce)
     outcome: dict = {}
 
     def ranks() -> None:
         try:
-            _connect(endpoints, wrong.authkey(nonce), 5.0)
+            _connect(endpoints, wrong_key, 5.0)
         except RuntimeError as error:
             outcome["intruder"] = str(error)
-        connection = _connect(endpoints, right.authkey(nonce), 5.0)
+        connection = _connect(endpoints, right_key, 5.0)
         connection.send(("hello", 1, {"identity": {}, "settings": {}, "host": "h", "pid": 1}))
         outcome["rank"] = connection
 
