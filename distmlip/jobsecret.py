@@ -51,10 +51,13 @@ def job_secret(environ=None) -> bytes:
     environ = os.environ if environ is None else environ
     given = environ.get(SECRET_ENVIRONMENT)
     if given is not None:
-        if len(given.strip()) < MIN_SECRET_CHARACTERS:
+        # The signed record and key check in the public store let anyone test guesses
+        # offline: refuse what is short or made of few distinct characters ("aaaa...").
+        if len(given.strip()) < MIN_SECRET_CHARACTERS or len(set(given.strip())) < 8:
             raise ValueError(
-                f"{SECRET_ENVIRONMENT} is shorter than {MIN_SECRET_CHARACTERS} characters, too "
-                f"easy to guess; make one with: export {SECRET_ENVIRONMENT}=$({NEW_SECRET})"
+                f"{SECRET_ENVIRONMENT} is shorter than {MIN_SECRET_CHARACTERS} characters or "
+                f"has fewer than 8 different ones, too easy to guess; make one with: "
+                f"export {SECRET_ENVIRONMENT}=$({NEW_SECRET})"
             )
         return given.strip().encode()
     path = secret_file(environ)

@@ -244,7 +244,7 @@ def test_rank_0_drops_a_peer_with_the_wrong_key_and_accepts_the_right_one(monkey
     accepted[1][0].close()
 
 
-def _driver(monkeypatch, secret="right-" + "x" * 20):
+def _driver(monkeypatch, secret="right-0123456789abcdef"):
     """Rank 0's rendezvous of a 2-rank job on loopback, and the genuine rank's keys."""
     from multinode import free_port
 

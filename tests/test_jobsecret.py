@@ -19,8 +19,9 @@ def test_the_variable_wins_and_must_be_long_enough(tmp_path):
     environ = {"XDG_CONFIG_HOME": str(tmp_path), "DISTMLIP_SECRET": " a-long-enough-secret "}
     assert job_secret(environ) == b"a-long-enough-secret"
     assert not secret_file(environ).exists()  # the variable alone: no file made
-    with pytest.raises(ValueError, match="DISTMLIP_SECRET is shorter than 16 characters"):
-        job_secret({**environ, "DISTMLIP_SECRET": "hunter2"})
+    for weak in ("hunter2", "a" * 40, "abababababababababab"):
+        with pytest.raises(ValueError, match="DISTMLIP_SECRET is shorter than 16 characters"):
+            job_secret({**environ, "DISTMLIP_SECRET": weak})
 
 
 def test_the_file_is_made_once_for_this_user_alone(tmp_path):
@@ -107,7 +108,7 @@ def test_nodes_with_different_secrets_end_at_once_with_one_clear_line(tmp_path):
     cwds = [tmp_path / "node0", tmp_path / "node1"]
     for cwd in cwds:
         cwd.mkdir()
-    envs = [environment(DISTMLIP_SECRET=secret * 24) for secret in ("ab", "cd")]
+    envs = [environment(DISTMLIP_SECRET=secret + "0123456789abcdef") for secret in ("ab", "cd")]
     args = ["predict", "bulk:Cu:fcc:3.61:cubic", "--model", "reference", "--json"]
     began = time.monotonic()
     job = Job.start([args, args], cwds, env=envs)
