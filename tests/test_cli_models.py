@@ -46,7 +46,8 @@ def test_model_accepts_names_plugins_files_and_saved_directories(tmp_path, monke
     monkeypatch.setattr(registry, "_plugins", lambda: {"mymodel": Plugin})
     saved = tmp_path / "saved"
     saved.mkdir()
-    (saved / "model.json").write_text("{}")
+    for name in ("model.json", "model.pt", "state.pt"):  # what potential.save writes
+        (saved / name).write_text("{}")
     checkpoint = tmp_path / "esen.pt"
     checkpoint.write_bytes(b"PK")  # read when the model loads, not by the parser
     mace = tmp_path / "mace.model"
