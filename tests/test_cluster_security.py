@@ -244,27 +244,33 @@ def test_rank_0_drops_a_peer_with_the_wrong_key_and_accepts_the_right_one(monkey
     accepted[1][0].close()
 
 
-def _driver(monkeypatch, secret="right-0123456789abcdef"):
-    """Rank 0's rendezvous of a 2-rank job on loopback, and the genuine rank's keys."""
-    from multinode import free_port
-
+def _rank_0_of_two(port: int):
+    """The launch of rank 0 of a 2-rank torchrun job on loopback (store at ``port``)."""
     from distmlip.cluster import detect_launch
-    from distmlip.jobsecret import JobKeys
-    from distmlip.jobstore import job_store
-    from distmlip.rendezvous import DriverRendezvous
 
-    monkeypatch.setenv("DISTMLIP_SECRET", secret)
-    launch = detect_launch(
+    return detect_launch(
         {
             "RANK": "0",
             "WORLD_SIZE": "2",
             "LOCAL_RANK": "0",
             "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(free_port()),
+            "MASTER_PORT": str(port),
             "TORCHELASTIC_RUN_ID": "security-test",
         }
     )
+
+
+def _driver(monkeypatch, secret="right-0123456789abcdef"):
+    """Rank 0's rendezvous of a 2-rank job on loopback, and the genuine rank's keys."""
+    from multinode import free_port
+
+    from distmlip.jobsecret import JobKeys
+    from distmlip.jobstore import job_store
+    from distmlip.rendezvous import DriverRendezvous
+
+    monkeypatch.setenv("DISTMLIP_SECRET", secret)
+    launch = _rank_0_of_two(free_port())
     driver = DriverRendezvous(launch, timeout=30)
     raw = job_store(launch, 10).get(f"{launch.prefix}/driver")
     keys = JobKeys(secret.encode(), launch.prefix)
@@ -413,20 +419,9 @@ def test_rank_0_publishes_exactly_where_it_listens(monkeypatch):
 def test_a_failure_posted_in_the_store_is_shown_bounded_and_printable():
     """Anyone can write the store: what is shown of a posted failure cannot drive the terminal
     (escape sequences, carriage returns, new lines) nor flood it."""
-    from distmlip.cluster import detect_launch
     from distmlip.jobstore import failures
 
-    launch = detect_launch(
-        {
-            "RANK": "0",
-            "WORLD_SIZE": "2",
-            "LOCAL_RANK": "0",
-            "LOCAL_WORLD_SIZE": "2",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": "1",
-            "TORCHELASTIC_RUN_ID": "security-test",
-        }
-    )
+    launch = _rank_0_of_two(1)
     posted = {f"{launch.prefix}/failed/1": b"\x1b[2J\x1b]0;owned\x07bad\rline\nnext" + b"x" * 5000}
 
     class Store:
