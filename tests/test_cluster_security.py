@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import pickle
 import socket
 import sys
@@ -21,7 +22,7 @@ from multiprocessing.connection import Connection, answer_challenge
 import numpy as np
 import pytest
 from ase.build import bulk
-from multinode import Job
+from multinode import Job, environment
 
 from distmlip import DistributedCalculator
 
@@ -41,10 +42,20 @@ import json, os, sys, time
 from ase.build import bulk
 from distmlip import DistributedCalculator
 rank = os.environ["RANK"]
+
+
+def wait_for(name):  # the intruder's progress, so the order holds however loaded the machine
+    deadline = time.monotonic() + 120
+    while not os.path.exists(os.path.join(os.environ["INTRUDER_DIR"], name)):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+
+
 if rank == "0":
-    time.sleep(4)   # the intruder plants its pickle before rank 0 publishes
+    wait_for("planted")  # the intruder plants its pickle before rank 0 publishes
 if rank == "3":
-    time.sleep(12)  # rank 0 keeps listening meanwhile: the intruder's connections reach it
+    wait_for("done")  # rank 0 keeps listening meanwhile: the intruder's connections reach it
 atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
 atoms.rattle(0.1, seed=3)
 calc = DistributedCalculator("reference", dtype="float64", timeout=120)
@@ -58,9 +69,9 @@ calc.close()
 class Intruder(threading.Thread):
     """Someone on this machine who knows MASTER_PORT (not the job's secret)."""
 
-    def __init__(self, port: int, marker: str):
+    def __init__(self, port: int, marker: str, progress: str):
         super().__init__(daemon=True)
-        self.port, self.marker = port, marker
+        self.port, self.marker, self.progress = port, marker, progress
         self.key = "distmlip/none.0/driver"  # torchrun's static rendezvous: predictable
         self.planted = False
         self.record: bytes | None = None
@@ -72,6 +83,9 @@ class Intruder(threading.Thread):
             self._attack()
         except BaseException as error:  # reported by the test
             self.error = error
+        finally:
+            for name in ("planted", "done"):  # never leave a rank waiting
+                open(os.path.join(self.progress, name), "w").close()
 
     def _store(self):
         import datetime
@@ -98,6 +112,7 @@ class Intruder(threading.Thread):
         evil = pickle.dumps(_Payload(self.marker))
         # (b) plant a pickle where the ranks look for rank 0's address, before rank 0 writes it
         self.planted = store.compare_set(self.key, "", evil) == evil
+        open(os.path.join(self.progress, "planted"), "w").close()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             value = store.get(self.key)
@@ -151,8 +166,11 @@ def test_store_attacks_run_nothing_and_the_job_gives_the_right_numbers(tmp_path)
     cwds = [tmp_path / "node0", tmp_path / "node1"]
     for cwd in cwds:
         cwd.mkdir()
-    job = Job.start([[str(script)], [str(script)]], cwds, module=False)
-    intruder = Intruder(job.port, str(marker))
+    progress = tmp_path / "intruder"
+    progress.mkdir()
+    env = environment(INTRUDER_DIR=str(progress))
+    job = Job.start([[str(script)], [str(script)]], cwds, module=False, env=env)
+    intruder = Intruder(job.port, str(marker), str(progress))
     intruder.start()
     job.wait(300)
     intruder.join(30)
