@@ -8,7 +8,6 @@ it to every test that asks for the same settings in a row.
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
@@ -19,10 +18,16 @@ from hypothesis import settings
 
 from distmlip import DistributedCalculator, ReferenceMPNN
 
-# CI replays the same hypothesis examples every run (reproducible); locally they vary.
-settings.register_profile("ci", derandomize=True, print_blob=True)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+# Property tests replay the same examples every run by default, in CI and locally, so a failure
+# reproduces; `pytest --hypothesis-profile=long` explores new random examples, ten times as many.
+settings.register_profile("deterministic", derandomize=True, print_blob=True, deadline=None)
+settings.register_profile("long", max_examples=1000, print_blob=True, deadline=None)
+settings.load_profile("deterministic")
+
+
+def examples(count: int) -> int:
+    """``count`` property-test examples, scaled by the profile (× 10 under ``long``)."""
+    return count * settings().max_examples // 100
 
 
 def bulk_cu() -> Atoms:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,9 +14,11 @@ from distmlip.partition import partition
 
 @st.composite
 def structures(draw):
-    n = draw(st.integers(2, 40))
+    # Up to 400 atoms in cells up to 32 Å (five 6 Å cutoffs): large enough that workers'
+    # regions and halos are a part of the whole, small enough for hundreds of examples.
+    n = draw(st.integers(2, 400))
     pbc = np.array(draw(st.lists(st.booleans(), min_size=3, max_size=3)))
-    lengths = np.array(draw(st.lists(st.floats(3.0, 14.0), min_size=3, max_size=3)))
+    lengths = np.array(draw(st.lists(st.floats(3.0, 32.0), min_size=3, max_size=3)))
     shear = np.array(draw(st.lists(st.floats(-0.3, 0.3), min_size=3, max_size=3)))
     cell = np.diag(lengths)
     cell[1, 0], cell[2, 0], cell[2, 1] = shear * lengths[[1, 2, 2]]
@@ -36,7 +39,7 @@ def sorted_rows(rows: np.ndarray) -> np.ndarray:
     return rows[np.lexsort(rows.T[::-1])] if len(rows) else rows
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60))
 @given(
     structure=structures(),
     nparts=st.integers(1, 6),
@@ -87,7 +90,7 @@ def test_plan_covers_every_edge_once_and_every_halo_row_has_one_sender(
         np.testing.assert_array_equal(np.sort(halo), np.unique(senders[owner[senders] != p]))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30))
 @given(structure=structures(), nparts=st.integers(1, 8), method=st.sampled_from(["slab", "rcb"]))
 def test_geometric_partitions_balance_atom_counts(structure, nparts, method):
     nparts = min(nparts, structure.n_atoms)
