@@ -233,13 +233,19 @@ def _too_few(calc, target: Structure, nprocs: int, failed: int | None) -> Except
             "atoms; evaluate this structure directly and read calc.last_stats instead"
         )
     limit = calc.pool.options.memory_limit
-    bound = f"memory_limit={limit:g} GB" if limit is not None else "the GPU's memory"
+    if limit is not None:
+        bound, remedy = f"memory_limit={limit:g} GB", "a larger memory_limit"
+    else:  # memory_limit is refused on CUDA: do not suggest it there
+        bound = (
+            "the GPU's memory" if calc.pool.options.device == "cuda" else "this machine's memory"
+        )
+        remedy = "checkpoint=True"
     per_piece, per_target = failed / calc.nprocs, target.n_atoms / nprocs
     verdict = (
         f"so the {target.n_atoms:,}-atom structure (~{per_target:,.0f} atoms per worker at "
-        f"P={nprocs}) does not fit either: use more workers or a larger memory_limit"
+        f"P={nprocs}) does not fit either: use more workers or {remedy}"
         if per_piece <= per_target
-        else "too small to calibrate in: calibrate on more workers or with a larger memory_limit"
+        else f"too small to calibrate in: calibrate on more workers or with {remedy}"
     )
     return OutOfMemoryError(
         f"estimating memory: a {failed:,}-atom calibration piece (~{per_piece:,.0f} atoms per "

@@ -152,7 +152,12 @@ def _is_cuda_out_of_memory(error: BaseException) -> bool:
     )
     if kinds and isinstance(error, kinds):
         return True
-    return isinstance(error, RuntimeError) and "CUDA out of memory" in str(error)
+    # torch's caching allocator says "CUDA out of memory"; the CUDA runtime's own
+    # cudaErrorMemoryAllocation (a cudaMalloc outside that allocator, e.g. in an extension)
+    # comes as torch.AcceleratorError "CUDA error: out of memory".
+    return isinstance(error, RuntimeError) and any(
+        text in str(error) for text in ("CUDA out of memory", "CUDA error: out of memory")
+    )
 
 
 def out_of_memory_kind(error: BaseException) -> str | None:

@@ -205,9 +205,12 @@ def test_a_busy_or_silent_master_port_is_an_error_not_a_hang():
         with pytest.raises(ValueError, match=f"MASTER_PORT={port} is in use on this machine"):
             job_store(launch, 5.0, host=True)
         began = time.monotonic()
-        with pytest.raises(RuntimeError, match="no answer within"):
+        # The promise (distmlip.jobstore): a client that gets no store handshake gives up
+        # after its timeout + 5 s. Measured: 6.00-6.02 s (8 runs, idle and beside a 2-worker
+        # job on this 2-core VM); 2 s of margin for a loaded machine.
+        with pytest.raises(RuntimeError, match="no answer within 6 s"):
             job_store(launch, 1.0)
-        assert time.monotonic() - began < 15
+        assert 1.0 + 5.0 <= time.monotonic() - began < 1.0 + 5.0 + 2.0
 
 
 def test_distmlip_launch_values():

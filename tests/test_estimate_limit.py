@@ -7,6 +7,7 @@ import sys
 
 import pytest
 from ase.build import bulk
+from test_out_of_memory import CHGNET_TOLERANCE
 
 from distmlip import DistributedCalculator, OutOfMemoryError
 from distmlip.graph import Structure
@@ -44,6 +45,7 @@ def test_no_calibration_piece_holds_more_per_worker_than_the_target():
         assert len(set(sizes)) >= 2 and max(sizes) <= 54
 
 
+@pytest.mark.slow
 @linux
 def test_chgnet_estimate_under_a_tight_limit():
     """CHGNet (float64) under 1 GB per worker: a 96-atom MgO cell fits (~0.9 GB), and its
@@ -66,7 +68,8 @@ def test_chgnet_estimate_under_a_tight_limit():
         assert not estimate.exceeds_limit
         calc.compute(Structure.from_ase(atoms))  # fits, as predicted
         measured = max(s["call_peak_rss_mb"] for s in calc.last_stats)
-        assert abs(estimate.peak_mb - measured) <= 0.25 * measured, (estimate.peak_mb, measured)
+        error = abs(estimate.peak_mb - measured)
+        assert error <= CHGNET_TOLERANCE * measured, (estimate.peak_mb, measured)
 
 
 class LinearMemoryCalc:

@@ -67,8 +67,17 @@ def test_worker_killed_between_calls_raises(calculator):
     assert_all_gone(pids)
 
 
+STOP_MARGIN = 2.0
+"""Seconds a failed call may take beyond its deadline to stop and reap its workers. Measured
+(tests' stuck call, 5 runs each, this 2-core VM): timeout + 0.05-0.09 s idle, + 0.15-0.25 s
+beside a two-worker job."""
+
+
 def test_stuck_worker_times_out(reference_model):
-    calc = DistributedCalculator(reference_model, nprocs=2, timeout=3)
+    """The promise (README, ``timeout``): a stopped worker raises WorkerError within the
+    timeout, never hangs; here plus the moment it takes to stop the workers."""
+    timeout = 3.0
+    calc = DistributedCalculator(reference_model, nprocs=2, timeout=timeout)
     pids = calc.pool.pids
     os.kill(pids[1], signal.SIGSTOP)
     start = time.monotonic()
@@ -77,8 +86,13 @@ def test_stuck_worker_times_out(reference_model):
         # which worker is stopped (and both stop every worker).
         with pytest.raises(WorkerError, match=rf"worker 1 \(pid {pids[1]}\) is stopped") as error:
             evaluate(calc, small_cell())
-        assert "\n" not in str(error.value)
-        assert time.monotonic() - start < 3 + 15
+        elapsed = time.monotonic() - start
+        message = str(error.value)
+        assert "\n" not in message
+        deadline = "no answer from worker(s)" in message and f"within {timeout:g} s" in message
+        assert deadline or "worker 0 raised CommunicationError" in message, message
+        # Raised by a deadline (not by anything sooner), and not much after it.
+        assert 0.9 * timeout <= elapsed < timeout + STOP_MARGIN, elapsed
         assert_all_gone(pids)
     finally:
         calc.close()

@@ -152,6 +152,7 @@ def test_per_call_peak_resets_and_lifetime_peak_stays():
 # --- real workers ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @linux
 def test_worker_out_of_memory_is_one_clear_error_and_the_next_call_works():
     """A 4,000-atom call needs ~700 MB per worker, a 500-atom one ~320 MB (baseline ~230 MB)."""
@@ -162,8 +163,10 @@ def test_worker_out_of_memory_is_one_clear_error_and_the_next_call_works():
         start = time.monotonic()
         with pytest.raises(OutOfMemoryError) as caught:
             calc.compute(Structure.from_ase(copper(10)))
-        # The worker answers at once; its peers, stuck in an exchange, are not waited for.
-        assert time.monotonic() - start < 15
+        # The worker answers at once; its peers, stuck in an exchange, are not waited for (that
+        # would take the 60 s timeout). Measured (docs/performance.md, "Bound"): 0.65-1.0 s
+        # idle, 1.5-1.7 s beside a two-worker job on this 2-core VM: 5 s leaves 3x for load.
+        assert time.monotonic() - start < 5
         error = caught.value
         assert isinstance(error, WorkerError) and isinstance(error, MemoryError)
         message = str(error)
@@ -249,6 +252,16 @@ def test_targets_without_periods_are_cut_open():
     assert not periodic and 0 < piece.n_atoms <= 0.25 * target.n_atoms
 
 
+REFERENCE_TOLERANCE = 0.25
+CHGNET_TOLERANCE = 0.15
+"""What the docs claim of ``estimate_memory`` (README, docs/performance.md "Capacity"), per
+worker and for the peak, relative to the measured per-call peak. Measured with the targets of
+the tests below (a script running each test's estimate and call, this 2-core VM): the
+reference model −12 % to +21 % per worker in 32 runs (allocator="keep": its heap makes peaks
+scatter by ±10 % between workers and runs), CHGNet −7 % to +8 % in 16 runs (8 of the 640-atom
+target below, 8 of tests/test_estimate_limit.py's)."""
+
+
 def _assert_within(estimate, calc, tolerance: float) -> None:
     measured = [s["call_peak_rss_mb"] for s in calc.last_stats]
     assert estimate.edges == [s["edges"] for s in calc.last_stats]  # the same partition
@@ -258,6 +271,7 @@ def _assert_within(estimate, calc, tolerance: float) -> None:
     assert abs(estimate.peak_mb - max(measured)) <= tolerance * max(measured)
 
 
+@pytest.mark.slow
 @linux
 def test_estimate_predicts_the_peak_of_a_larger_structure(reference_model):
     atoms = copper(10)  # 4,000 atoms; calibration structures up to half of it
@@ -268,7 +282,7 @@ def test_estimate_predicts_the_peak_of_a_larger_structure(reference_model):
         assert all(r["atoms"] <= 2000 and r["periodic"] for r in estimate.calibration)
         assert estimate.mb_per_edge > 0 and 100 < estimate.base_mb < 1000
         calc.compute(Structure.from_ase(atoms))
-        _assert_within(estimate, calc, 0.25)
+        _assert_within(estimate, calc, REFERENCE_TOLERANCE)
         other = calc.estimate_memory(atoms, nprocs=4)  # predictions for another P: smaller
         assert other.nprocs == 4 and other.peak_mb < estimate.peak_mb
         assert sum(other.owned_atoms) == 4000
@@ -276,6 +290,7 @@ def test_estimate_predicts_the_peak_of_a_larger_structure(reference_model):
             calc.estimate_memory(atoms, nprocs=0)
 
 
+@pytest.mark.slow
 @linux
 def test_estimate_for_chgnet():
     atoms = bulk("MgO", "rocksalt", a=4.21, cubic=True).repeat((4, 4, 5))  # 640 atoms
@@ -286,7 +301,7 @@ def test_estimate_for_chgnet():
         estimate = calc.estimate_memory(atoms)
         assert max(r["atoms"] for r in estimate.calibration) <= 320
         calc.compute(Structure.from_ase(atoms))
-        _assert_within(estimate, calc, 0.25)
+        _assert_within(estimate, calc, CHGNET_TOLERANCE)
 
 
 @linux
