@@ -382,3 +382,144 @@ def test_s2_activation_within_upstreams_own_run_to_run_spread(tmp_path):
         assert spread > 0, "upstream repeated itself exactly: the roll no longer matters"
         error = float(np.abs(np.asarray(got[key]) - np.asarray(draws[0][key])).max())
         assert error <= 5 * spread, f"{key}: {error:.2e} vs upstream's own spread {spread:.2e}"
+
+
+# fairchem's max_neighbors rule (fairchem/core/graph/radius_graph_pbc.py,
+# get_max_neighbors_mask, enforce_max_neighbors_strictly=False, degeneracy_tolerance=0.01):
+# an atom with more than max_neighbors neighbours within the cutoff keeps those whose squared
+# distance is at most that of its (max_neighbors + 1)-th nearest plus 0.01 Å², so neighbours
+# tied (or within 0.01 Å²) at the cap are kept together. A cap of 14 in fcc Cu (a = 3.61 Å,
+# 5 Å cutoff: 12 neighbours at 2.55 Å, 6 at 3.61 Å, 24 at 4.42 Å) falls inside the second shell.
+MAX_NEIGHBORS = 14
+DEGENERACY_TOLERANCE = 0.01  # Å², fairchem's default
+
+
+def fcc_ties(split: float = 0.0, rattle: float = 0.0, seed: int = 0) -> Atoms:
+    """Cubic fcc Cu/Ni, 2×2×2 (32 atoms). ``split``: a tetragonal strain along z that moves
+    the two out-of-plane second-shell neighbours ``split`` Å² further than the four in-plane
+    ones (squared distance); ``rattle``: Å."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    atoms.numbers[::3] = 28
+    if split:
+        stretch = np.sqrt(1 + split / 3.61**2)
+        atoms.set_cell(atoms.cell.array @ np.diag([1, 1, stretch]), scale_atoms=True)
+    if rattle:
+        atoms.rattle(rattle, seed=seed)
+    return atoms
+
+
+TIES = {
+    # name: (structure, the neighbours fairchem keeps per atom)
+    "exact_ties": (lambda: fcc_ties(), {18}),
+    "near_ties_within": (lambda: fcc_ties(rattle=3e-4, seed=1), {18}),
+    "near_ties_some_beyond": (lambda: fcc_ties(rattle=1e-3, seed=4), {15, 16, 17, 18}),
+    "split_just_within": (lambda: fcc_ties(split=0.007, rattle=2e-5, seed=2), {18}),
+    "split_just_beyond": (lambda: fcc_ties(split=0.013, rattle=2e-5, seed=3), {16}),
+}
+
+
+def max_neighbors_rule(atoms: Atoms, cutoff: float, cap: int) -> dict:
+    """fairchem's rule in numpy on ASE's neighbour list: per atom the candidates within the
+    cutoff, the neighbours kept, and how far (Å²) the closest squared distance lies from the
+    atom's threshold (the margin rounding would have to cross to change the decision)."""
+    from ase.neighborlist import neighbor_list
+
+    centres, distances = neighbor_list("id", atoms, cutoff)
+    rows = {"candidates": [], "kept": [], "margin": [], "at_cap": []}
+    for atom in range(len(atoms)):
+        squared = np.sort(distances[centres == atom] ** 2)
+        threshold = squared[cap] + DEGENERACY_TOLERANCE if len(squared) > cap else np.inf
+        rows["candidates"].append(len(squared))
+        rows["kept"].append(int((squared <= threshold).sum()))
+        rows["margin"].append(float(np.abs(squared - threshold).min()))
+        # the squared distances tied with the (cap+1)-th within the tolerance
+        rows["at_cap"].append(squared[np.abs(squared - squared[cap]) <= DEGENERACY_TOLERANCE])
+    return rows
+
+
+def fairchem_graph_degrees(atoms: Atoms, cutoff: float, cap: int) -> np.ndarray:
+    """Edges per receiver of fairchem's own graph (``generate_graph`` as its backbone calls
+    it, float64 positions)."""
+    from fairchem.core.datasets.atomic_data import AtomicData, atomicdata_list_to_batch
+    from fairchem.core.graph.compute import generate_graph
+
+    batch = atomicdata_list_to_batch([AtomicData.from_ase(atoms, task_name=TASK)])
+    batch.pos, batch.cell = batch.pos.double(), batch.cell.double()
+    graph = generate_graph(
+        batch, cutoff=cutoff, max_neighbors=cap, enforce_max_neighbors_strictly=False,
+        radius_pbc_version=2, pbc=batch.pbc,
+    )  # fmt: skip
+    return torch.bincount(graph["edge_index"][1], minlength=len(atoms)).numpy()
+
+
+@pytest.fixture(scope="module")
+def capped_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("capped") / "capped.pt"
+    return write_esen_checkpoint(path, config=esen_config(max_neighbors=MAX_NEIGHBORS))
+
+
+def upstream_of(unit, atoms: Atoms) -> dict:
+    """FAIRChemCalculator's energy, forces and stress of ``atoms`` (periodic)."""
+    from fairchem.core import FAIRChemCalculator
+
+    atoms = atoms.copy()
+    atoms.calc = FAIRChemCalculator(unit, task_name=TASK)
+    return {
+        "energy": atoms.get_potential_energy(),
+        "forces": atoms.get_forces(),
+        "stress": atoms.get_stress(),
+    }
+
+
+@pytest.fixture(scope="module")
+def capped_reference(capped_checkpoint):
+    unit = predict_unit(capped_checkpoint, "float64")
+    return {name: upstream_of(unit, make()) for name, (make, _) in TIES.items()}
+
+
+@pytest.mark.slow
+def test_tie_crystals_bind_the_cap_as_intended(checkpoint, capped_reference):
+    """The structures below test what they say: every atom has more candidates than the cap;
+    the tolerance keeps more than the cap (exact and near ties) or drops neighbours just past
+    it; no decision is within rounding of its threshold; fairchem's own graph keeps what this
+    reading of its rule keeps; and the cap changes fairchem's energy."""
+    unit = predict_unit(checkpoint, "float64")  # the same weights, max_neighbors=300
+    for name, (make, kept) in TIES.items():
+        atoms = make()
+        rule = max_neighbors_rule(atoms, 5.0, MAX_NEIGHBORS)
+        assert min(rule["candidates"]) > MAX_NEIGHBORS, f"{name}: the cap does not bind"
+        assert set(rule["kept"]) == kept, f"{name}: kept {sorted(set(rule['kept']))}"
+        assert max(rule["kept"]) > MAX_NEIGHBORS, f"{name}: a strict cap would keep the same"
+        assert min(rule["margin"]) > 1e-6, f"{name}: a decision within rounding"
+        np.testing.assert_array_equal(
+            fairchem_graph_degrees(atoms, 5.0, MAX_NEIGHBORS), rule["kept"], err_msg=name
+        )
+        spreads = [np.ptp(at_cap) for at_cap in rule["at_cap"]]
+        if name == "exact_ties":
+            assert max(spreads) < 1e-9, "the unrattled crystal's shell is not exactly tied"
+        else:
+            assert min(spreads) > 1e-6, f"{name}: ties are exact, not near"
+        uncapped = upstream_of(unit, atoms)["energy"]
+        assert abs(uncapped - capped_reference[name]["energy"]) > 1e-6, f"{name}: cap inert"
+    within = max_neighbors_rule(TIES["split_just_within"][0](), 5.0, MAX_NEIGHBORS)
+    beyond = max_neighbors_rule(TIES["split_just_beyond"][0](), 5.0, MAX_NEIGHBORS)
+    assert max(within["margin"]) < 5e-3 and max(beyond["margin"]) < 5e-3  # "just"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("nprocs", "partitioner"), [(2, "slab"), (3, "rcb")])
+def test_max_neighbors_ties_match_upstream(
+    capped_checkpoint, capped_reference, nprocs, partitioner
+):
+    """Exact and near ties at fairchem's max_neighbors cap, on every worker: distmlip keeps
+    the neighbours fairchem keeps (energy, forces, stress to 1e-11 relative, float64)."""
+    with DistributedCalculator(
+        ESENAdapter(capped_checkpoint), nprocs=nprocs, partitioner=partitioner, timeout=120
+    ) as calc:
+        for name, (make, _) in TIES.items():
+            expected = capped_reference[name]
+            got = calc.get_properties(list(expected), make())
+            assert all(stats["owned_atoms"] > 0 for stats in calc.last_stats)
+            for key, value in expected.items():
+                error = relative_error(got[key], value)
+                assert error <= RTOL64, f"P={nprocs} {name}: {key} {error:.2e}"
