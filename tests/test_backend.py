@@ -125,6 +125,7 @@ def test_communicators_stage_only_when_needed(monkeypatch):
     assert Communicator(0, 1, torch.device("cpu")).staged
 
 
+@pytest.mark.slow
 def test_staged_transfers_give_the_same_results(pools, monkeypatch):
     """P=2 on the CPU with every point-to-point transfer staged as on GPUs shared over gloo
     (overlapped and blocking exchanges, the reverse sum of the forces, the plan handshake)."""

@@ -26,7 +26,9 @@ RTOL = 1e-10
 
 @pytest.mark.parametrize(
     ("nprocs", "partitioner"),
-    [(1, "slab")] + [(p, method) for p in (2, 3, 4, 8) for method in ("slab", "rcb", "metis")],
+    [(1, "slab")]
+    + [(p, method) for p in (2, 3, 4) for method in ("slab", "rcb", "metis")]
+    + [pytest.param(8, method, marks=pytest.mark.slow) for method in ("slab", "rcb", "metis")],
 )
 def test_distributed_equals_single_process(nprocs, partitioner, pools, single_process_results):
     """Every P and partitioner equals the brute-force single-process evaluation (float64)."""
@@ -45,6 +47,7 @@ def test_distributed_equals_single_process(nprocs, partitioner, pools, single_pr
 
 
 @pytest.mark.parametrize("make", [small_cell, triclinic], ids=["small_cell", "triclinic"])
+@pytest.mark.slow
 def test_forces_match_finite_differences(make, pools):
     calc = pools.get(2, "rcb")
     atoms = make()
@@ -56,6 +59,7 @@ def test_forces_match_finite_differences(make, pools):
 
 
 @pytest.mark.parametrize("make", [small_cell, triclinic], ids=["small_cell", "triclinic"])
+@pytest.mark.slow
 def test_stress_matches_finite_differences(make, pools):
     calc = pools.get(2, "slab")
     atoms = make()
@@ -96,6 +100,7 @@ def test_float32_close_to_float64(reference_model, pools, single_process_results
 
 
 @pytest.mark.parametrize("nprocs, partitioner", [(2, "slab"), (4, "rcb"), (3, "metis")])
+@pytest.mark.slow
 def test_ghost_baseline_equals_single_process(
     nprocs, partitioner, reference_model, single_process_results
 ):
@@ -183,6 +188,7 @@ def skin_frames() -> dict[str, list[tuple]]:
 
 
 @pytest.mark.parametrize(("nprocs", "partitioner"), [(3, "rcb"), (2, "metis")])
+@pytest.mark.slow
 def test_skin_reuse_equals_fresh_graphs(nprocs, partitioner, pools):
     """Verlet-skin graph reuse gives the single-process results of a fresh graph every step,
     reuses exactly when no atom moved more than skin / 2 and nothing else changed."""

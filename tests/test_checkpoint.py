@@ -26,6 +26,8 @@ from distmlip.engine import evaluate as evaluate_worker
 from distmlip.exchange import Exchange
 from distmlip.graph import Structure
 
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
+
 RTOL = 1e-10
 
 

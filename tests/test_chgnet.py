@@ -20,6 +20,8 @@ from distmlip import DistributedCalculator
 from distmlip.models import resolve_model
 from distmlip.models.chgnet import CHGNetAdapter, build_bond_graph
 
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
+
 GPA = units.GPa  # eV/Å³ per GPa
 
 FLOAT32_TOLERANCES = {

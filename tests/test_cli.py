@@ -22,6 +22,7 @@ def test_predict_json(capsys):
     assert result["energy_eV"] < 0 and len(result["stress_GPa"]) == 6
 
 
+@pytest.mark.slow
 def test_predict_table_and_errors(capsys, tmp_path):
     argv = ["predict", "--model", "reference", "--size", "2", "--partitioner", "rcb"]
     assert main(argv) == 0
@@ -35,6 +36,7 @@ def test_predict_table_and_errors(capsys, tmp_path):
     assert len(error.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_demo_json_runs_md_and_compares_with_single_process(capsys):
     argv = ["demo", "--model", "reference", "--size", "3", "--steps", "3", "--json"]
     assert main(argv) == 0
@@ -49,6 +51,7 @@ def test_demo_json_runs_md_and_compares_with_single_process(capsys):
     assert report["graph_builds"] == 1 and report["graph_reuses"] >= 3
 
 
+@pytest.mark.slow
 def test_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     argv = [
         "bench",
@@ -154,6 +157,7 @@ def test_errors_are_one_line_with_exit_status(argv, status, says, tmp_path, caps
     assert says in _one_line_error(capsys)
 
 
+@pytest.mark.slow
 def test_predict_evaluates_every_frame_of_a_file(tmp_path, capsys):
     """Several frames: all are evaluated (not silently the last), each as --index alone."""
     frames = []

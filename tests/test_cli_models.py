@@ -14,6 +14,8 @@ from distmlip.cli import _parser, main
 from distmlip.models import registry
 from distmlip.models.reference import ReferenceMPNN
 
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
+
 
 def test_predict_with_a_saved_tensornet_directory_equals_upstream(tmp_path, capfd):
     """A seeded random TensorNet saved with ``Potential.save``: ``--model DIR`` gives matgl's

@@ -24,6 +24,8 @@ from multinode import Job, environment
 
 from distmlip.cluster import Launch, _tasks_per_node, detect_launch, identity
 
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
+
 TORCHRUN = {
     "RANK": "2",
     "WORLD_SIZE": "4",

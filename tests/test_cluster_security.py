@@ -26,6 +26,8 @@ from multinode import Job, environment
 
 from distmlip import DistributedCalculator
 
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
+
 
 class _Payload:
     """Unpickling this creates ``path``: proof that someone's pickle ran."""

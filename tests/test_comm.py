@@ -15,6 +15,7 @@ def blocking_model() -> ReferenceMPNN:
     return ReferenceMPNN(cutoff=5.0, num_layers=3, hidden=32, seed=0, overlap=False)
 
 
+@pytest.mark.slow
 def test_overlapped_exchange_equals_blocking(pools, blocking_model):
     names = ("bulk", "small_cell", "slab")
     calc = pools.get(3, "rcb", model=blocking_model, trace=True)

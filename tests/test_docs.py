@@ -15,6 +15,7 @@ from distmlip import DistributedCalculator
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
+@pytest.mark.slow
 def test_adapter_example_is_exact(tmp_path, monkeypatch):
     text = (DOCS / "adapters.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
@@ -71,6 +72,7 @@ def test_multinode_page_shows_the_exchange_volume_table():
     assert {r["model"] for r in study["measured"]} == {"reference", "chgnet"}
 
 
+@pytest.mark.slow
 def test_exchange_volume_counts_what_workers_send(monkeypatch):
     """The benchmark's halo rows × row bytes = the bytes real workers sent in each exchange."""
     monkeypatch.syspath_prepend(str(DOCS.parent / "benchmarks"))

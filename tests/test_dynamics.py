@@ -19,6 +19,8 @@ from distmlip.dynamics import (
 from distmlip.graph import Structure
 from distmlip.partition import partition
 
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
+
 STEPS = 300
 COMPARED = 150
 

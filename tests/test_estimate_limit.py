@@ -12,6 +12,8 @@ from test_out_of_memory import CHGNET_TOLERANCE
 from distmlip import DistributedCalculator, OutOfMemoryError
 from distmlip.graph import Structure
 
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
+
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA is Linux's")
 
 

@@ -41,6 +41,8 @@ from distmlip import DistributedCalculator
 from distmlip.models import resolve_model
 from distmlip.models.fairchem import ESENAdapter, is_fairchem_checkpoint
 
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
+
 RTOL64 = 1e-11
 FORCE_ATOL32 = 2e-4
 

@@ -27,7 +27,10 @@ from test_launch import assert_all_gone
 from distmlip import DistributedCalculator
 from distmlip.launch import _NoAnswer, collect_replies
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX signals")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX signals"),
+]
 
 
 def structure(seed: int, repeat: int = 11):

@@ -83,6 +83,7 @@ def test_keys_depend_on_the_secret_and_the_job():
     assert one.authkey("n") != JobKeys(b"a" * 32, "distmlip/job.1").authkey("n")
 
 
+@pytest.mark.slow
 def test_a_job_without_the_variable_uses_the_users_file(tmp_path):
     """torchrun on one machine with no DISTMLIP_SECRET: every rank reads the same user-only
     file (made by whichever rank came first) and the job runs."""
@@ -100,6 +101,7 @@ def test_a_job_without_the_variable_uses_the_users_file(tmp_path):
     assert not job.left_behind()
 
 
+@pytest.mark.slow
 def test_nodes_with_different_secrets_end_at_once_with_one_clear_line(tmp_path):
     """A rank with another secret could never verify rank 0's record: rank 0 sees its posted
     key check and ends the job at once (not after the 300 s start-up timeout)."""

@@ -23,6 +23,8 @@ from distmlip import DistributedCalculator
 from distmlip.models import resolve_model
 from distmlip.models.mace import MACEAdapter, load_mace_model
 
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
+
 RTOL64 = 1e-11
 FORCE_ATOL32 = 1e-4
 ELEMENTS = (1, 6, 8, 28, 29, 47, 79)

@@ -21,6 +21,8 @@ from distmlip import DistributedCalculator
 from distmlip.cli import main
 from distmlip.trajectory import THERMO_COLUMNS
 
+pytestmark = pytest.mark.slow  # every test runs the CLI with its own worker pool
+
 CU = ["bulk:Cu:fcc:3.61:cubic", "--repeat", "2", "2", "2"]  # 32 atoms
 COMMON = ["--model", "reference", "--dtype", "float64", "--nprocs", "2"]
 

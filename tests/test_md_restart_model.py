@@ -19,6 +19,8 @@ import distmlip.durable
 from distmlip import DistributedCalculator
 from distmlip.cli import main
 
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
+
 CU = ["bulk:Cu:fcc:3.61:cubic", "--repeat", "2", "2", "2"]  # 32 atoms
 FAST = ["--nprocs", "1", "--log-every", "5"]
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 import mace  # noqa: F401  (before e3nn)
 import numpy as np
 import psutil
+import pytest
 import torch
 from ase.build import bulk
 from conftest import trajectory
 
 from distmlip import DistributedCalculator
+
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
 
 STEPS = 30
 WARM_UP = 10

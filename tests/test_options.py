@@ -78,6 +78,7 @@ def test_skin_larger_than_the_model_supports(reference_model):
         DistributedCalculator(reference_model, skin=6.0)
 
 
+@pytest.mark.slow
 def test_settings_are_read_only(reference_model):
     """The workers were started for these settings: changing one would silently not apply."""
     with DistributedCalculator(reference_model, nprocs=1, skin=0.2, checkpoint=128) as calc:
@@ -97,6 +98,7 @@ def test_settings_are_read_only(reference_model):
         assert (calc.checkpoint, calc.memory_limit, calc.backend) == (128, None, "auto")
 
 
+@pytest.mark.slow
 def test_a_calculator_cannot_be_copied_or_pickled(reference_model):
     """Atoms deep-copied with their calculator would share (or orphan) its workers."""
     import copy

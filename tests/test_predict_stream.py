@@ -20,7 +20,10 @@ from distmlip import DistributedCalculator
 from distmlip.cli import main
 from distmlip.cli.structures import frame_numbers
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="needs POSIX signals")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="needs POSIX signals"),
+]
 
 
 def copper_frames(count: int) -> list:

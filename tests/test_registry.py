@@ -46,6 +46,7 @@ def toy_distribution(tmp_path, monkeypatch):
     sys.modules.pop("toy_distmlip_models", None)
 
 
+@pytest.mark.slow
 def test_entry_point_model_is_found_by_name(toy_distribution):
     assert "toymodel" in model_names()
     adapter = resolve_model("ToyModel", seed=3)

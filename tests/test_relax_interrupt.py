@@ -17,7 +17,10 @@ from test_interrupts import start_as_from_a_terminal
 from distmlip import DistributedCalculator
 from distmlip.cli import main
 
-pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="needs POSIX signals")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not hasattr(signal, "SIGTERM"), reason="needs POSIX signals"),
+]
 
 
 def start_structure(path) -> None:

@@ -189,6 +189,7 @@ def _run(model, nprocs: int, walks: dict, resident: bool, skin: float = 0.4):
 
 
 @pytest.mark.parametrize("nprocs", [2, 3])
+@pytest.mark.slow
 def test_resident_equals_host_path_reference(reference_model, nprocs):
     walks = _walks({"small_cell": small_cell, "cluster": cluster}, 5, 0.12)
     expected, counts = _run(reference_model, nprocs, walks, resident=False)
@@ -221,6 +222,7 @@ def _check_stale_base_is_resent(calc, atoms, expected):
 
 
 @pytest.mark.parametrize("nprocs, system", [(2, "cluster"), (3, "small_cell")])
+@pytest.mark.slow
 def test_resident_equals_host_path_chgnet(chgnet, nprocs, system):
     """P=2 without periodicity, P=3 in a cell smaller than twice the cutoff (P=1: in process,
     above; one system per P keeps the four CHGNet pools' start-up within the time budget)."""

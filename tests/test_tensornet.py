@@ -32,6 +32,8 @@ from distmlip import DistributedCalculator  # noqa: E402
 from distmlip.models import resolve_model  # noqa: E402
 from distmlip.models.tensornet import TensorNetAdapter  # noqa: E402
 
+pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
+
 ELEMENTS = ("H", "C", "O", "Ni", "Cu", "Ag", "Au")
 RTOL64 = 1e-11
 FORCE_ATOL32 = 2e-4
