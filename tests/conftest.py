@@ -81,6 +81,18 @@ SYSTEMS = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """In-process evaluations on one torch thread (as each worker here): two threads on a
+    shared 2-core machine spend most of their time waiting for each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def reference_model() -> ReferenceMPNN:
     return ReferenceMPNN(cutoff=5.0, num_layers=3, hidden=32, seed=0)

@@ -50,14 +50,6 @@ def families(tmp_path_factory):
     return Families(tmp_path_factory.mktemp("per_atom"))
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def structures(family: str) -> dict:
     """name → function making the structure (the family test files' own structures)."""
     if family == "reference":

@@ -124,16 +124,6 @@ def chgnet64(chgnet):
     return model
 
 
-@pytest.fixture
-def one_thread():
-    """In-process evaluations on one torch thread (as each worker here): two threads on a
-    shared 2-core machine spend most of their time waiting for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("which", ["reference", "chgnet"])
 def test_in_process_resident_equals_host_path(which, reference_model, request, one_thread):
     """P=1: the workers' builder and engine in this process (the calculators below add P=2

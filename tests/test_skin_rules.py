@@ -119,15 +119,6 @@ def families(tmp_path_factory):
     return Families(tmp_path_factory.mktemp("families"))
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """In-process evaluations on one torch thread (each worker has one on this machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def properties_of(model, atoms: Atoms) -> list[str]:
     names = ["energy", "energies", "forces"]
     if atoms.cell.volume > 0 and not getattr(model, "direct_forces", False):
