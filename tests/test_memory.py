@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
 
 STEPS = 30
 WARM_UP = 10
-GROWTH_LIMIT_MB = 32.0
+GROWTH_LIMIT_MB = 64.0
 
 
 def worker_rss_mb(calc) -> list[float]:
@@ -47,8 +47,9 @@ def assert_flat(before, after_warm_up, end, label: str) -> None:
     for rank, (start, warm, last) in enumerate(zip(before, after_warm_up, end, strict=True)):
         per_call = warm - start  # what the first calls made resident: graphs and activations
         growth = last - warm
-        # Measured: 0-5 MB without a leak; with the communicator's outputs left alive (the
-        # leak this guards against) CHGNet grew 115-184 MB over these 20 steps.
+        # Measured without a leak: 0-5 MB alone, 35 MB once late in a full-suite run (CHGNet);
+        # with the communicator's outputs left alive (the leak this guards against) CHGNet grew
+        # 115-184 MB over these 20 steps.
         assert growth < GROWTH_LIMIT_MB, (
             f"{label} worker {rank}: RSS grew {growth:.0f} MB over {STEPS - WARM_UP} steps "
             f"(first calls: +{per_call:.0f} MB)"
