@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from ase import Atoms  # noqa: E402
-from ase.build import bulk  # noqa: E402
 from ase.neighborlist import neighbor_list  # noqa: E402
 from conftest import relative_error  # noqa: E402
 
@@ -53,14 +52,11 @@ SAME_SYSTEM = "one atom stored a lattice vector away (the same system)"
 
 
 def crystal() -> Atoms:
-    """A strained, sheared Cu/Ni/Ag fcc crystal (32 atoms), rattled (every family knows
-    these elements; the cells are smaller than twice the cutoff)."""
-    atoms = bulk("Cu", "fcc", a=3.61).repeat((4, 4, 2))
-    atoms.set_cell(atoms.cell.array @ [[1.02, 0.04, 0], [0, 0.98, 0.03], [0, 0, 1.01]], True)
-    atoms.numbers[::3] = 28
-    atoms.numbers[1::5] = 47
-    atoms.rattle(0.05, seed=41)
-    return atoms
+    """test_tensornet's strained Cu/Ni/Ag crystal (32 atoms; every family knows these elements;
+    the cells are smaller than twice the cutoff), rattled with its own seed."""
+    from test_tensornet import crystal as tensornet_crystal
+
+    return tensornet_crystal(seed=41)
 
 
 class Families:

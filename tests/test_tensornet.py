@@ -39,13 +39,13 @@ RTOL64 = 1e-11
 FORCE_ATOL32 = 2e-4
 
 
-def crystal() -> Atoms:
-    """A strained, sheared Cu/Ni/Ag fcc crystal (32 atoms), rattled."""
+def crystal(seed: int = 21) -> Atoms:
+    """A strained, sheared Cu/Ni/Ag fcc crystal (32 atoms), rattled with ``seed``."""
     atoms = bulk("Cu", "fcc", a=3.61).repeat((4, 4, 2))
     atoms.set_cell(atoms.cell.array @ [[1.02, 0.04, 0], [0, 0.98, 0.03], [0, 0, 1.01]], True)
     atoms.numbers[::3] = 28
     atoms.numbers[1::5] = 47
-    atoms.rattle(0.05, seed=21)
+    atoms.rattle(0.05, seed=seed)
     return atoms
 
 
