@@ -278,8 +278,9 @@ def test_a_local_worker_puts_gloo_on_loopback_before_it_joins_the_group(monkeypa
     import psutil
     import torch
     import torch.distributed as dist
+    from test_gpu_plumbing import config as worker_config
 
-    from distmlip.worker import WorkerConfig, run_worker
+    from distmlip.worker import run_worker
 
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
@@ -294,16 +295,7 @@ def test_a_local_worker_puts_gloo_on_loopback_before_it_joins_the_group(monkeypa
             self.append(message)
 
     monkeypatch.setattr(dist, "init_process_group", init_process_group)
-    config = WorkerConfig(
-        rank=0,
-        world_size=2,
-        init_method="file:///nonexistent/store",
-        device="cpu",
-        dtype="float64",
-        timeout=10.0,
-        threads=torch.get_num_threads(),
-        parent_pid=os.getpid(),
-    )
+    config = worker_config(0, device="cpu")
     sent = Sent()
     assert run_worker(sent, config, lambda: torch.nn.Linear(1, 1)) == "failed"
     assert sent and sent[0][0] == "error", sent
