@@ -103,3 +103,32 @@ def fractions(atoms: Atoms, owners: np.ndarray, stats: list[dict], cutoff: float
         halo.append(record["halo_atoms"] / max(n - record["owned_atoms"], 1))
         owned.append(record["owned_atoms"] / n)
     return {"region": np.array(region), "halo": np.array(halo), "owned": np.array(owned)}
+
+
+def main() -> None:
+    """Print, per structure, P and partitioner, the largest and mean search region and the
+    largest halo of the workers (docs/design.md's exactness matrix):
+    ``python tests/locality.py``."""
+    from distmlip.halo import build_local_graph
+    from distmlip.partition import partition
+
+    for name, make in LARGE.items():
+        atoms = make()
+        structure = Structure.from_ase(atoms)
+        for nparts in (4, 6, 8):
+            for method in ("slab", "rcb", "metis"):
+                owners = partition(structure, nparts, method, CUTOFF)
+                stats = []
+                for rank in range(nparts):
+                    graph = build_local_graph(structure, owners, rank, nparts, CUTOFF)
+                    stats.append({"owned_atoms": graph.n_owned, "halo_atoms": graph.n_halo})
+                share = fractions(atoms, owners, stats, CUTOFF)
+                print(
+                    f"{name:12s} {len(atoms):5d}  P={nparts} {method:5s}  region max "
+                    f"{share['region'].max():.2f} mean {share['region'].mean():.2f}  "
+                    f"halo max {share['halo'].max():.2f}"
+                )
+
+
+if __name__ == "__main__":
+    main()
