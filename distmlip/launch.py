@@ -57,6 +57,7 @@ from distmlip.processes import (  # noqa: F401  (collect_replies re-exported)
     io_timeout,
 )
 from distmlip.worker import STARTUP_ID, STARTUP_TIMEOUT, EvaluationRequest, WorkerConfig
+from distmlip.zygote import fork_worker, preload_modules, start_method
 
 __all__ = ["WorkerPool", "WorkerError", "WorkerOptions", "collect_replies"]
 
@@ -101,6 +102,8 @@ class WorkerPool:
         self.timeout = options.timeout
         self.threads = options.threads
         self._model_bytes = pickle.dumps(model)
+        self.start_method = start_method(options.device, launch is not None)
+        self._preload = preload_modules(model) if self.start_method == "fork" else ()
         self._lock = threading.RLock()
         self._workers: Workers | None = None
         self._finalizer = None
@@ -223,7 +226,11 @@ class WorkerPool:
         flags = [] if threading.current_thread() is threading.main_thread() else ["no-pdeathsig"]
         parent_socket, child_socket = socket.socketpair()
         try:
-            process = subprocess.Popen(
+            process = None
+            if self.start_method == "fork":
+                timeout = max(self.timeout, STARTUP_TIMEOUT)
+                process = fork_worker(environment, self._preload, child_socket, timeout)
+            process = process or subprocess.Popen(
                 [sys.executable, "-m", "distmlip._worker", str(child_socket.fileno()), *flags],
                 pass_fds=[child_socket.fileno()],
                 env=environment,
@@ -275,9 +282,10 @@ class WorkerPool:
             elif troubled:
                 message += f"; {causes}"
             limit = self.options.memory_limit
-            if limit is not None and request_id == STARTUP_ID:
-                # Below what torch and the model need, a worker fails in ways that do not say
-                # "memory" (an allocator's EAGAIN, OpenBLAS exiting).
+            refused = report is not None and "Resource temporarily unavailable" in report[0]
+            if limit is not None and (request_id == STARTUP_ID or refused):
+                # Near what torch and the model need, a worker fails in ways that do not say
+                # "memory" (an allocator's or a new thread's EAGAIN, OpenBLAS exiting).
                 message += (
                     f" (memory_limit={limit:g} GB may be less than a worker needs to start: "
                     "torch and the model alone take 0.25 GB or more; raise it)"

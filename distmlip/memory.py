@@ -55,12 +55,22 @@ def apply_memory_limit(limit_gb: float | None) -> None:
 
     Allocations beyond it fail with ``MemoryError`` (or torch's allocator error) in the process,
     which :func:`out_of_memory_kind` recognises. Lowering a limit is always allowed.
+
+    Raises:
+        MemoryError: the data segment is already larger (the limit only stops growth, and a
+            worker forked from a zygote might otherwise start, within memory it inherited).
     """
     if limit_gb is None:
         return
     import resource
 
     limit = int(limit_gb * GB)
+    data_mb = _status_mb("VmData")
+    if data_mb is not None and data_mb * MB > limit:
+        raise MemoryError(
+            f"the worker uses {data_mb / 1024:.2f} GB of data before its model loads, more "
+            f"than memory_limit={limit_gb:g} GB"
+        )
     _, hard = resource.getrlimit(resource.RLIMIT_DATA)
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)

@@ -141,11 +141,12 @@ class RemoteProcess:
 
 
 class Workers:
-    """Worker processes (``subprocess.Popen`` or :class:`RemoteProcess`) and their sockets,
+    """Worker processes (``subprocess.Popen``, :class:`~distmlip.zygote.ForkedProcess` or
+    :class:`RemoteProcess`) and their sockets,
     by rank. :meth:`stop` is idempotent, so one interrupted by a signal is simply run again."""
 
     def __init__(self):
-        self.processes: list[subprocess.Popen | RemoteProcess] = []
+        self.processes: list = []  # subprocess.Popen, ForkedProcess or RemoteProcess
         self.connections: list[Connection] = []
         self.owner_pid = os.getpid()
         self.meeting_dir: str | None = None
@@ -182,7 +183,7 @@ class Workers:
                     pass
             deadline = time.monotonic() + grace
             for process in self.processes:
-                if isinstance(process, subprocess.Popen):
+                if not isinstance(process, RemoteProcess):
                     try:
                         process.wait(max(0.0, deadline - time.monotonic()))
                     except subprocess.TimeoutExpired:
@@ -192,10 +193,10 @@ class Workers:
                 if isinstance(process, RemoteProcess):
                     process.kill()
         for process in self.processes:
-            if isinstance(process, subprocess.Popen) and process.poll() is None:
+            if not isinstance(process, RemoteProcess) and process.poll() is None:
                 process.kill()
         for process in self.processes:
-            if isinstance(process, subprocess.Popen):
+            if not isinstance(process, RemoteProcess):
                 process.wait()
         for connection in self.connections:
             if not any(connection is aborted for aborted in _ABORTED):

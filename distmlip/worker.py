@@ -109,7 +109,7 @@ def error_summary(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def _die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
+def die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
     """Exit when the driver process is gone, even while computing.
 
     ``PR_SET_PDEATHSIG`` (Linux) fires when the *thread* that started this process ends, so it
@@ -143,17 +143,41 @@ def _worker_device(config: WorkerConfig):
     return torch.device(config.device)
 
 
-def worker_main(connection: Connection, pdeathsig: bool = True) -> None:
-    """Entry point of one worker process: set up, then serve requests until told to stop."""
+def die_with_driver(driver_pid: int) -> None:
+    """Exit as soon as the driver process ``driver_pid`` (not this process's parent: a
+    worker forked by a zygote, :mod:`distmlip.zygote`) is gone, even while computing."""
+    import select
+
+    try:
+        pidfd = os.pidfd_open(driver_pid)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def watch() -> None:
+        select.select([pidfd], [], [])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="distmlip-driver-watch", daemon=True).start()
+
+
+def worker_main(
+    connection: Connection, pdeathsig: bool = True, driver_pid: int | None = None
+) -> None:
+    """Entry point of one worker process: set up, then serve requests until told to stop.
+
+    ``driver_pid``: a worker forked by a zygote, which watches the driver, not its parent."""
     # Ctrl-C in a terminal signals the whole process group: the driver handles it (and stops
     # the workers), so workers must not print a KeyboardInterrupt traceback each.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(os.getppid(), pdeathsig)  # also while waiting for the configuration
+    if driver_pid is None:
+        die_with_parent(os.getppid(), pdeathsig)  # also while waiting for the configuration
+    else:
+        die_with_driver(driver_pid)
     try:
         config, model_bytes = connection.recv()
     except EOFError:  # the driver gave up on this worker before sending its configuration
         return
-    if os.getppid() != config.parent_pid:
+    if (os.getppid() if driver_pid is None else driver_pid) != config.parent_pid:
         os._exit(1)
     run_worker(connection, config, lambda: pickle.loads(model_bytes))
 

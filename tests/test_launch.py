@@ -105,7 +105,9 @@ def test_close_stops_workers_and_context_manager(reference_model):
     assert_all_gone(pids)
 
 
-def test_no_orphans_when_parent_process_exits(tmp_path):
+@pytest.mark.parametrize("method", ["fork", "exec"])
+def test_no_orphans_when_parent_process_exits(tmp_path, method, monkeypatch):
+    monkeypatch.setenv("DISTMLIP_WORKER_START", method)
     script = tmp_path / "parent.py"
     script.write_text(
         "from distmlip import DistributedCalculator\n"
@@ -123,7 +125,9 @@ def test_no_orphans_when_parent_process_exits(tmp_path):
     assert_all_gone(pids)
 
 
-def test_no_orphans_when_parent_is_killed(tmp_path):
+@pytest.mark.parametrize("method", ["fork", "exec"])
+def test_no_orphans_when_parent_is_killed(tmp_path, method, monkeypatch):
+    monkeypatch.setenv("DISTMLIP_WORKER_START", method)
     script = tmp_path / "parent.py"
     script.write_text(
         "import time\n"
@@ -149,15 +153,18 @@ def _environment(pid: int) -> dict[bytes, bytes]:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/environ"), reason="needs Linux /proc")
-def test_workers_keep_their_memory_mapped(calculator, reference_model, monkeypatch):
+def test_workers_keep_their_memory_mapped(reference_model, monkeypatch):
     """allocator="keep" (default): workers serve allocations from the heap and do not unmap
-    freed memory (no page faults per MD step); "system" leaves the C library's defaults."""
-    for pid in calculator.pool.pids:
-        environment = _environment(pid)
-        assert environment[b"MALLOC_MMAP_MAX_"] == b"0"
-        assert int(environment[b"MALLOC_TRIM_THRESHOLD_"]) >= 1 << 40
+    freed memory (no page faults per MD step); "system" leaves the C library's defaults.
+    Fresh interpreters get it in their environment (forked workers: test_zygote)."""
+    monkeypatch.setenv("DISTMLIP_WORKER_START", "exec")
     monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with DistributedCalculator(reference_model, nprocs=2) as keep:
+        for pid in keep.pool.pids:
+            environment = _environment(pid)
+            assert environment[b"MALLOC_MMAP_MAX_"] == b"0"
+            assert int(environment[b"MALLOC_TRIM_THRESHOLD_"]) >= 1 << 40
     with DistributedCalculator(reference_model, nprocs=1, allocator="system") as system:
         environment = _environment(system.pool.pids[0])
         assert b"MALLOC_MMAP_MAX_" not in environment

@@ -193,11 +193,16 @@ def test_out_of_memory_while_starting_is_the_same_clear_error():
 
 
 @linux
-def test_a_limit_below_what_a_worker_needs_to_start_says_to_raise_it():
-    """Below torch's own footprint a worker fails in ways that do not say "memory" (an
-    allocator's EAGAIN, OpenBLAS exiting): the error names the limit either way."""
-    with pytest.raises(WorkerError, match="^starting workers") as caught:
-        DistributedCalculator("reference", nprocs=1, timeout=60, memory_limit=0.2)
+@pytest.mark.parametrize("method", ["fork", "exec"])
+def test_a_limit_below_what_a_worker_needs_to_start_says_to_raise_it(method, monkeypatch):
+    """Near torch's own footprint a worker fails in ways that do not say "memory" (an
+    allocator's or a new thread's EAGAIN, OpenBLAS exiting), while starting or in its first
+    call (a worker forked from a zygote inherits its modules: it starts in less): the error
+    names the limit either way."""
+    monkeypatch.setenv("DISTMLIP_WORKER_START", method)
+    with pytest.raises(WorkerError, match="^(starting workers|evaluating)") as caught:
+        with DistributedCalculator("reference", nprocs=1, timeout=60, memory_limit=0.2) as calc:
+            calc.compute(Structure.from_ase(copper(2)))
     assert "memory_limit" in str(caught.value) and "\n" not in str(caught.value)
 
 

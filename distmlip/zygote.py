@@ -1,0 +1,353 @@
+"""CPU workers forked from a pre-started interpreter (a *zygote*) instead of started afresh.
+
+A fresh worker spends most of its start-up importing torch and the model's package: 2 s for
+torch, 4-10 s for CHGNet, MACE, matgl or fairchem on one core, paid again by every worker of
+every pool (P workers on P cores import side by side; more workers than cores, or several
+pools one after another, as in a test suite or a script that tries settings, pay it in full).
+The driver therefore starts one zygote per model family and environment (``python -m
+distmlip._zygote``), which imports them once; each worker is then an ``os.fork`` of it, ready
+in well under a second, and still a process of its own: own session, own environment
+(the pool's, including ``allocator="keep"``'s glibc settings, applied with ``mallopt`` since
+glibc reads them only at start), its own socket to the driver, exit codes as with
+:class:`subprocess.Popen` (``-9``: killed).
+
+Only for ``device="cpu"`` on Linux: a process that forks must not have started CUDA, and
+packages may touch CUDA when imported. ``DISTMLIP_WORKER_START=exec`` turns it off (every
+worker a fresh interpreter, as on CUDA). A zygote lives as long as the driver process (its
+memory, about that of one idle worker before the model loads, is shared with its workers);
+it exits when the driver exits. Any failure to use one falls back to a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+__all__ = [
+    "START_ENVIRONMENT",
+    "START_METHODS",
+    "ForkedProcess",
+    "start_method",
+    "preload_modules",
+    "fork_worker",
+    "close_zygotes",
+    "serve",
+]
+
+START_ENVIRONMENT = "DISTMLIP_WORKER_START"
+START_METHODS = ("fork", "exec")
+"""``fork``: CPU workers forked from a zygote (the default on Linux); ``exec``: each worker a
+fresh interpreter (always so on CUDA, in torchrun/SLURM jobs and off Linux)."""
+
+WORKER_MODULES = (
+    "torch",
+    "torch.distributed",
+    "psutil",
+    "distmlip.worker",
+    "distmlip.builders",
+    "distmlip.comm",
+    "distmlip.delta",
+    "distmlip.engine",
+    "distmlip.exchange",
+    "distmlip.trace",
+)
+"""What every worker imports, so every zygote imports it before it forks."""
+
+_MALLOPT = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}
+"""glibc reads these variables once, at start; a fork sets them with ``mallopt``."""
+
+_PER_WORKER = ("OMP_NUM_THREADS", *_MALLOPT)
+"""Variables that may differ between a zygote and the workers it forks."""
+
+_REPLY_TIMEOUT = 30.0
+"""Seconds a zygote has to answer a fork or status request (it does no work in between)."""
+
+
+def start_method(device: str, launched: bool) -> str:
+    """How this pool's local workers start: ``"fork"`` or ``"exec"``.
+
+    Raises:
+        ValueError: :data:`START_ENVIRONMENT` is set to something else than fork or exec.
+    """
+    requested = os.environ.get(START_ENVIRONMENT, "fork").strip().lower()
+    if requested not in START_METHODS:
+        raise ValueError(
+            f"{START_ENVIRONMENT}={os.environ[START_ENVIRONMENT]!r}: use 'fork' (CPU workers "
+            "forked from a pre-started interpreter, the default) or 'exec' (each a fresh one)"
+        )
+    forkable = sys.platform.startswith("linux") and hasattr(os, "pidfd_open")
+    if requested == "exec" or device != "cpu" or launched or not forkable:
+        return "exec"
+    return "fork"
+
+
+def preload_modules(model) -> tuple[str, ...]:
+    """The installed modules that unpickling ``model`` imports, as far as its classes tell:
+    the zygote imports them before forking (a worker imports anything missing itself)."""
+    names = {type(model).__module__}
+    if callable(getattr(model, "modules", None)):
+        names |= {type(module).__module__ for module in model.modules()}
+    return tuple(sorted(name for name in names if _installed(name)))
+
+
+def _installed(name: str) -> bool:
+    """A module from an installed package or distmlip (not a script's or a test's own)."""
+    path = getattr(sys.modules.get(name), "__file__", None) or ""
+    package = os.path.dirname(os.path.abspath(__file__))
+    return path.startswith(package + os.sep) or any(
+        part in ("site-packages", "dist-packages") for part in path.split(os.sep)
+    )
+
+
+class ForkedProcess:
+    """A worker forked by a zygote: what :class:`subprocess.Popen` offers the driver (``pid``,
+    ``poll``, ``wait``, ``kill``, ``returncode``). It is watched and signalled through a
+    pidfd (no pid-reuse race); its exit code comes from the zygote, its parent (1 if the
+    zygote is gone: the code is lost, the worker is not)."""
+
+    def __init__(self, zygote: _Zygote, pid: int):
+        self.zygote, self.pid = zygote, pid
+        self.returncode: int | None = None
+        self._pidfd: int | None = os.pidfd_open(pid)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._exited():
+            self.returncode = self.zygote.status(self.pid)
+            os.close(self._pidfd)
+            self._pidfd = None
+        return self.returncode
+
+    def _exited(self, timeout: float = 0.0) -> bool:
+        return bool(select.select([self._pidfd], [], [], timeout)[0])
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None and not self._exited(timeout):
+            raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+        return self.poll()
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            try:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            except ProcessLookupError:  # exited just now
+                pass
+
+    def __del__(self):
+        if getattr(self, "_pidfd", None) is not None:
+            os.close(self._pidfd)
+
+
+class _Zygote:
+    """The driver's handle on one zygote: its process and its request socket."""
+
+    def __init__(self, environment: dict[str, str], modules: tuple[str, ...]):
+        # PR_SET_PDEATHSIG would kill the zygote when the starting thread ends.
+        flags = [] if threading.current_thread() is threading.main_thread() else ["no-pdeathsig"]
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "distmlip._zygote", str(theirs.fileno()), *flags],
+                pass_fds=[theirs.fileno()],
+                env={**environment, "OMP_NUM_THREADS": "1"},
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # as a worker: Ctrl-C in a terminal is the driver's
+            )
+        finally:
+            theirs.close()
+        self.channel = ours
+        self.lock = threading.RLock()
+        self.broken = False
+        self.modules: set[str] = set()
+
+    def alive(self) -> bool:
+        return not self.broken and self.process.poll() is None
+
+    def request(self, message: tuple, fds: tuple[int, ...] = (), timeout=_REPLY_TIMEOUT):
+        """Send ``message`` (and ``fds``), return the reply. Any failure (also an interrupt)
+        leaves the zygote unusable: it is killed, and the caller falls back."""
+        with self.lock:
+            if not self.alive():
+                raise OSError("the zygote is gone")
+            try:
+                self.channel.settimeout(timeout)
+                socket.send_fds(self.channel, [pickle.dumps(message)], list(fds))
+                reply = self.channel.recv(1 << 16)
+                if not reply:
+                    raise OSError("the zygote closed its socket")
+                return pickle.loads(reply)
+            except BaseException:
+                self.discard()
+                raise
+
+    def fork(self, environment: dict[str, str], worker_socket: socket.socket) -> ForkedProcess:
+        with self.lock:  # the pidfd opens before any other request could reap the worker
+            message = ("fork", (environment, os.getcwd()))
+            kind, pid = self.request(message, (worker_socket.fileno(),))
+            return ForkedProcess(self, pid)
+
+    def preload(self, modules: tuple[str, ...], timeout: float) -> None:
+        missing = tuple(name for name in modules if name not in self.modules)
+        if missing:
+            self.request(("preload", missing), timeout=timeout)
+            self.modules.update(missing)
+
+    def status(self, pid: int) -> int:
+        """The exit code of ``pid``, which has exited."""
+        try:
+            code = self.request(("status", pid))[1]
+        except (OSError, EOFError, pickle.UnpicklingError):
+            code = None
+        return 1 if code is None else code  # None: the zygote is gone, or it was not its
+
+    def discard(self) -> None:
+        self.broken = True
+        self.channel.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+_ZYGOTES: dict[tuple, _Zygote] = {}
+_ZYGOTES_LOCK = threading.Lock()
+_OWNER = [os.getpid()]
+
+
+def _zygote_for(environment: dict[str, str], modules: tuple[str, ...]) -> _Zygote:
+    """The live zygote for this environment and these packages, started if need be."""
+    shared = {name: value for name, value in environment.items() if name not in _PER_WORKER}
+    packages = frozenset(name.partition(".")[0] for name in modules) - {"distmlip", "torch"}
+    # The working directory is on a worker's sys.path (python -m), as the environment's
+    # PYTHONPATH is: a zygote serves one of each.
+    key = (tuple(sorted(shared.items())), os.getcwd(), packages)
+    with _ZYGOTES_LOCK:
+        if _OWNER[0] != os.getpid():  # a forked copy of the driver: its parent's zygotes
+            _ZYGOTES.clear()
+            _OWNER[0] = os.getpid()
+        zygote = _ZYGOTES.get(key)
+        if zygote is None or not zygote.alive():
+            zygote = _ZYGOTES[key] = _Zygote(shared, modules)
+        return zygote
+
+
+def fork_worker(
+    environment: dict[str, str],
+    modules: tuple[str, ...],
+    worker_socket: socket.socket,
+    timeout: float,
+) -> ForkedProcess | None:
+    """A worker forked from the zygote for ``environment`` (with ``modules`` imported),
+    serving ``worker_socket``; None if no zygote could do it (start a fresh interpreter).
+    ``timeout``: seconds for a new zygote to import torch and ``modules``."""
+    try:
+        zygote = _zygote_for(environment, modules)
+        zygote.preload(modules, timeout)
+        return zygote.fork(environment, worker_socket)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return None
+
+
+def close_zygotes() -> None:
+    """Stop this process's zygotes (workers they forked die with them)."""
+    with _ZYGOTES_LOCK:
+        for zygote in _ZYGOTES.values():
+            if _OWNER[0] == os.getpid() and not zygote.broken:
+                zygote.discard()
+        _ZYGOTES.clear()
+
+
+# --- the zygote's side --------------------------------------------------------------------
+
+
+@dataclass
+class Child:
+    """What a forked worker takes out of :func:`serve`: its socket to the driver and the
+    driver's pid (the worker dies with the driver, not with the zygote)."""
+
+    connection: Connection
+    driver_pid: int
+
+
+def serve(fd: int, pdeathsig: bool) -> Child | None:
+    """The zygote's loop (see :mod:`distmlip._zygote`): returns None when the driver closed
+    its socket, or, in a forked worker, that worker's :class:`Child`."""
+    from distmlip.worker import die_with_parent
+
+    driver = os.getppid()
+    die_with_parent(driver, pdeathsig)
+    for name in WORKER_MODULES:
+        __import__(name)
+    channel = socket.socket(fileno=fd)
+    codes: dict[int, int] = {}  # exit codes of reaped workers, until the driver asks
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(channel, 1 << 20, 4)
+        except OSError:
+            return None
+        if not data:
+            return None
+        _reap_all(codes)
+        kind, argument = pickle.loads(data)
+        if kind == "preload":
+            channel.send(pickle.dumps(("ok", _import_all(argument))))
+        elif kind == "status":
+            channel.send(pickle.dumps(("status", codes.pop(argument, None))))
+        elif kind == "fork":
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    channel.close()
+                    os.setsid()
+                    environment, directory = argument
+                    os.chdir(directory)
+                    _adopt(environment)
+                    return Child(Connection(fds[0]), driver)
+                except BaseException:
+                    os._exit(1)
+            for descriptor in fds:
+                os.close(descriptor)
+            channel.send(pickle.dumps(("pid", pid)))
+
+
+def _import_all(modules) -> list[str]:
+    failed = []
+    for name in modules:
+        try:
+            __import__(name)
+        except Exception:  # the worker will import it itself, and report what fails
+            failed.append(name)
+    return failed
+
+
+def _reap_all(codes: dict[int, int]) -> None:
+    """Collect the exit codes of every worker that has exited (no zombies are left)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # no children
+            return
+        if pid == 0:
+            return
+        codes[pid] = os.waitstatus_to_exitcode(status)
+
+
+def _adopt(environment: dict[str, str]) -> None:
+    """This fork's environment: the pool's, with glibc's allocator variables applied."""
+    import ctypes
+
+    for name, option in _MALLOPT.items():
+        if name in environment and environment[name] != os.environ.get(name):
+            try:
+                value = min(int(environment[name]), 2**31 - 1)
+                ctypes.CDLL("libc.so.6").mallopt(option, value)
+            except (OSError, AttributeError, ValueError):  # not glibc, or not a number
+                pass
+    os.environ.clear()
+    os.environ.update(environment)

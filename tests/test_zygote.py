@@ -1,0 +1,210 @@
+"""CPU workers forked from a zygote (distmlip.zygote): the same numbers, environment and
+process handling as workers started as fresh interpreters."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from conftest import evaluate, small_cell
+from test_launch import assert_all_gone
+
+from distmlip import DistributedCalculator, WorkerError
+from distmlip.exchange import Exchange
+from distmlip.models.base import GraphInputs
+from distmlip.models.reference import ReferenceMPNN
+from distmlip.zygote import START_ENVIRONMENT, close_zygotes, start_method
+
+pytestmark = pytest.mark.skipif(
+    start_method("cpu", False) != "fork", reason="workers are forked only on Linux"
+)
+
+
+def _parent(pid: int) -> psutil.Process:
+    return psutil.Process(pid).parent()
+
+
+def _is_zygote(process: psutil.Process) -> bool:
+    return "distmlip._zygote" in process.cmdline()
+
+
+@pytest.fixture
+def exec_workers(monkeypatch):
+    monkeypatch.setenv(START_ENVIRONMENT, "exec")
+
+
+def _rattled():
+    atoms = small_cell().repeat((2, 1, 1))
+    atoms.rattle(0.05, seed=3)
+    return atoms
+
+
+def test_forked_workers_give_the_numbers_fresh_interpreters_give(reference_model, monkeypatch):
+    results = {}
+    for method in ("fork", "exec"):
+        monkeypatch.setenv(START_ENVIRONMENT, method)
+        with DistributedCalculator(reference_model, nprocs=3, partitioner="rcb") as calc:
+            parents = {_parent(pid).pid for pid in calc.pool.pids}
+            if method == "fork":
+                assert len(parents) == 1 and _is_zygote(_parent(calc.pool.pids[0]))
+            else:
+                assert parents == {os.getpid()}
+            results[method] = evaluate(calc, _rattled())
+    for name in ("energy", "forces", "stress"):
+        np.testing.assert_array_equal(results["fork"][name], results["exec"][name])
+
+
+def test_one_zygote_serves_pool_after_pool_and_reaps_their_workers(reference_model):
+    zygotes, workers = set(), []
+    for _ in range(2):
+        with DistributedCalculator(reference_model, nprocs=2) as calc:
+            assert abs(evaluate(calc, small_cell())["energy"]) > 0
+            zygotes |= {_parent(pid).pid for pid in calc.pool.pids}
+            workers += calc.pool.pids
+    assert len(zygotes) == 1
+    assert_all_gone(workers)
+    zygote = psutil.Process(zygotes.pop())
+    assert not zygote.children(), "the zygote left zombies"
+
+
+def test_a_changed_environment_or_directory_gets_its_own_zygote(
+    reference_model, monkeypatch, tmp_path
+):
+    def zygote_pid() -> int:
+        with DistributedCalculator(reference_model, nprocs=1) as calc:
+            return _parent(calc.pool.pids[0]).pid
+
+    first = zygote_pid()
+    assert zygote_pid() == first
+    monkeypatch.setenv("DISTMLIP_TEST_MARK", "1")
+    marked = zygote_pid()
+    monkeypatch.chdir(tmp_path)
+    assert len({first, marked, zygote_pid()}) == 3
+
+
+class EnvironmentReportingToy(ReferenceMPNN):
+    """Refuses every structure, saying what its worker's environment holds and where its
+    C library serves a 4 MB allocation from (``heap``: glibc's ``MALLOC_MMAP_MAX_=0`` is in
+    effect; ``mmap``: glibc's defaults)."""
+
+    def forward(self, inputs: GraphInputs, exchange: Exchange) -> torch.Tensor:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        address = libc.malloc(4 << 20)
+        where = _region(address)
+        libc.free(ctypes.c_void_p(address))
+        report = " ".join(
+            f"{name}={os.environ.get(name)}"
+            for name in ("OMP_NUM_THREADS", "MALLOC_MMAP_MAX_", "DISTMLIP_TEST_MARK")
+        )
+        exchange.reject_if(True, f"{report} allocation={where} cwd={os.getcwd()}")
+        return super().forward(inputs, exchange)
+
+
+def _region(address: int) -> str:
+    """``heap`` or ``mmap``: where ``address`` lies in this process's memory map."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            start, end = (int(value, 16) for value in line.split()[0].split("-"))
+            if start <= address < end:
+                return "heap" if line.rstrip().endswith("[heap]") else "mmap"
+    return "unknown"
+
+
+@pytest.fixture
+def on_worker_path(monkeypatch):
+    """Workers can unpickle this module's models."""
+    path = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([path, os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.mark.parametrize("method", ["fork", "exec"])
+def test_workers_have_the_pools_environment_and_allocator(
+    method, on_worker_path, monkeypatch, tmp_path
+):
+    monkeypatch.setenv(START_ENVIRONMENT, method)
+    monkeypatch.setenv("DISTMLIP_TEST_MARK", method)
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    toy = EnvironmentReportingToy(cutoff=4.5, num_layers=1, hidden=4)
+    reports = {}
+    for allocator in ("keep", "system", "keep"):  # keep after system: from the same zygote
+        with DistributedCalculator(toy, nprocs=2, allocator=allocator, timeout=60) as calc:
+            with pytest.raises(ValueError) as refused:
+                calc.get_properties(["energy"], small_cell())
+            reports[allocator] = str(refused.value)
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    for allocator, mmap_max, region in (("keep", "0", "heap"), ("system", "None", "mmap")):
+        report = reports[allocator]
+        assert f"OMP_NUM_THREADS={threads} " in report, report
+        assert f"MALLOC_MMAP_MAX_={mmap_max} " in report, report
+        assert f"DISTMLIP_TEST_MARK={method} " in report, report
+        assert f"allocation={region} " in report, report
+        assert f"cwd={os.getcwd()}" in report, report
+
+
+def test_a_killed_forked_worker_reports_its_signal(reference_model):
+    calc = DistributedCalculator(reference_model, nprocs=2, timeout=30)
+    try:
+        pids = calc.pool.pids
+        os.kill(pids[1], signal.SIGKILL)
+        time.sleep(0.2)
+        with pytest.raises(
+            WorkerError, match=rf"worker 1 \(pid {pids[1]}\) died with exit code -9"
+        ):
+            evaluate(calc, small_cell())
+        assert_all_gone(pids)
+    finally:
+        calc.close()
+
+
+def test_workers_outlive_a_zygote_that_dies(reference_model):
+    """A zygote that fails (or is stopped) takes no running pool with it; the next pool gets
+    a new zygote."""
+    calc = DistributedCalculator(reference_model, nprocs=2, timeout=30)
+    try:
+        before = evaluate(calc, small_cell())
+        pids = calc.pool.pids
+        zygote = _parent(pids[0])
+        zygote.kill()
+        zygote.wait(10)
+        after = evaluate(calc, small_cell())
+        assert calc.pool.pids == pids
+        assert after["energy"] == before["energy"]
+    finally:
+        calc.close()
+    assert_all_gone(pids)
+    with DistributedCalculator(reference_model, nprocs=1) as fresh:
+        assert _is_zygote(_parent(fresh.pool.pids[0]))
+        assert _parent(fresh.pool.pids[0]).pid != zygote.pid
+
+
+def test_without_a_zygote_workers_start_as_fresh_interpreters(reference_model, monkeypatch):
+    from distmlip import zygote
+
+    def cannot_start(*args, **kwargs):
+        raise OSError("no zygote today")
+
+    close_zygotes()
+    monkeypatch.setattr(zygote, "_Zygote", cannot_start)
+    with DistributedCalculator(reference_model, nprocs=2) as calc:
+        assert {_parent(pid).pid for pid in calc.pool.pids} == {os.getpid()}
+        assert abs(evaluate(calc, small_cell())["energy"]) > 0
+
+
+def test_start_method_rules(monkeypatch):
+    assert start_method("cpu", False) == "fork"
+    assert start_method("cuda", False) == "exec"  # a fork must not inherit CUDA
+    assert start_method("cpu", True) == "exec"  # a torchrun/SLURM rank runs in its own job
+    monkeypatch.setenv(START_ENVIRONMENT, "exec")
+    assert start_method("cpu", False) == "exec"
+    monkeypatch.setenv(START_ENVIRONMENT, "spawn")
+    with pytest.raises(ValueError, match=r"^DISTMLIP_WORKER_START='spawn': use 'fork'"):
+        DistributedCalculator("reference", nprocs=1)
