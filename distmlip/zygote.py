@@ -64,8 +64,10 @@ WORKER_MODULES = (
 _MALLOPT = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}
 """glibc reads these variables once, at start; a fork sets them with ``mallopt``."""
 
-_PER_WORKER = ("OMP_NUM_THREADS", *_MALLOPT)
-"""Variables that may differ between a zygote and the workers it forks."""
+_PER_WORKER = ("OMP_NUM_THREADS", *_MALLOPT, "PYTEST_CURRENT_TEST")
+"""Variables that may differ between a zygote and the workers it forks (set in each fork).
+Any other difference in the environment gets a zygote of its own, which read it at start
+as a fresh interpreter would; pytest changes ``PYTEST_CURRENT_TEST`` at every test."""
 
 _REPLY_TIMEOUT = 30.0
 """Seconds a zygote has to answer a fork or status request (it does no work in between)."""
