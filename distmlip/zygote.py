@@ -158,6 +158,8 @@ class _Zygote:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "distmlip._zygote", str(theirs.fileno()), *flags],
                 pass_fds=[theirs.fileno()],
+                # One thread: OpenMP and OpenBLAS start no thread pool here, whose threads a
+                # fork would lack (libgomp hangs in a child of a process that used its pool).
                 env={**environment, "OMP_NUM_THREADS": "1"},
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # as a worker: Ctrl-C in a terminal is the driver's
