@@ -7,13 +7,14 @@ its closed socket, kill the rest and stay usable; several calculators can live i
 process (torch.distributed allows one default group per process); and the user's process holds
 no model activations. The cost is one copy of positions per call (24 bytes per atom).
 
-Workers are fresh interpreters (``python -m distmlip._worker``, see :mod:`distmlip.worker`) or,
-for CPU pools on Linux, forks of a pre-started interpreter that has imported torch and the
+Workers are fresh interpreters (``python -m distmlip._worker``, see :mod:`distmlip.worker`)
+or, for CPU pools on Linux, forks of a pre-started interpreter that has imported torch and the
 model (:mod:`distmlip.zygote`); never ``multiprocessing`` children: the user's script is never
-re-imported, so no ``if __name__ == "__main__"`` guard is needed. Each talks to the driver over its own socket
-pair; a worker's death closes its end, which the driver sees at once. Workers die with their
-parent (``PR_SET_PDEATHSIG`` on Linux, socket EOF elsewhere) and are stopped by
-:meth:`WorkerPool.close`, the context manager, garbage collection or interpreter exit.
+re-imported, so no ``if __name__ == "__main__"`` guard is needed. Each talks to the driver over
+its own socket pair; a worker's death closes its end, which the driver sees at once. Workers
+die with the driver (``PR_SET_PDEATHSIG`` or a pidfd on Linux, socket EOF elsewhere) and are
+stopped by :meth:`WorkerPool.close`, the context manager, garbage collection or interpreter
+exit.
 
 No stale results: every request carries an id that its replies echo, and a call that does not
 complete (a signal handler's exception, Ctrl-C, a failure) kills the workers at once, so the

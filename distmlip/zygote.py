@@ -64,7 +64,7 @@ WORKER_MODULES = (
 _MALLOPT = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}
 """glibc reads these variables once, at start; a fork sets them with ``mallopt``."""
 
-_PER_WORKER = ("OMP_NUM_THREADS", *_MALLOPT, "PYTEST_CURRENT_TEST")
+_PER_WORKER = ("OMP_NUM_THREADS", *_MALLOPT, "PYTEST_CURRENT_TEST", START_ENVIRONMENT)
 """Variables that may differ between a zygote and the workers it forks (set in each fork).
 Any other difference in the environment gets a zygote of its own, which read it at start
 as a fresh interpreter would; pytest changes ``PYTEST_CURRENT_TEST`` at every test."""
