@@ -113,21 +113,33 @@ def test_collect_replies_discards_replies_to_abandoned_requests():
 
 
 def worker_children() -> set[int]:
-    """pids of this process's distmlip workers, of every calculator: its children started
-    as fresh interpreters, and its zygotes' children (distmlip.zygote)."""
+    """pids of this process's distmlip workers, of every calculator."""
+    return {p.pid for p in workers_of(psutil.Process())}
+
+
+def workers_of(driver: psutil.Process) -> list[psutil.Process]:
+    """The live distmlip workers of ``driver``: its children started as fresh interpreters,
+    and its zygotes' children (distmlip.zygote)."""
     workers = []
-    for child in psutil.Process().children():
-        if is_worker(child, "distmlip._worker"):
+    for child in driver.children():
+        if _runs(child, "distmlip._worker"):
             workers.append(child)
-        elif is_worker(child, "distmlip._zygote"):
+        elif _runs(child, "distmlip._zygote"):
             workers += child.children()
-    return {p.pid for p in workers if p.status() != psutil.STATUS_ZOMBIE}
+    return [p for p in workers if _live(p)]
 
 
-def is_worker(process: psutil.Process, module: str) -> bool:
+def _runs(process: psutil.Process, module: str) -> bool:
     try:
         return module in process.cmdline()
     except psutil.Error:  # it just exited
+        return False
+
+
+def _live(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
 
 
@@ -273,10 +285,6 @@ def test_dropped_calculators_stop_their_workers(reference_model):
             gc.enable()
 
 
-def _workers_of(process: psutil.Process) -> list[psutil.Process]:
-    return [child for child in process.children() if is_worker(child)]
-
-
 def start_as_from_a_terminal(command: list[str]) -> subprocess.Popen:
     """``command`` in its own process group (so a test can SIGINT the group, as Ctrl-C does),
     with SIGINT's default disposition (see :func:`_interrupt_after`), output captured."""
@@ -303,7 +311,7 @@ def _interrupt_after(marker: str, command: list[str]) -> tuple[subprocess.Popen,
         seen.append(line)
         if marker in line:
             break
-    workers = _workers_of(psutil.Process(driver.pid))
+    workers = workers_of(psutil.Process(driver.pid))
     assert len(workers) == 2, "".join(seen)
     time.sleep(0.5)
     assert driver.poll() is None, "the call ended before the interrupt"

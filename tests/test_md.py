@@ -14,7 +14,7 @@ import psutil
 import pytest
 from ase.build import bulk
 from ase.io import read
-from test_interrupts import is_worker, start_as_from_a_terminal
+from test_interrupts import start_as_from_a_terminal, workers_of
 from test_launch import assert_all_gone
 
 from distmlip import DistributedCalculator
@@ -317,7 +317,7 @@ def test_interrupted_md_leaves_a_readable_trajectory_and_no_workers(tmp_path, fa
     command += ["5", "5", "5", *COMMON, "--steps", "100000", "--log-every", "2"]
     command += ["--trajectory", str(trajectory), "--timeout", "60"]
     driver = _run_until_frames(command, trajectory, 3)
-    workers = [p for p in psutil.Process(driver.pid).children() if is_worker(p)]
+    workers = workers_of(psutil.Process(driver.pid))
     assert len(workers) == 2
     if fault == "sigint":  # Ctrl-C in a terminal: the whole process group
         os.killpg(driver.pid, signal.SIGINT)
