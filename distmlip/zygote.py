@@ -1,12 +1,13 @@
 """CPU workers forked from a pre-started interpreter (a *zygote*) instead of started afresh.
 
-A fresh worker spends most of its start-up importing torch and the model's package: 2 s for
-torch, 4-10 s for CHGNet, MACE, matgl or fairchem on one core, paid again by every worker of
-every pool (P workers on P cores import side by side; more workers than cores, or several
-pools one after another, as in a test suite or a script that tries settings, pay it in full).
+A fresh worker spends most of its start-up importing torch and the model's package, paid again
+by every worker of every pool (P workers on P cores import side by side; more workers than
+cores, or several pools one after another, as in a test suite, a script that tries settings or
+a pool restarted after a failure, pay it in full). Measured (``benchmarks/worker_start.py``,
+P = 2): a restart takes 0.03-0.24 s forked, 1.1-5.7 s fresh.
 The driver therefore starts one zygote per model family and environment (``python -m
 distmlip._zygote``), which imports them once; each worker is then an ``os.fork`` of it, ready
-in well under a second, and still a process of its own: own session, own environment
+at once, and still a process of its own: own session, own environment
 (the pool's, including ``allocator="keep"``'s glibc settings, applied with ``mallopt`` since
 glibc reads them only at start), its own socket to the driver, exit codes as with
 :class:`subprocess.Popen` (``-9``: killed).

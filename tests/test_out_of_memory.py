@@ -261,10 +261,10 @@ REFERENCE_TOLERANCE = 0.25
 CHGNET_TOLERANCE = 0.15
 """What the docs claim of ``estimate_memory`` (README, docs/performance.md "Capacity"), per
 worker and for the peak, relative to the measured per-call peak. Measured with the targets of
-the tests below (a script running each test's estimate and call, this 2-core VM): the
-reference model −12 % to +21 % per worker in 32 runs (allocator="keep": its heap makes peaks
-scatter by ±10 % between workers and runs), CHGNet −7 % to +8 % in 16 runs (8 of the 640-atom
-target below, 8 of tests/test_estimate_limit.py's)."""
+the tests below (``python benchmarks/memory_estimate.py --runs 8``, this 2-core VM): the
+reference model −12 % to +8 % per worker (by hand earlier, −12 % to +21 % in 32 runs:
+allocator="keep" makes peaks scatter by ±10 % between workers and runs), CHGNet −4 % to +11 %
+(by hand earlier, −7 % to +8 % in 16 runs)."""
 
 
 def _assert_within(estimate, calc, tolerance: float) -> None:
