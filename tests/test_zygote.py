@@ -35,11 +35,6 @@ def _is_zygote(process: psutil.Process) -> bool:
     return "distmlip._zygote" in process.cmdline()
 
 
-@pytest.fixture
-def exec_workers(monkeypatch):
-    monkeypatch.setenv(START_ENVIRONMENT, "exec")
-
-
 def _rattled():
     atoms = small_cell().repeat((2, 1, 1))
     atoms.rattle(0.05, seed=3)
