@@ -194,8 +194,7 @@ class _Zygote:
 
     def fork(self, environment: dict[str, str], worker_socket: socket.socket) -> ForkedProcess:
         with self.lock:  # the pidfd opens before any other request could reap the worker
-            message = ("fork", (environment, os.getcwd()))
-            kind, pid = self.request(message, (worker_socket.fileno(),))
+            kind, pid = self.request(("fork", environment), (worker_socket.fileno(),))
             return ForkedProcess(self, pid)
 
     def preload(self, modules: tuple[str, ...], timeout: float) -> None:
@@ -230,7 +229,7 @@ def _zygote_for(environment: dict[str, str], modules: tuple[str, ...]) -> _Zygot
     shared = {name: value for name, value in environment.items() if name not in _PER_WORKER}
     packages = frozenset(name.partition(".")[0] for name in modules) - {"distmlip", "torch"}
     # The working directory is on a worker's sys.path (python -m), as the environment's
-    # PYTHONPATH is: a zygote serves one of each.
+    # PYTHONPATH is: a zygote, started in the driver's, serves one of each.
     key = (tuple(sorted(shared.items())), os.getcwd(), packages)
     with _ZYGOTES_LOCK:
         if _OWNER[0] != os.getpid():  # a forked copy of the driver: its parent's zygotes
@@ -310,9 +309,7 @@ def serve(fd: int, pdeathsig: bool) -> Child | None:
                 try:
                     channel.close()
                     os.setsid()
-                    environment, directory = argument
-                    os.chdir(directory)
-                    _adopt(environment)
+                    _adopt(argument)
                     return Child(Connection(fds[0]), driver)
                 except BaseException:
                     os._exit(1)
