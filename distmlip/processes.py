@@ -142,8 +142,8 @@ class RemoteProcess:
 
 class Workers:
     """Worker processes (``subprocess.Popen``, :class:`~distmlip.zygote.ForkedProcess` or
-    :class:`RemoteProcess`) and their sockets,
-    by rank. :meth:`stop` is idempotent, so one interrupted by a signal is simply run again."""
+    :class:`RemoteProcess`) and their sockets, by rank. :meth:`stop` is idempotent, so one
+    interrupted by a signal is simply run again."""
 
     def __init__(self):
         self.processes: list = []  # subprocess.Popen, ForkedProcess or RemoteProcess

@@ -151,7 +151,7 @@ class ForkedProcess:
 class _Zygote:
     """The driver's handle on one zygote: its process and its request socket."""
 
-    def __init__(self, environment: dict[str, str], modules: tuple[str, ...]):
+    def __init__(self, environment: dict[str, str]):
         # PR_SET_PDEATHSIG would kill the zygote when the starting thread ends.
         flags = [] if threading.current_thread() is threading.main_thread() else ["no-pdeathsig"]
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -170,19 +170,20 @@ class _Zygote:
         self.channel = ours
         self.lock = threading.RLock()
         self.broken = False
-        self.modules: set[str] = set()
+        self.modules: set[str] | None = None  # imported so far; None: not yet heard from
 
     def alive(self) -> bool:
         return not self.broken and self.process.poll() is None
 
-    def request(self, message: tuple, fds: tuple[int, ...] = (), timeout=_REPLY_TIMEOUT):
-        """Send ``message`` (and ``fds``), return the reply. Any failure (also an interrupt)
-        leaves the zygote unusable: it is killed, and the caller falls back."""
+    def request(self, message: tuple, fds: tuple[int, ...] = (), timeout: float | None = None):
+        """Send ``message`` (and ``fds``), return the reply within ``timeout`` s (default
+        :data:`_REPLY_TIMEOUT`). Any failure (also an interrupt) leaves the zygote unusable:
+        it is killed, and the caller falls back."""
         with self.lock:
             if not self.alive():
                 raise OSError("the zygote is gone")
             try:
-                self.channel.settimeout(timeout)
+                self.channel.settimeout(_REPLY_TIMEOUT if timeout is None else timeout)
                 socket.send_fds(self.channel, [pickle.dumps(message)], list(fds))
                 reply = self.channel.recv(1 << 16)
                 if not reply:
@@ -194,14 +195,16 @@ class _Zygote:
 
     def fork(self, environment: dict[str, str], worker_socket: socket.socket) -> ForkedProcess:
         with self.lock:  # the pidfd opens before any other request could reap the worker
-            kind, pid = self.request(("fork", environment), (worker_socket.fileno(),))
+            _, pid = self.request(("fork", environment), (worker_socket.fileno(),))
             return ForkedProcess(self, pid)
 
     def preload(self, modules: tuple[str, ...], timeout: float) -> None:
-        missing = tuple(name for name in modules if name not in self.modules)
-        if missing:
+        """Have ``modules`` imported; the first answer (also for none) waits ``timeout`` s,
+        while a new zygote imports torch."""
+        missing = tuple(name for name in modules if name not in (self.modules or ()))
+        if missing or self.modules is None:
             self.request(("preload", missing), timeout=timeout)
-            self.modules.update(missing)
+            self.modules = {*(self.modules or ()), *missing}
 
     def status(self, pid: int) -> int:
         """The exit code of ``pid``, which has exited."""
@@ -237,7 +240,7 @@ def _zygote_for(environment: dict[str, str], modules: tuple[str, ...]) -> _Zygot
             _OWNER[0] = os.getpid()
         zygote = _ZYGOTES.get(key)
         if zygote is None or not zygote.alive():
-            zygote = _ZYGOTES[key] = _Zygote(shared, modules)
+            zygote = _ZYGOTES[key] = _Zygote(shared)
         return zygote
 
 

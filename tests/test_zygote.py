@@ -204,3 +204,18 @@ def test_start_method_rules(monkeypatch):
     monkeypatch.setenv(START_ENVIRONMENT, "spawn")
     with pytest.raises(ValueError, match=r"^DISTMLIP_WORKER_START='spawn': use 'fork'"):
         DistributedCalculator("reference", nprocs=1)
+
+
+def test_a_new_zygote_gets_the_start_up_time_even_with_nothing_to_preload(
+    reference_model, monkeypatch
+):
+    """The first answer of a zygote waits for it to import torch (seconds), also when the
+    model names no installed module to preload; later answers are quick (a fork)."""
+    from distmlip import launch, zygote
+
+    monkeypatch.setattr(launch, "preload_modules", lambda model: ())
+    monkeypatch.setattr(zygote, "_REPLY_TIMEOUT", 0.5)  # < importing torch, > forking
+    monkeypatch.setenv("DISTMLIP_TEST_MARK", "nothing to preload")  # a zygote of its own
+    with DistributedCalculator(reference_model, nprocs=2) as calc:
+        assert all(_is_zygote(_parent(pid)) for pid in calc.pool.pids)
+        assert abs(evaluate(calc, small_cell())["energy"]) > 0
