@@ -8,6 +8,7 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from multiprocessing.connection import Connection
 
-    from distmlip.worker import worker_main
+    from distmlip.worker import exit_process, worker_main
 
     worker_main(Connection(int(sys.argv[1])), pdeathsig=sys.argv[2:] != ["no-pdeathsig"])
+    exit_process(0)

@@ -7,8 +7,9 @@ See :mod:`distmlip.zygote` (the driver's side) for why and when. Requests arrive
   reply ``("ok", [module that failed, ...])``.
 * ``("fork", environment)`` + a socket: fork a worker serving that socket with that environment;
   reply ``("pid", pid)``.
-* ``("status", [pid, ...])``: reap those that exited; reply ``("status", {pid: code or None})``,
-  codes as :attr:`subprocess.Popen.returncode` gives them (``-9``: SIGKILL).
+* ``("status", pid)``: that worker's exit code (it exited and was reaped); reply
+  ``("status", code or None)``, codes as :attr:`subprocess.Popen.returncode` gives them
+  (``-9``: SIGKILL).
 
 The zygote never starts a thread pool, a process group or CUDA, so its forks start clean. It
 exits when the driver closes its socket or dies. Its workers watch the driver (a pidfd), not
@@ -22,10 +23,10 @@ if __name__ == "__main__":
     # Before any import: a Ctrl-C that reaches the whole process group is the driver's to handle.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    from distmlip.zygote import serve
+    from distmlip.worker import exit_process, worker_main
+    from distmlip.zygote_server import serve
 
     child = serve(int(sys.argv[1]), pdeathsig=sys.argv[2:] != ["no-pdeathsig"])
     if child is not None:  # a forked worker, out of the zygote's loop: serve the driver
-        from distmlip.worker import worker_main
-
         worker_main(child.connection, driver_pid=child.driver_pid)
+    exit_process(0)

@@ -29,18 +29,19 @@ import socket
 import subprocess
 import sys
 import threading
-from dataclasses import dataclass
-from multiprocessing.connection import Connection
 
 __all__ = [
     "START_ENVIRONMENT",
     "START_METHODS",
+    "WORKER_MODULES",
+    "MALLOPT_VARIABLES",
     "ForkedProcess",
     "start_method",
     "preload_modules",
     "fork_worker",
+    "prestart",
+    "discard_spares",
     "close_zygotes",
-    "serve",
 ]
 
 START_ENVIRONMENT = "DISTMLIP_WORKER_START"
@@ -62,10 +63,10 @@ WORKER_MODULES = (
 )
 """What every worker imports, so every zygote imports it before it forks."""
 
-_MALLOPT = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}
+MALLOPT_VARIABLES = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}
 """glibc reads these variables once, at start; a fork sets them with ``mallopt``."""
 
-_PER_WORKER = ("OMP_NUM_THREADS", *_MALLOPT, "PYTEST_CURRENT_TEST", START_ENVIRONMENT)
+_PER_WORKER = ("OMP_NUM_THREADS", *MALLOPT_VARIABLES, "PYTEST_CURRENT_TEST", START_ENVIRONMENT)
 """Variables that may differ between a zygote and the workers it forks (set in each fork).
 Any other difference in the environment gets a zygote of its own, which read it at start
 as a fresh interpreter would; pytest changes ``PYTEST_CURRENT_TEST`` at every test."""
@@ -171,6 +172,7 @@ class _Zygote:
         self.lock = threading.RLock()
         self.broken = False
         self.modules: set[str] | None = None  # imported so far; None: not yet heard from
+        self.awaiting: tuple[str, ...] | None = None  # sent ahead by preload_later, unanswered
 
     def alive(self) -> bool:
         return not self.broken and self.process.poll() is None
@@ -184,14 +186,32 @@ class _Zygote:
                 raise OSError("the zygote is gone")
             try:
                 self.channel.settimeout(_REPLY_TIMEOUT if timeout is None else timeout)
+                if self.awaiting is not None:  # the answer to preload_later comes first
+                    self._reply()
+                    self.modules = {*(self.modules or ()), *self.awaiting}
+                    self.awaiting = None
                 socket.send_fds(self.channel, [pickle.dumps(message)], list(fds))
-                reply = self.channel.recv(1 << 16)
-                if not reply:
-                    raise OSError("the zygote closed its socket")
-                return pickle.loads(reply)
+                return self._reply()
             except BaseException:
                 self.discard()
                 raise
+
+    def _reply(self):
+        reply = self.channel.recv(1 << 16)
+        if not reply:
+            raise OSError("the zygote closed its socket")
+        return pickle.loads(reply)
+
+    def preload_later(self, modules: tuple[str, ...]) -> None:
+        """Have ``modules`` imported without waiting: the answer is read by the next request
+        (whose timeout then covers this import too)."""
+        with self.lock:
+            try:
+                socket.send_fds(self.channel, [pickle.dumps(("preload", modules))], [])
+            except OSError:
+                self.discard()
+                raise
+            self.awaiting = modules
 
     def fork(self, environment: dict[str, str], worker_socket: socket.socket) -> ForkedProcess:
         with self.lock:  # the pidfd opens before any other request could reap the worker
@@ -201,10 +221,12 @@ class _Zygote:
     def preload(self, modules: tuple[str, ...], timeout: float) -> None:
         """Have ``modules`` imported; the first answer (also for none) waits ``timeout`` s,
         while a new zygote imports torch."""
-        missing = tuple(name for name in modules if name not in (self.modules or ()))
-        if missing or self.modules is None:
-            self.request(("preload", missing), timeout=timeout)
-            self.modules = {*(self.modules or ()), *missing}
+        with self.lock:
+            known = {*(self.modules or ()), *(self.awaiting or ())}
+            missing = tuple(name for name in modules if name not in known)
+            if missing or self.modules is None:
+                self.request(("preload", missing), timeout=timeout)
+                self.modules = {*(self.modules or ()), *missing}
 
     def status(self, pid: int) -> int:
         """The exit code of ``pid``, which has exited."""
@@ -223,25 +245,87 @@ class _Zygote:
 
 
 _ZYGOTES: dict[tuple, _Zygote] = {}
+"""Zygotes by (environment, working directory, packages)."""
+_SPARES: dict[tuple, tuple[frozenset, _Zygote]] = {}
+"""Zygotes started by :func:`prestart`, by (environment, working directory): their packages
+and themselves, until a pool claims one."""
 _ZYGOTES_LOCK = threading.Lock()
 _OWNER = [os.getpid()]
 
 
-def _zygote_for(environment: dict[str, str], modules: tuple[str, ...]) -> _Zygote:
-    """The live zygote for this environment and these packages, started if need be."""
+def _place(environment: dict[str, str], modules: tuple[str, ...]):
+    """(environment, working directory), packages: where a zygote may serve ``modules``."""
     shared = {name: value for name, value in environment.items() if name not in _PER_WORKER}
     packages = frozenset(name.partition(".")[0] for name in modules) - {"distmlip", "torch"}
     # The working directory is on a worker's sys.path (python -m), as the environment's
     # PYTHONPATH is: a zygote, started in the driver's, serves one of each.
-    key = (tuple(sorted(shared.items())), os.getcwd(), packages)
+    return (tuple(sorted(shared.items())), os.getcwd()), packages
+
+
+def _owned() -> None:
+    """Forget a parent's zygotes in a forked copy of the driver (call with the lock held)."""
+    if _OWNER[0] != os.getpid():
+        _ZYGOTES.clear()
+        _SPARES.clear()
+        _OWNER[0] = os.getpid()
+
+
+def _zygote_for(environment: dict[str, str], modules: tuple[str, ...]) -> _Zygote:
+    """The live zygote for this environment and these packages: the one serving them, else
+    a spare that imported none other (it imports the rest on request), else a new one."""
+    place, packages = _place(environment, modules)
     with _ZYGOTES_LOCK:
-        if _OWNER[0] != os.getpid():  # a forked copy of the driver: its parent's zygotes
-            _ZYGOTES.clear()
-            _OWNER[0] = os.getpid()
-        zygote = _ZYGOTES.get(key)
+        _owned()
+        zygote = _ZYGOTES.get((*place, packages))
         if zygote is None or not zygote.alive():
-            zygote = _ZYGOTES[key] = _Zygote(shared)
+            spare_packages, spare = _SPARES.pop(place, (None, None))
+            if spare is not None and spare.alive() and spare_packages <= packages:
+                zygote = spare
+            else:
+                if spare is not None:  # another model's: not to be forked for this one
+                    spare.discard()
+                zygote = _Zygote(dict(place[0]))
+            _ZYGOTES[(*place, packages)] = zygote
         return zygote
+
+
+def prestart(modules: tuple[str, ...] = ()) -> None:
+    """Start now the zygote that this process's next CPU pool will fork its workers from,
+    importing torch, the worker's modules and ``modules`` (the model's package, when known)
+    while the caller goes on, e.g. loading the model. The command line does this: the two
+    imports then take one core each instead of one after the other (seconds less per run).
+
+    Claimed by the first pool with the same environment and working directory whose model
+    needs at least these packages; :func:`discard_spares` stops one nobody claimed. Nothing
+    is started where workers would not be forked (:func:`start_method`) or where a zygote
+    for these packages is already running."""
+    if start_method("cpu", launched=False) != "fork":
+        return
+    from distmlip.environment import LAUNCHER_VARIABLES
+
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    place, packages = _place(environment, modules)
+    with _ZYGOTES_LOCK:
+        _owned()
+        running = _ZYGOTES.get((*place, packages))
+        if (running is not None and running.alive()) or place in _SPARES:
+            return
+        try:
+            spare = _Zygote(dict(place[0]))
+            spare.preload_later(modules)
+        except OSError:
+            return
+        _SPARES[place] = (packages, spare)
+
+
+def discard_spares() -> None:
+    """Stop the zygotes :func:`prestart` started that no pool claimed."""
+    with _ZYGOTES_LOCK:
+        _owned()
+        for _, spare in _SPARES.values():
+            if not spare.broken:
+                spare.discard()
+        _SPARES.clear()
 
 
 def fork_worker(
@@ -262,97 +346,12 @@ def fork_worker(
 
 
 def close_zygotes() -> None:
-    """Stop this process's zygotes (workers they forked die with them)."""
+    """Stop this process's zygotes, spares included (workers they forked live on: they
+    watch the driver, not the zygote)."""
+    discard_spares()
     with _ZYGOTES_LOCK:
+        _owned()
         for zygote in _ZYGOTES.values():
-            if _OWNER[0] == os.getpid() and not zygote.broken:
+            if not zygote.broken:
                 zygote.discard()
         _ZYGOTES.clear()
-
-
-# --- the zygote's side --------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    """What a forked worker takes out of :func:`serve`: its socket to the driver and the
-    driver's pid (the worker dies with the driver, not with the zygote)."""
-
-    connection: Connection
-    driver_pid: int
-
-
-def serve(fd: int, pdeathsig: bool) -> Child | None:
-    """The zygote's loop (see :mod:`distmlip._zygote`): returns None when the driver closed
-    its socket, or, in a forked worker, that worker's :class:`Child`."""
-    from distmlip.worker import die_with_parent
-
-    driver = os.getppid()
-    die_with_parent(driver, pdeathsig)
-    for name in WORKER_MODULES:
-        __import__(name)
-    channel = socket.socket(fileno=fd)
-    codes: dict[int, int] = {}  # exit codes of reaped workers, until the driver asks
-    while True:
-        try:
-            data, fds, _, _ = socket.recv_fds(channel, 1 << 20, 4)
-        except OSError:
-            return None
-        if not data:
-            return None
-        _reap_all(codes)
-        kind, argument = pickle.loads(data)
-        if kind == "preload":
-            channel.send(pickle.dumps(("ok", _import_all(argument))))
-        elif kind == "status":
-            channel.send(pickle.dumps(("status", codes.pop(argument, None))))
-        elif kind == "fork":
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    channel.close()
-                    os.setsid()
-                    _adopt(argument)
-                    return Child(Connection(fds[0]), driver)
-                except BaseException:
-                    os._exit(1)
-            for descriptor in fds:
-                os.close(descriptor)
-            channel.send(pickle.dumps(("pid", pid)))
-
-
-def _import_all(modules) -> list[str]:
-    failed = []
-    for name in modules:
-        try:
-            __import__(name)
-        except Exception:  # the worker will import it itself, and report what fails
-            failed.append(name)
-    return failed
-
-
-def _reap_all(codes: dict[int, int]) -> None:
-    """Collect the exit codes of every worker that has exited (no zombies are left)."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:  # no children
-            return
-        if pid == 0:
-            return
-        codes[pid] = os.waitstatus_to_exitcode(status)
-
-
-def _adopt(environment: dict[str, str]) -> None:
-    """This fork's environment: the pool's, with glibc's allocator variables applied."""
-    import ctypes
-
-    for name, option in _MALLOPT.items():
-        if name in environment and environment[name] != os.environ.get(name):
-            try:
-                value = min(int(environment[name]), 2**31 - 1)
-                ctypes.CDLL("libc.so.6").mallopt(option, value)
-            except (OSError, AttributeError, ValueError):  # not glibc, or not a number
-                pass
-    os.environ.clear()
-    os.environ.update(environment)

@@ -219,3 +219,77 @@ def test_a_new_zygote_gets_the_start_up_time_even_with_nothing_to_preload(
     with DistributedCalculator(reference_model, nprocs=2) as calc:
         assert all(_is_zygote(_parent(pid)) for pid in calc.pool.pids)
         assert abs(evaluate(calc, small_cell())["energy"]) > 0
+
+
+def _zygotes_of_this_process() -> set[int]:
+    return {child.pid for child in psutil.Process().children() if _is_zygote(child)}
+
+
+def test_a_prestarted_zygote_is_claimed_by_the_next_pool(reference_model, monkeypatch):
+    """prestart's zygote imports torch while the caller goes on; the next pool with the same
+    environment and working directory forks from it, and starts no other."""
+    from distmlip.zygote import prestart
+
+    monkeypatch.setenv("DISTMLIP_TEST_MARK", "prestarted")
+    before = _zygotes_of_this_process()
+    prestart()
+    prestart()  # one spare per environment and directory
+    (spare,) = _zygotes_of_this_process() - before
+    with DistributedCalculator(reference_model, nprocs=2) as calc:
+        assert {_parent(pid).pid for pid in calc.pool.pids} == {spare}
+        assert abs(evaluate(calc, small_cell())["energy"]) > 0
+    assert _zygotes_of_this_process() - before == {spare}
+    prestart()  # a zygote for these packages runs: nothing more is started
+    assert _zygotes_of_this_process() - before == {spare}
+
+
+def test_a_spare_that_imported_another_package_is_not_forked_for_this_model(
+    reference_model, monkeypatch
+):
+    """A spare that imported a package the model does not need (here ase) is stopped, and
+    the pool gets a zygote that imported only what its model needs."""
+    from distmlip.zygote import prestart
+
+    monkeypatch.setenv("DISTMLIP_TEST_MARK", "another package")
+    before = _zygotes_of_this_process()
+    prestart(("ase.io",))
+    (spare,) = _zygotes_of_this_process() - before
+    with DistributedCalculator(reference_model, nprocs=1) as calc:
+        (zygote,) = {_parent(pid).pid for pid in calc.pool.pids}
+        assert zygote != spare
+    assert_all_gone([spare])
+
+
+def test_an_unclaimed_spare_is_stopped(monkeypatch):
+    from distmlip.zygote import discard_spares, prestart
+
+    monkeypatch.setenv("DISTMLIP_TEST_MARK", "unclaimed")
+    before = _zygotes_of_this_process()
+    prestart()
+    spares = _zygotes_of_this_process() - before
+    assert len(spares) == 1
+    discard_spares()
+    assert_all_gone(sorted(spares))
+
+
+def test_the_command_line_forks_its_workers_from_the_zygote_it_prestarted(
+    monkeypatch, tmp_path, capsys
+):
+    """`distmlip predict` starts the zygote before it loads the model; its pool claims it
+    (one zygote started in all) and none is left unclaimed."""
+    from distmlip import zygote
+    from distmlip.cli import main
+
+    started = []
+    original = zygote._Zygote.__init__
+
+    def counting(self, environment):
+        started.append(self)
+        original(self, environment)
+
+    monkeypatch.setattr(zygote._Zygote, "__init__", counting)
+    monkeypatch.chdir(tmp_path)  # a directory no zygote serves yet
+    assert main(["predict", "--model", "reference", "--nprocs", "2", "--json"]) == 0
+    assert '"energy"' in capsys.readouterr().out
+    assert len(started) == 1 and started[0].alive()
+    started[0].discard()  # it serves tmp_path, which no other test uses

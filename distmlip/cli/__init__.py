@@ -431,7 +431,13 @@ def _launched(args, launch) -> None:
         from distmlip.cli.md_restart import fill_model_defaults
 
         fill_model_defaults(args)  # md leaves --model, --dtype, --skin unset when not given
-        worker_calculator(args)  # serves rank 0, then exits the process
+        try:
+            worker_calculator(args)  # serves rank 0, then ends with SystemExit
+        except SystemExit as ending:
+            from distmlip.worker import exit_process
+
+            # A serving rank writes no files: no seconds of interpreter shutdown.
+            exit_process(ending.code if isinstance(ending.code, int) else 1 if ending.code else 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,19 +445,22 @@ def main(argv: list[str] | None = None) -> int:
     launch = None
     try:
         from distmlip.cluster import detect_launch
-        from distmlip.rendezvous import host_store
 
         launch = detect_launch()
         if launch is not None:
+            from distmlip.rendezvous import host_store
+
             host_store(launch)
             if launch.rank > 0:  # rank 0's output alone on stdout, whatever a model prints
                 sys.stdout.flush()
                 os.dup2(2, 1)
-        args = _parser().parse_args(argv)
+        args = _parser().parse_args(argv)  # imports no torch: a usage error is quick
         if launch is not None:
             _launched(args, launch)
-        elif getattr(args, "nprocs", 0) is None:
-            args.nprocs = 2
+        else:
+            _prestart_workers(args)
+            if getattr(args, "nprocs", 0) is None:
+                args.nprocs = 2
         return _handler(args.handler)(args)
     except UsageError as error:
         return _failed(launch, str(error), 2)
@@ -463,6 +472,24 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DISTMLIP_TRACEBACK"):
             raise
         return _failed(launch, _one_line(error), 1)
+    finally:
+        if "distmlip.zygote" in sys.modules:
+            sys.modules["distmlip.zygote"].discard_spares()
+
+
+POOL_COMMANDS = ("predict", "md", "relax", "demo", "estimate")
+"""Commands that start a pool of workers (``bench`` starts its own, one per setting)."""
+
+
+def _prestart_workers(args) -> None:
+    """Have the workers' zygote import torch and the model's package on another core while
+    this process imports and loads the model (:func:`distmlip.zygote.prestart`)."""
+    command = args.handler.split(":")[0].rsplit(".", 1)[-1]
+    if command in POOL_COMMANDS and args.device == "cpu":
+        from distmlip.models.registry import worker_modules
+        from distmlip.zygote import prestart
+
+        prestart(worker_modules(args.model) if args.model else ())
 
 
 def _failed(launch, message: str, status: int) -> int:

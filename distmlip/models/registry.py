@@ -22,10 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from distmlip.models.base import DistributedModel
+if TYPE_CHECKING:  # at run time imported where used: naming a model needs no torch
+    from distmlip.models.base import DistributedModel
 
-__all__ = ["ENTRY_POINT_GROUP", "model_names", "register", "resolve_model"]
+__all__ = ["ENTRY_POINT_GROUP", "model_names", "register", "resolve_model", "worker_modules"]
 
 ENTRY_POINT_GROUP = "distmlip.models"
 MODEL_FILE_SUFFIXES = (".model", ".pt", ".pth")
@@ -67,6 +69,15 @@ def model_names() -> list[str]:
     return list(_NAMES) + sorted(set(_plugins()) - set(_NAMES))
 
 
+def worker_modules(model) -> tuple[str, ...]:
+    """The upstream package a built-in model's workers import, known from its name alone
+    (e.g. ``("chgnet.model",)`` for ``"chgnet-0.2.0"``), for a zygote to import ahead
+    (:func:`distmlip.zygote.prestart`); ``()`` for other models (their packages are found once
+    the model is loaded)."""
+    name = str(model).lower()
+    return ("chgnet.model",) if name == "chgnet" or name.startswith("chgnet-") else ()
+
+
 def _model_file(model) -> Path | None:
     """A str/PathLike that names a model file (a path, not a registered name)."""
     if isinstance(model, os.PathLike):
@@ -87,6 +98,8 @@ def resolve_model(model, **kwargs) -> DistributedModel:
         ValueError: a file that is not a model distmlip can read; a bad variant name.
         TypeError: anything else that is not a model.
     """
+    from distmlip.models.base import DistributedModel
+
     if isinstance(model, DistributedModel):
         return model
     if isinstance(model, str) and model.lower() in _NAMES:
