@@ -1,13 +1,20 @@
-"""Worker start-up: CPU workers forked from a zygote vs fresh interpreters, side by side.
+"""Worker start-up and shut-down: CPU workers forked from a zygote vs fresh interpreters.
 
 For each model family, P = 2 CPU workers (float32), the seconds ``WorkerPool.start()`` takes
 until every worker has loaded the model and joined the group: the first start of the process
 (with ``fork`` this includes starting the zygote, which imports torch and the model's package)
 and the fastest of ``--restarts`` later starts (a second calculator, a pool restarted after a
-failure or an interrupted call). ``DISTMLIP_WORKER_START`` selects the method; each method runs
-in its own process, so neither finds the other's imports. Models: the reference model, CHGNet
-0.3.0 (shipped weights), MACE of MACE-MP-medium shape, TensorNet and eSEN (random weights of
-the shapes in benchmarks/mace_scaling.py and benchmarks/model_families.py).
+failure or an interrupted call); and the fastest ``WorkerPool.close()``.
+``DISTMLIP_WORKER_START`` selects the method; each method runs in its own process, so neither
+finds the other's imports.
+
+Workers end with ``os._exit`` (``distmlip.worker.exit_process``) instead of the interpreter's
+shutdown; a second table measures what that saves: a process that imports torch and the
+family's package, ended by the interpreter's shutdown vs by ``os._exit`` (fastest of three).
+
+Models: the reference model, CHGNet 0.3.0 (shipped weights), MACE of MACE-MP-medium shape,
+TensorNet and eSEN (random weights of the shapes in benchmarks/mace_scaling.py and
+benchmarks/model_families.py).
 
     python benchmarks/worker_start.py --out docs/benchmarks
     python benchmarks/worker_start.py --families reference chgnet --restarts 2   # quicker
@@ -55,22 +62,60 @@ def measure(family: str, restarts: int) -> dict:
     from distmlip import DistributedCalculator
     from distmlip.launch import WorkerPool
 
-    durations = []
-    start_pool = WorkerPool.start
+    durations, closes = [], []
+    start_pool, close_pool = WorkerPool.start, WorkerPool.close
 
     def timed(pool) -> None:
         start = time.perf_counter()
         start_pool(pool)
         durations.append(time.perf_counter() - start)
 
-    WorkerPool.start = timed
+    def timed_close(pool, wait=None) -> None:
+        start = time.perf_counter()
+        close_pool(pool, wait)
+        closes.append(time.perf_counter() - start)
+
+    WorkerPool.start, WorkerPool.close = timed, timed_close
     with tempfile.TemporaryDirectory() as directory:
         built = model(family, Path(directory))
         with DistributedCalculator(built, nprocs=2, dtype="float32", timeout=600) as calc:
             for _ in range(restarts):
                 calc.pool.close()
                 calc.pool.start()
-    return {"first_s": durations[0], "restart_s": min(durations[1:]), "restarts": durations[1:]}
+    return {
+        "first_s": durations[0],
+        "restart_s": min(durations[1:]),
+        "restarts": durations[1:],
+        "close_s": min(closes),
+    }
+
+
+PACKAGES = {
+    "reference": "torch",
+    "chgnet": "torch, chgnet.model",
+    "mace": "torch, mace.modules",
+    "tensornet": "torch, matgl",
+    "esen": "torch, fairchem.core",
+}
+"""What a worker of each family imports (besides distmlip)."""
+
+
+def shutdown_cost(family: str, repeats: int = 3) -> dict:
+    """Wall seconds of ``python -c "import PACKAGES"`` ended by the interpreter's shutdown
+    and by ``os._exit``, fastest of ``repeats`` each."""
+    seconds = {}
+    for ending, suffix in (("shutdown", ""), ("os_exit", "; import os; os._exit(0)")):
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run(
+                [sys.executable, "-c", f"import {PACKAGES[family]}{suffix}"],
+                check=True,
+                capture_output=True,
+            )
+            runs.append(time.perf_counter() - start)
+        seconds[ending] = min(runs)
+    return seconds
 
 
 def main(argv=None) -> None:
@@ -83,7 +128,7 @@ def main(argv=None) -> None:
     if args.one:  # a child run: one family, one method, JSON on the last line
         print(json.dumps(measure(args.one[0], args.restarts)))
         return
-    rows, results = [], {}
+    rows, results, shutdown_rows, shutdowns = [], {}, [], {}
     for family in args.families:
         for method in ("exec", "fork"):
             environment = {**os.environ, "DISTMLIP_WORKER_START": method}
@@ -103,6 +148,18 @@ def main(argv=None) -> None:
                 f"{fresh['restart_s']:.2f}",
                 f"{forked['restart_s']:.3f}",
                 f"{fresh['restart_s'] / forked['restart_s']:.0f}×",
+                f"{fresh['close_s']:.3f}",
+                f"{forked['close_s']:.3f}",
+            ]
+        )
+        shutdowns[family] = cost = shutdown_cost(family)
+        shutdown_rows.append(
+            [
+                family,
+                PACKAGES[family],
+                f"{cost['shutdown']:.2f}",
+                f"{cost['os_exit']:.2f}",
+                f"{cost['shutdown'] - cost['os_exit']:.2f}",
             ]
         )
     header = [
@@ -112,12 +169,22 @@ def main(argv=None) -> None:
         "restart, fresh (s)",
         "restart, fork (s)",
         "restart fresh / fork",
+        "close, fresh (s)",
+        "close, fork (s)",
     ]
+    shutdown_header = ["family", "imports", "shutdown (s)", "os._exit (s)", "saved per process (s)"]
     markdown = (
         "# Worker start-up, P = 2 CPU workers: fresh interpreters vs forks of a zygote\n\n"
         f"{machine_description()}\n\n{markdown_table(header, rows)}\n\n"
         "First start: the process's first pool (with fork, the zygote's start included); "
-        f"restart: the fastest of {args.restarts} later starts.\n"
+        f"restart: the fastest of {args.restarts} later starts; close: the fastest "
+        "`WorkerPool.close()`.\n\n"
+        "## Ending a process: the interpreter's shutdown vs `os._exit`\n\n"
+        "Workers end with `os._exit` once their output is flushed. What the interpreter's "
+        "shutdown would cost instead, per worker (a pool's close waits for it), measured as "
+        '`python -c "import IMPORTS"` ending normally vs ending with `os._exit` (fastest '
+        "of 3):\n\n"
+        f"{markdown_table(shutdown_header, shutdown_rows)}\n"
     )
     payload = {
         "machine": machine_description(),
@@ -125,6 +192,7 @@ def main(argv=None) -> None:
             {"family": family, "method": method, **values}
             for (family, method), values in results.items()
         ],
+        "shutdown_s": shutdowns,
     }
     for path in write_report(args.out, "worker_start", payload=payload, markdown=markdown):
         print(path)

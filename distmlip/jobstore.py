@@ -10,11 +10,20 @@ changes).
 from __future__ import annotations
 
 import datetime
+import time
 
 from distmlip.cluster import Launch
 from distmlip.worker import STARTUP_TIMEOUT
 
-__all__ = ["job_store", "host_store", "report_failure", "failures", "present", "JobEnded"]
+__all__ = [
+    "job_store",
+    "host_store",
+    "report_failure",
+    "failures",
+    "await_rank_0",
+    "present",
+    "JobEnded",
+]
 
 
 class JobEnded(RuntimeError):
@@ -119,6 +128,22 @@ def failures(store, launch: Launch) -> str | None:
             text = "".join(c if c.isprintable() else "?" for c in text)
             return f"rank {rank} failed to start: {text}"
     return None
+
+
+def await_rank_0(store, launch: Launch, seconds: float) -> None:
+    """After another rank's failure: wait (at most ``seconds``) until rank 0 has reported
+    its own (it prints the job's error line first, then posts) or its store is gone. A
+    serving rank that exited at once could have its launcher stop rank 0 (torchrun ends a
+    node's other ranks when one fails) before rank 0 printed why the job ended."""
+    deadline = time.monotonic() + seconds
+    key = f"{launch.prefix}/failed/0"
+    while time.monotonic() < deadline:
+        try:
+            if store.check([key]):
+                return
+        except Exception:  # the store is gone with rank 0's process
+            return
+        time.sleep(0.1)
 
 
 def present(store, key: str, launch: Launch) -> bool:

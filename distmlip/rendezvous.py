@@ -25,7 +25,15 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 from distmlip.cluster import Launch, identity, run_settings
 from distmlip.errors import WorkerError
 from distmlip.jobsecret import SECRET_ENVIRONMENT, JobKeys, job_secret, secret_file
-from distmlip.jobstore import JobEnded, failures, host_store, job_store, present, report_failure
+from distmlip.jobstore import (
+    JobEnded,
+    await_rank_0,
+    failures,
+    host_store,
+    job_store,
+    present,
+    report_failure,
+)
 from distmlip.network import job_addresses, keepalive, listen
 from distmlip.processes import _ABORTED, io_timeout
 from distmlip.worker import STARTUP_TIMEOUT, run_worker
@@ -270,6 +278,7 @@ def _await_driver(
             unsigned += 1
         failure = failures(store, launch)
         if failure:
+            await_rank_0(store, launch, ABORT_GRACE)
             raise JobEnded(failure)
         if time.monotonic() > deadline:
             seen = (
