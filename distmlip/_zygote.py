@@ -5,8 +5,9 @@ See :mod:`distmlip.zygote` (the driver's side) for why and when. Requests arrive
 
 * ``("preload", [module, ...])``: import them here (what the next workers' model needs);
   reply ``("ok", [module that failed, ...])``.
-* ``("fork", environment)`` + a socket: fork a worker serving that socket with that environment;
-  reply ``("pid", pid)``.
+* ``("fork", (environment, streams))`` + a socket + the driver's ``streams`` (of stdout=1 and
+  stderr=2, those open): fork a worker serving that socket with that environment, writing
+  where the driver's standard output and error go at that moment; reply ``("pid", pid)``.
 * ``("status", pid)``: that worker's exit code (it exited and was reaped); reply
   ``("status", code or None)``, codes as :attr:`subprocess.Popen.returncode` gives them
   (``-9``: SIGKILL).

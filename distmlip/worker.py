@@ -114,10 +114,11 @@ def exit_process(status: int = 0) -> NoReturn:
     """End a worker process (or a zygote) now, once its output is flushed.
 
     Not through the interpreter's shutdown, which finalises every module and object: with
-    torch and a model's package loaded that takes seconds of CPU, during which a closing pool
-    waits: 0.5 s with torch alone, 2.4 s with fairchem (``benchmarks/worker_start.py``; a
-    pool of 3 eSEN workers closed in 3.6 s, now 0.06 s). A worker holds nothing that the
-    shutdown would save: it writes no files, and its process group is destroyed before."""
+    torch and a model's package loaded that takes up to seconds of CPU per worker, during
+    which a closing pool waits: 0.2 s after importing torch alone, 1.75 s after fairchem, more
+    with a model loaded; a pool of two closes in 0.03-0.12 s (``python
+    benchmarks/worker_start.py``). A worker holds nothing that the shutdown would save: it
+    writes no files, and its process group is destroyed before."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -4,7 +4,7 @@ A fresh worker spends most of its start-up importing torch and the model's packa
 by every worker of every pool (P workers on P cores import side by side; more workers than
 cores, or several pools one after another, as in a test suite, a script that tries settings or
 a pool restarted after a failure, pay it in full). Measured (``benchmarks/worker_start.py``,
-P = 2): a restart takes 0.03-0.24 s forked, 1.1-5.7 s fresh.
+P = 2): a restart takes 0.04-0.35 s forked, 1.4-5.9 s fresh.
 The driver therefore starts one zygote per model family and environment (``python -m
 distmlip._zygote``), which imports them once; each worker is then an ``os.fork`` of it, ready
 at once, and still a process of its own: own session, own environment
@@ -164,6 +164,9 @@ class _Zygote:
                 # fork would lack (libgomp hangs in a child of a process that used its pool).
                 env={**environment, "OMP_NUM_THREADS": "1"},
                 stdin=subprocess.DEVNULL,
+                # What importing a model's package prints is not the driver's output (which
+                # may be JSON); its workers get the driver's streams when forked.
+                stdout=2 if _is_open(2) else subprocess.DEVNULL,
                 start_new_session=True,  # as a worker: Ctrl-C in a terminal is the driver's
             )
         finally:
@@ -214,8 +217,13 @@ class _Zygote:
             self.awaiting = modules
 
     def fork(self, environment: dict[str, str], worker_socket: socket.socket) -> ForkedProcess:
+        # The worker writes where this process's standard output and error go now (as a
+        # Popen'ed one would), not where they went when the zygote started: the command line
+        # points stdout at stderr while it runs, keeping a model's banner out of its JSON.
+        streams = tuple(fd for fd in (1, 2) if _is_open(fd))
         with self.lock:  # the pidfd opens before any other request could reap the worker
-            _, pid = self.request(("fork", environment), (worker_socket.fileno(),))
+            message = ("fork", (environment, streams))
+            _, pid = self.request(message, (worker_socket.fileno(), *streams))
             return ForkedProcess(self, pid)
 
     def preload(self, modules: tuple[str, ...], timeout: float) -> None:
@@ -242,6 +250,14 @@ class _Zygote:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 _ZYGOTES: dict[tuple, _Zygote] = {}

@@ -48,12 +48,16 @@ def serve(fd: int, pdeathsig: bool) -> Child | None:
         elif kind == "status":
             channel.send(pickle.dumps(("status", codes.pop(argument, None))))
         elif kind == "fork":
+            environment, streams = argument
             pid = os.fork()
             if pid == 0:
                 try:
                     channel.close()
                     os.setsid()
-                    _adopt(argument)
+                    for target, fd in zip(streams, fds[1:], strict=True):
+                        os.dup2(fd, target)  # the driver's standard output and error, as now
+                        os.close(fd)
+                    _adopt(environment)
                     return Child(Connection(fds[0]), driver)
                 except BaseException:
                     os._exit(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -144,6 +145,52 @@ def test_workers_have_the_pools_environment_and_allocator(
         assert f"DISTMLIP_TEST_MARK={method} " in report, report
         assert f"allocation={region} " in report, report
         assert f"cwd={os.getcwd()}" in report, report
+
+
+class TalkativeToy(ReferenceMPNN):
+    """Writes to standard output and error in its worker, as models' banners and warnings do
+    (both buffered: neither is a terminal here)."""
+
+    def forward(self, inputs: GraphInputs, exchange: Exchange) -> torch.Tensor:
+        print(f"banner of worker {os.getpid()}")
+        sys.stderr.write(f"[warning of worker {os.getpid()}]")
+        return super().forward(inputs, exchange)
+
+
+@pytest.mark.parametrize("method", ["fork", "exec"])
+def test_workers_write_where_the_drivers_output_goes_now_and_nothing_is_lost(
+    method, on_worker_path, monkeypatch, tmp_path
+):
+    """A worker's output goes where the driver's standard output and error point when the pool
+    starts (the command line points stdout at stderr during a --json run), also when its
+    zygote started before; what it wrote before it exited is all there."""
+    from distmlip.zygote import prestart
+
+    monkeypatch.setenv(START_ENVIRONMENT, method)
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the workers' streams buffer
+    prestart()  # a zygote that starts with this process's streams as they are now
+    files = {fd: tmp_path / f"fd{fd}" for fd in (1, 2)}
+    saved = {fd: os.dup(fd) for fd in files}
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, path in files.items():
+            opened = os.open(path, os.O_WRONLY | os.O_CREAT)
+            os.dup2(opened, fd)
+            os.close(opened)
+        toy = TalkativeToy(cutoff=4.5, num_layers=1, hidden=4)
+        with DistributedCalculator(toy, nprocs=2, timeout=60) as calc:
+            calc.get_properties(["energy"], small_cell())
+            pids = calc.pool.pids
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+    assert_all_gone(pids)
+    out, err = (files[fd].read_text() for fd in (1, 2))
+    for pid in pids:
+        assert f"banner of worker {pid}" in out, out
+        assert f"[warning of worker {pid}]" in err, err
 
 
 def test_a_killed_forked_worker_reports_its_signal(reference_model):
