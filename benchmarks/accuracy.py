@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import relative_error  # noqa: E402
 
 from distmlip import DistributedCalculator  # noqa: E402
-from distmlip.report import machine_description, markdown_table, write_report  # noqa: E402
+from distmlip.bench.report import machine_description, markdown_table, write_report  # noqa: E402
 
 GPA = 160.21766208  # GPa per eV/Å³ (ase.units.GPa is its inverse)
 FLOAT64_MATRIX = [(1, "slab")] + [(p, m) for p in (2, 3, 4, 8) for m in ("slab", "rcb", "metis")]

@@ -2,7 +2,7 @@
 side by side in one run.
 
 For each model, two sizes of one rattled crystal, each evaluated by a fresh worker pool
-(``distmlip.bench.measure``: energy + forces + stress, fastest of ``--repeats`` calls, float32,
+(``distmlip.bench.run.measure``: energy + forces + stress, fastest of ``--repeats`` calls, float32,
 P = 1 with all ``--threads``): peak RSS of the worker and time per call. Memory per atom is the
 slope between the two sizes, (peak(N2) − peak(N1)) / (N2 − N1), so the process baseline (torch,
 the model) cancels. Models (random weights where upstream's need a download; weights do not
@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distmlip.bench import BenchConfig, measure  # noqa: E402
-from distmlip.report import machine_description, markdown_table, pyplot, write_report  # noqa: E402
-from distmlip.systems import crystal  # noqa: E402
+from distmlip.bench.report import machine_description, markdown_table, pyplot, write_report  # noqa: E402
+from distmlip.bench.run import BenchConfig, measure  # noqa: E402
+from distmlip.bench.systems import crystal  # noqa: E402
 
 TARGETS_MB_PER_ATOM = {"chgnet": 0.25, "mace": 1.2}
 """Issue 13's targets with checkpointing (measured on a GPU: float32 activations per atom)."""

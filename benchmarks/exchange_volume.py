@@ -1,6 +1,6 @@
 """Halo rows and bytes exchanged per message-passing layer vs P (docs/multinode.md).
 
-Counted from the halo plans themselves (the same :func:`distmlip.halo.build_local_graph` the
+Counted from the halo plans themselves (the same :func:`distmlip.graphs.halo.build_local_graph` the
 workers run), not timed: each layer, worker p receives one row per halo atom from the peer
 that owns it, and only from peers it shares an edge with (point to point). Bytes are rows
 times the bytes of one row: ``--row-bytes`` (default 256: 64 float32 channels, CHGNet's atom
@@ -29,11 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from distmlip.graph import Structure  # noqa: E402
-from distmlip.halo import build_local_graph  # noqa: E402
-from distmlip.partition import partition  # noqa: E402
-from distmlip.report import markdown_table, pyplot, write_report  # noqa: E402
-from distmlip.systems import crystal  # noqa: E402
+from distmlip.bench.report import markdown_table, pyplot, write_report  # noqa: E402
+from distmlip.bench.systems import crystal  # noqa: E402
+from distmlip.graphs.halo import build_local_graph  # noqa: E402
+from distmlip.graphs.partition import partition  # noqa: E402
+from distmlip.graphs.structure import Structure  # noqa: E402
 
 COLUMNS = (
     "scaling",

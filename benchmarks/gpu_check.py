@@ -38,8 +38,8 @@ import torch  # noqa: E402
 from conftest import relative_error, trajectory  # noqa: E402
 
 from distmlip import DistributedCalculator  # noqa: E402
+from distmlip.bench.report import machine_description  # noqa: E402
 from distmlip.models import resolve_model  # noqa: E402
-from distmlip.report import machine_description  # noqa: E402
 
 RTOL = 1e-11
 

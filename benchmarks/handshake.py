@@ -29,8 +29,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPAT
 from graph_only import GraphOnly  # noqa: E402
 
 from distmlip import DistributedCalculator  # noqa: E402
-from distmlip.report import machine_description, markdown_table, write_report  # noqa: E402
-from distmlip.systems import crystal  # noqa: E402
+from distmlip.bench.report import machine_description, markdown_table, write_report  # noqa: E402
+from distmlip.bench.systems import crystal  # noqa: E402
 
 SPANS = ("partition", "graph", "plan", "mask", "neighbor_list", "vesin", "prepare", "inputs")
 COLUMNS = (

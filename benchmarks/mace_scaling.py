@@ -36,8 +36,8 @@ import mace  # noqa: F401  (before e3nn)
 import numpy as np
 import torch
 
-from distmlip.report import machine_description, markdown_table, pyplot, write_report
-from distmlip.systems import crystal
+from distmlip.bench.report import machine_description, markdown_table, pyplot, write_report
+from distmlip.bench.systems import crystal
 
 MODEL = {
     "hidden_irreps": "128x0e+128x1o",

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distmlip.report import machine_description, markdown_table, pyplot, write_report
-from distmlip.systems import crystal
+from distmlip.bench.report import machine_description, markdown_table, pyplot, write_report
+from distmlip.bench.systems import crystal
 
 
 def md_steps(

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distmlip.report import machine_description, markdown_table, pyplot, write_report
-from distmlip.trajectory import THERMO_COLUMNS
+from distmlip.bench.report import machine_description, markdown_table, pyplot, write_report
+from distmlip.md.trajectory import THERMO_COLUMNS
 
 STRUCTURE = ["bulk:Si:diamond:5.43:cubic", "--repeat", "3", "3", "3", "--rattle", "0.02"]
 """216 Si atoms (3³ diamond cells), rattled: CHGNet's 3 Å bond graph gives three-body terms."""

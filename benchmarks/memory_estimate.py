@@ -27,7 +27,7 @@ import numpy as np
 from ase.build import bulk
 
 from distmlip import DistributedCalculator, OutOfMemoryError, Structure
-from distmlip.report import machine_description, markdown_table, pyplot, write_report
+from distmlip.bench.report import machine_description, markdown_table, pyplot, write_report
 
 
 def targets() -> dict:

@@ -9,7 +9,7 @@ Random-weight models of published shapes (weights do not change the cost):
   cutoff 6 Å (a small eSEN; eSEN-30M-OMAT has 10 blocks of 128 channels), conservative
   ``MLP_EFS_Head``, loaded from a fairchem checkpoint.
 
-Each configuration is ``distmlip.bench.measure``: a fresh worker pool, energy + forces +
+Each configuration is ``distmlip.bench.run.measure``: a fresh worker pool, energy + forces +
 stress, fastest of ``--repeats`` calls, the same total number of torch threads split over the
 workers (so P = 2 and P = 1 get equal hardware), float32, rattled Cu fcc: P = 1 and P = 2 on
 ``--<model>-atoms`` atoms, P = 4 with exchange and with ghosts on ``--<model>-ghost-atoms``
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MATGL_BACKEND", "PYG")
 
-from distmlip.bench import BenchConfig, measure  # noqa: E402
-from distmlip.report import machine_description, markdown_table, pyplot, write_report  # noqa: E402
-from distmlip.systems import crystal  # noqa: E402
+from distmlip.bench.report import machine_description, markdown_table, pyplot, write_report  # noqa: E402
+from distmlip.bench.run import BenchConfig, measure  # noqa: E402
+from distmlip.bench.systems import crystal  # noqa: E402
 
 # (P, halo, which size): memory and time at P = 1 vs 2 on the larger structure; exchange vs
 # ghost at P = 4 on the smaller one (ghosts of a structure this size are nearly all of it, so

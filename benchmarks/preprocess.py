@@ -2,9 +2,11 @@
 
 What one distributed evaluation costs before any model runs:
 
-* **partition** — ``distmlip.partition.partition`` on the whole system, done once by the driver
+* **partition** — ``distmlip.graphs.partition.partition`` on the whole system, done once by the
+driver
   (``metis`` builds the whole neighbour list there, the geometric partitioners do not);
-* **per-worker build** — ``distmlip.halo.build_local_graph`` for one rank: the cell-list region
+* **per-worker build** — ``distmlip.graphs.halo.build_local_graph`` for one rank: the cell-list
+region
   mask, the vesin neighbour search on the rank's region (owned atoms + one bin of shell), the
   halo and the local edge arrays; plus resolving the send plan from the peers' requests
   (``resolve_send_index``). This is the per-worker cost; the target is < 2 s at 10^6 atoms,
@@ -60,7 +62,7 @@ def _use_worker_allocator() -> None:
         "--allocator" in sys.argv and sys.argv[sys.argv.index("--allocator") + 1] == "system"
     ):
         return
-    from distmlip.launch import KEEP_MEMORY_ENVIRONMENT
+    from distmlip.driver.pool import KEEP_MEMORY_ENVIRONMENT
 
     if any(os.environ.get(name) != value for name, value in KEEP_MEMORY_ENVIRONMENT.items()):
         environment = dict(os.environ, **KEEP_MEMORY_ENVIRONMENT)
@@ -91,8 +93,8 @@ from preprocess_measure import (  # noqa: E402
 )
 from preprocess_report import TARGET_SECONDS, format_bytes, markdown, plot  # noqa: E402
 
-from distmlip.report import write_report  # noqa: E402
-from distmlip.systems import CRYSTALS  # noqa: E402
+from distmlip.bench.report import write_report  # noqa: E402
+from distmlip.bench.systems import CRYSTALS  # noqa: E402
 
 
 def parse_sizes(text: str) -> list[float]:

@@ -1,7 +1,7 @@
 """Measurements of ``benchmarks/preprocess.py``: each runs in a forked child process.
 
 The per-worker build is timed step by step through :func:`distmlip.trace.recording` (spans
-``mask``, ``neighbor_list`` and ``vesin`` of ``distmlip.halo.build_local_graph``), not by
+``mask``, ``neighbor_list`` and ``vesin`` of ``distmlip.graphs.halo.build_local_graph``), not by
 patching the library. Peak memory is measured per child (Linux ``VmHWM`` after resetting it
 through ``/proc/self/clear_refs``; ``tracemalloc`` for the numpy side).
 """
@@ -17,10 +17,11 @@ import tracemalloc
 import numpy as np
 
 from distmlip import trace
-from distmlip.graph import Structure, neighbor_list, neighborhood_mask
-from distmlip.halo import build_all_local_graphs, build_local_graph, rows_of
-from distmlip.partition import partition
-from distmlip.systems import crystal, repeats_for
+from distmlip.bench.systems import crystal, repeats_for
+from distmlip.graphs.halo import build_all_local_graphs, build_local_graph, rows_of
+from distmlip.graphs.neighbors import neighbor_list, neighborhood_mask
+from distmlip.graphs.partition import partition
+from distmlip.graphs.structure import Structure
 
 
 def fcc_cu(target_atoms: float, rattle: float, seed: int = 0) -> tuple[Structure, int]:

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from distmlip.report import markdown_table, pyplot
+from distmlip.bench.report import markdown_table, pyplot
 
 TARGET_SECONDS = 2.0
 """Target per-worker preprocessing time at 10^6 atoms, s."""

@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from distmlip.report import markdown_table, write_report
-from distmlip.systems import crystal
+from distmlip.bench.report import markdown_table, write_report
+from distmlip.bench.systems import crystal
 
 COLUMNS = (
     "atoms",

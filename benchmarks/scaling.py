@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distmlip.report import markdown_table, pyplot, write_report
-from distmlip.systems import crystal
+from distmlip.bench.report import markdown_table, pyplot, write_report
+from distmlip.bench.systems import crystal
 
 BASELINE_MB = 500.0
 """Approximate peak RSS of an idle worker (interpreter, torch, model), for the skip estimate."""

@@ -8,7 +8,7 @@ failure or an interrupted call); and the fastest ``WorkerPool.close()``.
 ``DISTMLIP_WORKER_START`` selects the method; each method runs in its own process, so neither
 finds the other's imports.
 
-Workers end with ``os._exit`` (``distmlip.worker.exit_process``) instead of the interpreter's
+Workers end with ``os._exit`` (``distmlip.worker.main.exit_process``) instead of the interpreter's
 shutdown; a second table measures what that saves: a process that imports torch and the
 family's package, ended by the interpreter's shutdown vs by ``os._exit`` (fastest of three).
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MATGL_BACKEND", "PYG")
 
-from distmlip.report import machine_description, markdown_table, write_report  # noqa: E402
+from distmlip.bench.report import machine_description, markdown_table, write_report  # noqa: E402
 
 FAMILIES = ("reference", "chgnet", "mace", "tensornet", "esen")
 
@@ -60,7 +60,7 @@ def model(family: str, directory: Path):
 def measure(family: str, restarts: int) -> dict:
     """In this process: the first start and the later ones, in seconds."""
     from distmlip import DistributedCalculator
-    from distmlip.launch import WorkerPool
+    from distmlip.driver.pool import WorkerPool
 
     durations, closes = [], []
     start_pool, close_pool = WorkerPool.start, WorkerPool.close

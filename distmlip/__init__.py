@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 # Imported on first use, so `distmlip --help` and the worker processes start without torch.
 _LAZY = {
     "DistributedCalculator": "distmlip.calculator",
-    "Structure": "distmlip.graph",
+    "Structure": "distmlip.graphs.structure",
     "WorkerError": "distmlip.errors",
     "OutOfMemoryError": "distmlip.errors",
     "DistributedModel": "distmlip.models",
@@ -29,7 +29,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from distmlip.calculator import DistributedCalculator
     from distmlip.errors import OutOfMemoryError, WorkerError
-    from distmlip.graph import Structure
+    from distmlip.graphs.structure import Structure
     from distmlip.models import DistributedModel, ReferenceMPNN
 
 

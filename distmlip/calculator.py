@@ -10,11 +10,11 @@ import numpy as np
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from distmlip.graph import Structure
-from distmlip.launch import WorkerPool
+from distmlip.driver.pool import WorkerPool
+from distmlip.graphs.structure import Structure
+from distmlip.graphs.validate import validate_structure
 from distmlip.models import resolve_model
 from distmlip.options import GraphOptions, WorkerOptions
-from distmlip.validate import validate_structure
 
 __all__ = ["DistributedCalculator", "assemble"]
 
@@ -138,12 +138,12 @@ class DistributedCalculator(Calculator):
         trace: bool = False,
         **kwargs,
     ):
-        from distmlip.cluster import detect_launch
-        from distmlip.rendezvous import launched
+        from distmlip.cluster.launch import detect_launch
+        from distmlip.cluster.rendezvous import launched
 
         launch = detect_launch()
         # Under torchrun/srun: rank 0's store up early, ranks >= 1 silent on stdout, and a
-        # failure here told to the other ranks, so they stop waiting (distmlip.rendezvous).
+        # failure here told to the other ranks, so they stop waiting (distmlip.cluster.rendezvous).
         with launched(launch):
             local_workers = None
             if launch is None:
@@ -200,7 +200,7 @@ class DistributedCalculator(Calculator):
                 if name not in type(self).implemented_properties
             ]
             if launch is not None and launch.rank > 0:
-                from distmlip.rendezvous import serve
+                from distmlip.cluster.serve import serve
 
                 serve(self.model, launch, options, graph_options)  # exits the process
             self.pool = WorkerPool(self.model, options, graph_options, launch=launch)
@@ -250,7 +250,8 @@ class DistributedCalculator(Calculator):
         return self.pool.resident
 
     def compute(self, structure: Structure, forces: bool = True) -> dict:
-        """Evaluate a :class:`~distmlip.graph.Structure`; returns the properties dictionary."""
+        """Evaluate a :class:`~distmlip.graphs.structure.Structure`; returns the properties
+        dictionary."""
         with self._lock:
             return self._compute(structure, forces)
 

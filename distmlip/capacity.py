@@ -2,7 +2,7 @@
 
 The method (:func:`estimate_memory`; docs/performance.md, "Capacity"):
 
-1. **Carve** smaller structures from the target (:mod:`distmlip.carving`). Along a periodic
+1. **Carve** smaller structures from the target (:mod:`distmlip.graphs.carving`). Along a periodic
    axis on which the target repeats (a supercell: translating every atom by ``cell[axis] / n``
    maps the structure onto itself, within 0.6 Å), the pieces are smaller periodic supercells
    of the same material, cut between lattice planes; axes without a period (amorphous cells,
@@ -15,8 +15,8 @@ The method (:func:`estimate_memory`; docs/performance.md, "Capacity"):
    that runs out of memory ends the calibration (the pieces before it are used). Read
    each worker's peak memory *of that call* (Linux: RSS high-water mark ``VmHWM``, reset before
    each call through ``/proc/self/clear_refs``; CUDA: ``torch.cuda.max_memory_allocated`` after
-   ``reset_peak_memory_stats``; :class:`distmlip.memory.PeakMemory`). The RSS peak includes the
-   worker's baseline (interpreter, torch, the model: a few hundred MB) and what the allocator
+   ``reset_peak_memory_stats``; :class:`distmlip.worker.memory.PeakMemory`). The RSS peak includes
+   the worker's baseline (interpreter, torch, the model: a few hundred MB) and what the allocator
    kept mapped from earlier, smaller calls.
 3. **Fit** ``peak = base + slope × edges`` over every (structure, worker) pair of the three
    largest pieces by least squares: a worker's edges (those with an owned receiver, ghost
@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from distmlip.carving import carve, frame_of, repeat_counts
-from distmlip.graph import Structure
+from distmlip.graphs.carving import carve, frame_of, repeat_counts
+from distmlip.graphs.structure import Structure
 
 __all__ = ["MemoryEstimate", "estimate_memory", "carve", "worker_sizes", "repeat_counts"]
 
@@ -106,9 +106,9 @@ class MemoryEstimate:
 
 def worker_sizes(structure: Structure, model, nprocs: int, partitioner: str, halo: str) -> dict:
     """Per worker, the owned and halo atoms and edges it would hold (no model runs)."""
-    from distmlip.ghost import build_ghost_graph
-    from distmlip.halo import build_local_graph
-    from distmlip.partition import partition
+    from distmlip.graphs.ghost import build_ghost_graph
+    from distmlip.graphs.halo import build_local_graph
+    from distmlip.graphs.partition import partition
 
     owner = partition(structure, nprocs, partitioner, model.cutoff)
     sizes = {"owned_atoms": [], "halo_atoms": [], "edges": []}
@@ -160,12 +160,12 @@ def _budget_mb(calc) -> float:
     """Per-worker memory a calibration call may be predicted to use: :data:`LIMIT_SHARE` of
     ``memory_limit`` (a call beyond the limit fails cleanly, so it may come close), or half of
     the machine's memory shared by the workers (beyond it the kernel kills a worker)."""
-    from distmlip.memory import _machine_mb
+    from distmlip.environment import machine_mb
 
     limit = calc.pool.options.memory_limit
     if limit is not None:
         return LIMIT_SHARE * limit * 1024
-    machine = _machine_mb()
+    machine = machine_mb()
     return 0.5 * machine / calc.nprocs if machine else float("inf")
 
 
@@ -266,7 +266,7 @@ def estimate_memory(
         calc: a :class:`~distmlip.DistributedCalculator`; its model, partitioner, halo mode
             and dtype are those predicted for. Its workers run the calibration calls, fresh
             (restarted first if the calculator has computed before).
-        atoms: ASE ``Atoms`` or a :class:`~distmlip.graph.Structure`.
+        atoms: ASE ``Atoms`` or a :class:`~distmlip.graphs.structure.Structure`.
         nprocs: P of the prediction (the calibration runs on ``calc.nprocs`` workers).
         calibration_atoms: the most atoms a calibration structure may have (default and at
             most: half the target's; under ``memory_limit`` also at most the target's atoms
@@ -278,12 +278,12 @@ def estimate_memory(
         OutOfMemoryError: even the smallest calibration pieces ran out of memory (under
             ``memory_limit``, or the GPU's): one line saying whether the target can fit.
     """
-    from distmlip.options import _positive_int
-    from distmlip.validate import validate_structure
+    from distmlip.graphs.validate import validate_structure
+    from distmlip.options import positive_int
 
     model = calc.model
     target = _as_structure(atoms, model)
-    nprocs = calc.nprocs if nprocs is None else _positive_int("nprocs", nprocs)
+    nprocs = calc.nprocs if nprocs is None else positive_int("nprocs", nprocs)
     validate_structure(target, nprocs, model)
     largest = max(target.n_atoms // 2, 1)
     if calc.pool.options.memory_limit is not None:
@@ -291,7 +291,7 @@ def estimate_memory(
         # limit, so does every piece, and a calibration that runs out says the target won't.
         largest = min(largest, max(target.n_atoms * calc.nprocs // nprocs, 1))
     if calibration_atoms is not None:
-        largest = min(_positive_int("calibration_atoms", calibration_atoms), largest)
+        largest = min(positive_int("calibration_atoms", calibration_atoms), largest)
     if calc.graph_builds or calc.graph_reuses:
         # Workers keep memory from earlier calls mapped ("keep" allocator, heap fragments),
         # which a per-call peak starts from: calibrate on fresh ones.

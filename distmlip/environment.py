@@ -1,4 +1,5 @@
-"""The environment the worker processes start with: allocator settings and threads."""
+"""The environment the worker processes start with (allocator settings, threads) and the
+machine's memory."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import os
 
 from distmlip.options import WorkerOptions
 
+MB = 2**20
+
 __all__ = [
+    "MALLOPT_VARIABLES",
+    "machine_mb",
+    "cgroup_limit_mb",
     "KEEP_MEMORY_ENVIRONMENT",
     "CUDA_ALLOCATOR_ENVIRONMENT",
     "worker_environment",
@@ -81,3 +87,27 @@ def adopt_in_process(keep_memory: bool, device: str) -> None:
     if device == "cuda" and "PYTORCH_ALLOC_CONF" not in os.environ:  # before CUDA starts
         for name, value in CUDA_ALLOCATOR_ENVIRONMENT.items():
             os.environ.setdefault(name, value)
+
+
+def machine_mb() -> float | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / MB
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def cgroup_limit_mb() -> float | None:
+    """This process's cgroup (v2, or v1) memory limit, if it sets one."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as limit:
+                text = limit.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # "max", or v1's "unlimited" sentinel
+            return int(text) / MB
+    return None
+
+
+MALLOPT_VARIABLES = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1}
+"""glibc reads these variables once, at start; a fork sets them with ``mallopt``."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["WorkerError", "OutOfMemoryError"]
+__all__ = ["WorkerError", "OutOfMemoryError", "StructureRejected", "error_summary"]
 
 
 class WorkerError(RuntimeError):
@@ -19,9 +19,20 @@ class WorkerError(RuntimeError):
 class OutOfMemoryError(WorkerError, MemoryError):
     """A worker ran out of memory (host or GPU). The message names the worker, the atoms and
     edges it held, the memory it had and what to change; ``report`` holds the same as a dict
-    (see :func:`distmlip.memory.memory_report`). The workers were stopped; the next call, e.g.
-    on a smaller structure or after more workers were asked for, starts new ones."""
+    (see :func:`distmlip.worker.memory.memory_report`). The workers were stopped; the next call,
+    e.g. on a smaller structure or after more workers were asked for, starts new ones."""
 
     def __init__(self, message: str, worker_traceback: str | None = None, report=None):
         super().__init__(message, worker_traceback)
         self.report = dict(report or {})
+
+
+def error_summary(error: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line error report shows."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+class StructureRejected(ValueError):
+    """A structure the model refuses, found while computing (``Exchange.reject_if``): raised to
+    the caller as this ``ValueError``; the workers, who refused it together, keep serving."""

@@ -6,6 +6,7 @@ import importlib.util
 import math
 import numbers
 import os
+import sys
 from dataclasses import dataclass
 
 __all__ = [
@@ -37,7 +38,7 @@ def resolve_backend(device: str, backend: str) -> str:
     return backend
 
 
-def _positive_int(name: str, value) -> int:
+def positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
@@ -62,14 +63,14 @@ class WorkerOptions:
             ``"system"`` (the C library's defaults: lowest peak memory).
         checkpoint: activation checkpointing: keep only each message-passing layer's
             boundaries for the backward and recompute its inside, its edges in chunks
-            (``True``: :data:`~distmlip.checkpoint.DEFAULT_CHUNK_EDGES` edges per chunk; or a
+            (``True``: :data:`DEFAULT_CHUNK_EDGES` edges per chunk; or a
             positive integer: that many). Same numbers to round-off; see docs/performance.md.
         memory_limit: GB (2^30 bytes) of memory each CPU worker may use, or None (no bound):
             its data segment is capped (Linux ``RLIMIT_DATA``) before the model loads, so a
             call that needs more raises :class:`~distmlip.OutOfMemoryError` instead of the
-            kernel's out-of-memory killer ending the worker (:mod:`distmlip.memory`).
+            kernel's out-of-memory killer ending the worker (:mod:`distmlip.worker.memory`).
         local_workers: workers on this machine, when ``nprocs`` spans several machines (a
-            torchrun/SLURM job, :mod:`distmlip.cluster`); None: all ``nprocs``. Sets the
+            torchrun/SLURM job, :mod:`distmlip.cluster.launch`); None: all ``nprocs``. Sets the
             default threads per worker and the GPUs needed here.
     """
 
@@ -85,13 +86,13 @@ class WorkerOptions:
     local_workers: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "nprocs", _positive_int("nprocs", self.nprocs))
+        object.__setattr__(self, "nprocs", positive_int("nprocs", self.nprocs))
         if self.local_workers is not None:
-            local = _positive_int("local_workers", self.local_workers)
+            local = positive_int("local_workers", self.local_workers)
             object.__setattr__(self, "local_workers", min(local, self.nprocs))
         here = self.local_workers or self.nprocs
         if self.threads_per_worker is not None:
-            threads = _positive_int("threads_per_worker", self.threads_per_worker)
+            threads = positive_int("threads_per_worker", self.threads_per_worker)
             object.__setattr__(self, "threads_per_worker", threads)
         if isinstance(self.timeout, bool) or not isinstance(self.timeout, numbers.Real):
             raise ValueError(f"timeout must be a number of seconds > 0, got {self.timeout!r}")
@@ -101,11 +102,9 @@ class WorkerOptions:
                 f"got {self.timeout}"
             )
         object.__setattr__(self, "timeout", float(self.timeout))
-        from distmlip.memory import check_memory_limit
+        from distmlip.options import check_memory_limit
 
         object.__setattr__(self, "memory_limit", check_memory_limit(self.memory_limit))
-        from distmlip.checkpoint import MIN_CHUNK_EDGES
-
         checkpoint = self.checkpoint
         if not isinstance(checkpoint, bool) and not (
             isinstance(checkpoint, numbers.Integral) and checkpoint >= MIN_CHUNK_EDGES
@@ -176,8 +175,8 @@ class GraphOptions:
             hold (exchange mode only: ``halo="ghost"`` rebuilds at every call).
         resident: the per-call graph work (skin check, edge vectors, edge selection, model
             inputs) in torch on the worker's device, and the neighbour search with vesin-torch
-            there (:mod:`distmlip.resident`); ``None`` (default): on for ``device="cuda"``, off
-            on the CPU. Same numbers as off, to round-off. Exchange mode only.
+            there (:mod:`distmlip.worker.resident`); ``None`` (default): on for ``device="cuda"``,
+            off on the CPU. Same numbers as off, to round-off. Exchange mode only.
     """
 
     partitioner: str = "slab"
@@ -186,7 +185,7 @@ class GraphOptions:
     resident: bool | None = None
 
     def __post_init__(self):
-        from distmlip.partition import check_partitioner
+        from distmlip.graphs.partition import check_partitioner
 
         check_partitioner(self.partitioner)
         if self.halo not in HALO_MODES:
@@ -235,3 +234,28 @@ class GraphOptions:
                 f"skin={self.skin} Å is more than {type(model).__name__} supports "
                 f"({max_skin:g} Å); 0.5-1 Å suits MD at 1-2 fs"
             )
+
+
+def check_memory_limit(value) -> float | None:
+    """``value`` as a float number of GB (positive, finite), or None; else ``ValueError``."""
+    import numbers
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"memory_limit must be a number of GB > 0 or None, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"memory_limit must be a finite number of GB > 0, got {value!r}")
+    if not sys.platform.startswith("linux"):
+        raise ValueError("memory_limit needs Linux (RLIMIT_DATA); use memory_limit=None")
+    return float(value)
+
+
+DEFAULT_CHUNK_EDGES = 32768
+"""Edges per chunk with ``checkpoint=True``. Adapters sum a layer's edge messages chunk by
+chunk, each chunk a checkpoint region, so the backward holds one chunk's edge activations at a
+time (MACE-MP-medium: ~30 kB per edge in float32, so ~1 GB per chunk; CHGNet ~3 kB)."""
+
+
+MIN_CHUNK_EDGES = 64
+"""Fewer edges per chunk than this is a typo (``checkpoint=1`` for ``True``), not a plan."""

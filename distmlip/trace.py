@@ -4,7 +4,7 @@ The engine marks what it does (``with span("vesin"): ...``, ``event("exchange", 
 nothing is recorded unless a caller records (:func:`recording`), so the core pays one global
 lookup per mark. Benchmarks and ``DistributedCalculator(..., trace=True)`` record instead of
 patching library internals; what a record means (per-layer compute, communication shares) is
-worked out outside the core (:mod:`distmlip.bench`).
+worked out outside the core (:mod:`distmlip.bench.run`).
 
 Times are ``time.perf_counter()`` seconds since the recording started.
 """

@@ -14,7 +14,8 @@ from ase import Atoms
 from ase.build import bulk, fcc111
 from ase.cluster import Icosahedron
 
-from distmlip.graph import Structure, neighborhood_mask
+from distmlip.graphs.neighbors import neighborhood_mask
+from distmlip.graphs.structure import Structure
 
 CUTOFF = 4.0
 """Å: the locality tests' reference model cutoff (cells span >= 4 of it per periodic axis)."""
@@ -109,8 +110,8 @@ def main() -> None:
     """Print, per structure, P and partitioner, the largest and mean search region and the
     largest halo of the workers (docs/design.md's exactness matrix):
     ``python tests/locality.py``."""
-    from distmlip.halo import build_local_graph
-    from distmlip.partition import partition
+    from distmlip.graphs.halo import build_local_graph
+    from distmlip.graphs.partition import partition
 
     for name, make in LARGE.items():
         atoms = make()

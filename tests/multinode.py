@@ -27,7 +27,7 @@ def free_port() -> int:
 
 def environment(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    # The job's shared secret (distmlip.jobsecret): one per test session, never the user's.
+    # The job's shared secret (distmlip.cluster.secret): one per test session, never the user's.
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "DISTMLIP_SECRET": SECRET})
     env.update(extra)
     return env
@@ -140,7 +140,7 @@ class Job:
             for process in self.descendants():
                 try:
                     if process.environ().get("RANK") == str(rank):
-                        if process.cmdline()[1:3] != ["-m", "distmlip._worker"]:
+                        if process.cmdline()[1:3] != ["-m", "distmlip.worker"]:
                             return process
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue

@@ -11,11 +11,15 @@ import torch
 from conftest import SYSTEMS, evaluate, relative_error
 
 from distmlip import DistributedCalculator
-from distmlip.comm import Communicator
-from distmlip.launch import CUDA_ALLOCATOR_ENVIRONMENT, KEEP_MEMORY_ENVIRONMENT, worker_environment
+from distmlip.driver.pool import (
+    CUDA_ALLOCATOR_ENVIRONMENT,
+    KEEP_MEMORY_ENVIRONMENT,
+    worker_environment,
+)
+from distmlip.exchange.comm import Communicator
+from distmlip.exchange.transport import _stage
+from distmlip.exchange.transport import unstage as _unstage
 from distmlip.options import WorkerOptions, resolve_backend
-from distmlip.transport import _stage
-from distmlip.transport import unstage as _unstage
 
 
 @pytest.fixture

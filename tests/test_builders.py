@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from conftest import bulk_cu
 
-from distmlip import builders
-from distmlip.graph import Structure
+from distmlip.graphs.structure import Structure
+from distmlip.worker import builders
 
 
 class FakeComm:
@@ -32,7 +32,7 @@ def test_metis_runs_on_rank_0_only_and_is_broadcast(monkeypatch):
     sent = np.arange(structure.n_atoms) % 2
     comm = FakeComm(broadcast=sent)
     monkeypatch.setattr(builders, "partition", lambda *args: pytest.fail("rank 1 partitioned"))
-    owner = builders._owners(structure, comm, "metis", 5.0)
+    owner = builders.owners(structure, comm, "metis", 5.0)
     np.testing.assert_array_equal(owner, sent)
     assert comm.calls == [("broadcast", None, structure.n_atoms, 0)]
 
@@ -40,9 +40,9 @@ def test_metis_runs_on_rank_0_only_and_is_broadcast(monkeypatch):
 def test_ranks_that_disagree_on_the_partition_refuse_to_compute():
     structure = Structure.from_ase(bulk_cu())
     agreeing = FakeComm()  # max(h) == -max(-h): every rank sent the same hash
-    owner = builders._owners(structure, agreeing, "rcb", 5.0)
+    owner = builders.owners(structure, agreeing, "rcb", 5.0)
     assert set(np.unique(owner)) == {0, 1}
     assert [call[0] for call in agreeing.calls] == ["allreduce", "allreduce"]
     disagreeing = FakeComm(maxima=[7, -3])  # max(h) = 7 but min(h) = 3
     with pytest.raises(RuntimeError, match="different 'rcb' partitions"):
-        builders._owners(structure, disagreeing, "rcb", 5.0)
+        builders.owners(structure, disagreeing, "rcb", 5.0)

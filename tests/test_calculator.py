@@ -121,10 +121,10 @@ def test_ghost_baseline_recomputes_what_exchange_shares(reference_model):
     """On a system much larger than the receptive field, ghosts cost extra edges per worker."""
     from ase.build import bulk
 
-    from distmlip.ghost import build_ghost_graph
-    from distmlip.graph import Structure
-    from distmlip.halo import build_local_graph
-    from distmlip.partition import partition
+    from distmlip.graphs.ghost import build_ghost_graph
+    from distmlip.graphs.halo import build_local_graph
+    from distmlip.graphs.partition import partition
+    from distmlip.graphs.structure import Structure
 
     structure = Structure.from_ase(bulk("Cu", "fcc", a=3.61, cubic=True).repeat((16, 4, 4)))
     owner = partition(structure, 4, "slab")

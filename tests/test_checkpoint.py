@@ -19,12 +19,12 @@ from conftest import (
     small_cell,
 )
 
-from distmlip.builders import SkinGraphs
-from distmlip.checkpoint import chunks
-from distmlip.comm import Communicator
-from distmlip.engine import evaluate as evaluate_worker
 from distmlip.exchange import Exchange
-from distmlip.graph import Structure
+from distmlip.exchange.checkpoint import chunks
+from distmlip.exchange.comm import Communicator
+from distmlip.graphs.structure import Structure
+from distmlip.worker.builders import SkinGraphs
+from distmlip.worker.engine import evaluate as evaluate_worker
 
 pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
 

@@ -310,11 +310,11 @@ def test_bond_graph_single_worker_counts_match_upstream(adapter):
     import torch
     from pymatgen.io.ase import AseAtomsAdaptor
 
-    from distmlip.comm import Communicator
-    from distmlip.engine import topology
     from distmlip.exchange import RowDeclarer
-    from distmlip.graph import Structure
-    from distmlip.halo import build_all_local_graphs
+    from distmlip.exchange.comm import Communicator
+    from distmlip.graphs.halo import build_all_local_graphs
+    from distmlip.graphs.structure import Structure
+    from distmlip.worker.engine import topology
 
     for name in ("small_cell", "crystal", "slab"):
         atoms = STRUCTURES[name]()

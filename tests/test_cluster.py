@@ -1,4 +1,4 @@
-"""Multi-node jobs (distmlip.cluster): two torchrun "nodes" on this machine, 2 ranks each.
+"""Multi-node jobs (distmlip.cluster.launch): two torchrun "nodes" on this machine, 2 ranks each.
 
 Every job is checked for what a cluster user relies on: rank 0 prints what one process prints
 and nothing else appears on any rank's standard output, only rank 0 reads and writes files,
@@ -22,7 +22,7 @@ import torch
 from ase.io import read, write
 from multinode import Job, environment
 
-from distmlip.cluster import Launch, _tasks_per_node, detect_launch, identity
+from distmlip.cluster.launch import Launch, _tasks_per_node, detect_launch, identity
 
 pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
 
@@ -130,7 +130,7 @@ def test_env_launch_without_local_rank_is_refused():
 
 
 def test_interface_variables_follow_nccl_syntax():
-    from distmlip.network import interfaces_named
+    from distmlip.cluster.network import interfaces_named
 
     names = ["lo", "eth0", "eth1", "ib0", "docker0"]
     assert interfaces_named("eth", names) == ["eth0", "eth1"]
@@ -142,7 +142,7 @@ def test_interface_variables_follow_nccl_syntax():
 def test_rank_0_listens_only_on_the_interface_the_job_uses(monkeypatch):
     import psutil
 
-    from distmlip.network import job_addresses
+    from distmlip.cluster.network import job_addresses
 
     for variable in ("DISTMLIP_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
         monkeypatch.delenv(variable, raising=False)
@@ -170,7 +170,7 @@ def test_rank_0_listens_only_on_the_interface_the_job_uses(monkeypatch):
 
 
 def test_listeners_are_bound_to_the_chosen_interface_alone():
-    from distmlip.network import listen
+    from distmlip.cluster.network import listen
 
     sockets = listen(["127.0.0.1"], backlog=2)
     try:
@@ -184,7 +184,7 @@ def test_a_send_to_a_worker_that_stopped_reading_times_out():
     import socket
     from multiprocessing.connection import Connection
 
-    from distmlip.processes import io_timeout
+    from distmlip.cluster.network import io_timeout
 
     ours, theirs = socket.socketpair()
     connection = Connection(ours.detach())
@@ -199,7 +199,7 @@ def test_a_send_to_a_worker_that_stopped_reading_times_out():
 def test_a_busy_or_silent_master_port_is_an_error_not_a_hang():
     import socket
 
-    from distmlip.jobstore import job_store
+    from distmlip.cluster.store import job_store
 
     with socket.create_server(("127.0.0.1", 0)) as squatter:  # listens, never speaks
         port = squatter.getsockname()[1]
@@ -207,7 +207,7 @@ def test_a_busy_or_silent_master_port_is_an_error_not_a_hang():
         with pytest.raises(ValueError, match=f"MASTER_PORT={port} is in use on this machine"):
             job_store(launch, 5.0, host=True)
         began = time.monotonic()
-        # The promise (distmlip.jobstore): a client that gets no store handshake gives up
+        # The promise (distmlip.cluster.store): a client that gets no store handshake gives up
         # after its timeout + 5 s. Measured: 6.00-6.02 s (8 runs, idle and beside a 2-worker
         # job on this 2-core VM); 2 s of margin for a loaded machine.
         with pytest.raises(RuntimeError, match="no answer within 6 s"):
@@ -250,13 +250,15 @@ def test_identity_tells_models_apart():
 
 
 def test_under_a_launcher_nprocs_must_be_the_world_size(monkeypatch, capsys):
-    from distmlip import DistributedCalculator, rendezvous
+    from distmlip import DistributedCalculator
     from distmlip.cli import main
+    from distmlip.cluster import rendezvous, store
 
     for name, value in {**TORCHRUN, "RANK": "0"}.items():
         monkeypatch.setenv(name, value)
     reported = []
-    monkeypatch.setattr(rendezvous, "report_failure", lambda launch, text: reported.append(text))
+    for module in (rendezvous, store):  # the calculator's, the command line's
+        monkeypatch.setattr(module, "report_failure", lambda launch, text: reported.append(text))
     with pytest.raises(ValueError, match="nprocs=2, but this torchrun job has 4 ranks"):
         DistributedCalculator("reference", nprocs=2)
     assert main(["predict", "bulk:Cu:fcc:3.61", "--model", "reference", "--nprocs", "3"]) == 2
@@ -501,7 +503,7 @@ def test_killing_a_worker_mid_run_ends_the_whole_job(tmp_path, victim):
             target = job.rank_process(0)
         else:
             driver = job.rank_process(0)
-            target = next(p for p in driver.children() if "distmlip._worker" in p.cmdline())
+            target = next(p for p in driver.children() if "distmlip.worker" in p.cmdline())
         job.descendants()
         os.kill(target.pid, signal.SIGKILL)
         seconds = job.wait(timeout + 60)

@@ -206,7 +206,7 @@ def test_store_attacks_run_nothing_and_the_job_gives_the_right_numbers(tmp_path)
 def test_the_keys_of_a_record_do_not_open_another_records_connections():
     """A record replayed from an earlier job of the same name (same secret) carries an old
     nonce: its key cannot answer this job's challenges (no relay through an old record)."""
-    from distmlip.jobsecret import JobKeys
+    from distmlip.cluster.secret import JobKeys
 
     keys = JobKeys(b"s" * 32, "distmlip/none.0")
     old, old_nonce = keys.record([("127.0.0.1", 1000)])
@@ -231,9 +231,9 @@ def test_the_keys_of_a_record_do_not_open_another_records_connections():
 def test_rank_0_drops_a_peer_with_the_wrong_key_and_accepts_the_right_one(monkeypatch, capsys):
     """In one process: rank 0's rendezvous with an intruder holding another secret, then a
     genuine rank; the intruder is logged and dropped and the genuine rank accepted."""
-    from distmlip.jobsecret import JobKeys
-    from distmlip.jobstore import job_store
-    from distmlip.rendezvous import _connect
+    from distmlip.cluster.secret import JobKeys
+    from distmlip.cluster.serve import _connect
+    from distmlip.cluster.store import job_store
 
     driver, endpoints, right_key = _driver(monkeypatch)
     raw = job_store(driver.launch, 10).get(f"{driver.launch.prefix}/driver")
@@ -266,7 +266,7 @@ def test_rank_0_drops_a_peer_with_the_wrong_key_and_accepts_the_right_one(monkey
 
 def _rank_0_of_two(port: int):
     """The launch of rank 0 of a 2-rank torchrun job on loopback (store at ``port``)."""
-    from distmlip.cluster import detect_launch
+    from distmlip.cluster.launch import detect_launch
 
     return detect_launch(
         {
@@ -285,9 +285,9 @@ def _driver(monkeypatch, secret="right-0123456789abcdef"):
     """Rank 0's rendezvous of a 2-rank job on loopback, and the genuine rank's keys."""
     from multinode import free_port
 
-    from distmlip.jobsecret import JobKeys
-    from distmlip.jobstore import job_store
-    from distmlip.rendezvous import DriverRendezvous
+    from distmlip.cluster.rendezvous import DriverRendezvous
+    from distmlip.cluster.secret import JobKeys
+    from distmlip.cluster.store import job_store
 
     monkeypatch.setenv("DISTMLIP_SECRET", secret)
     launch = _rank_0_of_two(free_port())
@@ -299,7 +299,7 @@ def _driver(monkeypatch, secret="right-0123456789abcdef"):
 
 
 def _genuine_rank(endpoints, authkey, outcome: dict, delay: float = 0.0) -> threading.Thread:
-    from distmlip.rendezvous import _connect
+    from distmlip.cluster.serve import _connect
 
     def rank() -> None:
         time.sleep(delay)
@@ -313,7 +313,7 @@ def _genuine_rank(endpoints, authkey, outcome: dict, delay: float = 0.0) -> thre
 
 
 def test_a_record_with_any_byte_of_its_mac_altered_or_cut_is_refused():
-    from distmlip.jobsecret import JobKeys
+    from distmlip.cluster.secret import JobKeys
 
     keys = JobKeys(b"s" * 32, "distmlip/none.0")
     raw, _ = keys.record([("127.0.0.1", 1000)])
@@ -333,7 +333,7 @@ def test_a_rank_refuses_a_listener_that_cannot_prove_it_holds_the_key():
     must not go on to send its hello (a pickle) or read what comes back."""
     from multiprocessing.connection import CHALLENGE, WELCOME
 
-    from distmlip.rendezvous import _connect
+    from distmlip.cluster.serve import _connect
 
     seen: dict = {}
     with socket.create_server(("127.0.0.1", 0)) as server:
@@ -400,7 +400,7 @@ def test_rank_0_proves_it_holds_the_key_before_it_reads_a_hello(monkeypatch):
 def test_rank_0_drops_a_silent_connection_and_goes_on(monkeypatch, capsys):
     """A peer that connects and says nothing (a port scanner, a frozen process) is dropped
     after the handshake's timeout: it does not hold up the job."""
-    import distmlip.rendezvous as rendezvous
+    import distmlip.cluster.rendezvous as rendezvous
 
     monkeypatch.setattr(rendezvous, "HANDSHAKE_TIMEOUT", 1.0)
     driver, endpoints, authkey = _driver(monkeypatch)
@@ -439,7 +439,7 @@ def test_rank_0_publishes_exactly_where_it_listens(monkeypatch):
 def test_a_failure_posted_in_the_store_is_shown_bounded_and_printable():
     """Anyone can write the store: what is shown of a posted failure cannot drive the terminal
     (escape sequences, carriage returns, new lines) nor flood it."""
-    from distmlip.jobstore import failures
+    from distmlip.cluster.store import failures
 
     launch = _rank_0_of_two(1)
     posted = {f"{launch.prefix}/failed/1": b"\x1b[2J\x1b]0;owned\x07bad\rline\nnext" + b"x" * 5000}

@@ -9,15 +9,15 @@ from ase import units
 from ase.build import bulk
 
 from distmlip import DistributedCalculator
-from distmlip.dynamics import (
+from distmlip.graphs.partition import partition
+from distmlip.graphs.structure import Structure
+from distmlip.md.dynamics import (
     MDSettings,
     dynamics_state,
     initial_velocities,
     make_dynamics,
     restore_dynamics_state,
 )
-from distmlip.graph import Structure
-from distmlip.partition import partition
 
 pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
 

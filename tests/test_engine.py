@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import small_cell
 
-from distmlip.comm import Communicator
-from distmlip.engine import evaluate
-from distmlip.graph import Structure
-from distmlip.halo import build_local_graph, resolve_send_index
+from distmlip.exchange.comm import Communicator
+from distmlip.graphs.halo import build_local_graph, resolve_send_index
+from distmlip.graphs.structure import Structure
 from distmlip.models import ReferenceMPNN
+from distmlip.worker.engine import evaluate
 
 
 class Recording(ReferenceMPNN):

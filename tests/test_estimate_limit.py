@@ -10,7 +10,7 @@ from ase.build import bulk
 from test_out_of_memory import CHGNET_TOLERANCE
 
 from distmlip import DistributedCalculator, OutOfMemoryError
-from distmlip.graph import Structure
+from distmlip.graphs.structure import Structure
 
 pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
 

@@ -26,18 +26,19 @@ from conftest import relative_error, small_cell, trajectory
 from test_estimate_limit import LinearMemoryCalc, copper
 
 from distmlip import OutOfMemoryError, ReferenceMPNN, trace
-from distmlip import launch as launch_module
-from distmlip.builders import graph_builder
 from distmlip.capacity import GROWTH_MB, estimate_memory
-from distmlip.cluster import detect_launch
-from distmlip.comm import CommunicationError, Communicator
-from distmlip.engine import evaluate as evaluate_graph
-from distmlip.graph import Structure
-from distmlip.launch import WorkerPool
-from distmlip.memory import PeakMemory, out_of_memory_kind, reply_error
+from distmlip.cluster.launch import detect_launch
+from distmlip.driver import pool as launch_module
+from distmlip.driver.failures import reply_error
+from distmlip.driver.pool import WorkerPool
+from distmlip.driver.processes import Workers
+from distmlip.exchange.comm import CommunicationError, Communicator
+from distmlip.graphs.structure import Structure
+from distmlip.messages import WorkerConfig
 from distmlip.options import WorkerOptions
-from distmlip.processes import Workers
-from distmlip.worker import WorkerConfig, _failure, _worker_device, run_worker
+from distmlip.worker.engine import evaluate as evaluate_graph
+from distmlip.worker.main import _failure, _worker_device, graph_builder, run_worker
+from distmlip.worker.memory import PeakMemory, out_of_memory_kind
 
 MB = 2**20
 CPU = torch.device("cpu")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from conftest import SYSTEMS
 
-from distmlip.graph import Structure, binning_frame, neighbor_list, neighborhood_mask
+from distmlip.graphs.neighbors import binning_frame, neighbor_list, neighborhood_mask
+from distmlip.graphs.structure import Structure
 
 
 @pytest.mark.parametrize("name", list(SYSTEMS))

@@ -7,9 +7,10 @@ from conftest import examples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distmlip.graph import Structure, neighbor_list
-from distmlip.halo import build_all_local_graphs
-from distmlip.partition import partition
+from distmlip.graphs.halo import build_all_local_graphs
+from distmlip.graphs.neighbors import neighbor_list
+from distmlip.graphs.partition import partition
+from distmlip.graphs.structure import Structure
 
 
 @st.composite

@@ -25,7 +25,7 @@ from conftest import small_cell
 from test_launch import assert_all_gone
 
 from distmlip import DistributedCalculator
-from distmlip.launch import _NoAnswer, collect_replies
+from distmlip.driver.pool import NoAnswer, collect_replies
 
 pytestmark = [
     pytest.mark.slow,
@@ -108,7 +108,7 @@ def test_collect_replies_discards_replies_to_abandoned_requests():
     assert collect_replies(list(driver_ends), 7, timeout=5) == ["rank 0", "rank 1"]
     # Only a stale reply: that is no answer, not a result.
     worker_ends[1].send(("ok", 7, "stale"))
-    with pytest.raises(_NoAnswer):
+    with pytest.raises(NoAnswer):
         collect_replies(list(driver_ends), 8, timeout=0.5)
 
 
@@ -119,12 +119,12 @@ def worker_children() -> set[int]:
 
 def workers_of(driver: psutil.Process) -> list[psutil.Process]:
     """The live distmlip workers of ``driver``: its children started as fresh interpreters,
-    and its zygotes' children (distmlip.zygote)."""
+    and its zygotes' children (distmlip.driver.zygote)."""
     workers = []
     for child in driver.children():
-        if _runs(child, "distmlip._worker"):
+        if _runs(child, "distmlip.worker"):
             workers.append(child)
-        elif _runs(child, "distmlip._zygote"):
+        elif _runs(child, "distmlip.worker.zygote"):
             workers += child.children()
     return [p for p in workers if _live(p)]
 

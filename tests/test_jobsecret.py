@@ -1,4 +1,4 @@
-"""The secret a launched job's ranks share (distmlip.jobsecret): where it comes from, who may
+"""The secret a launched job's ranks share (distmlip.cluster.secret): where it comes from, who may
 read it, and a job that finds it in the user-only file alone."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import pytest
 from multinode import Job, environment
 
-from distmlip.jobsecret import JobKeys, job_secret, secret_file
+from distmlip.cluster.secret import JobKeys, job_secret, secret_file
 
 
 def test_the_variable_wins_and_must_be_long_enough(tmp_path):
@@ -38,7 +38,7 @@ def test_the_file_is_made_once_for_this_user_alone(tmp_path):
 def test_ranks_starting_together_read_one_secret(tmp_path):
     """Several processes making the file at the same moment all end up with the same one."""
     code = (
-        "import sys, time; from distmlip.jobsecret import job_secret\n"
+        "import sys, time; from distmlip.cluster.secret import job_secret\n"
         "time.sleep(float(sys.argv[1]) - time.time())\n"
         "print(job_secret().decode())"
     )
@@ -154,7 +154,7 @@ def test_an_empty_or_padded_short_variable_is_refused(tmp_path, value):
 
 def test_a_secret_another_rank_just_made_is_never_replaced(tmp_path):
     """The file appears between this rank's look and its write: theirs is kept, whole."""
-    from distmlip.jobsecret import _create
+    from distmlip.cluster.secret import _create
 
     environ = {"XDG_CONFIG_HOME": str(tmp_path)}
     path = secret_file(environ)

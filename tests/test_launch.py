@@ -268,7 +268,7 @@ def test_gloo_of_local_workers_is_put_on_the_loopback_interface(monkeypatch):
     the test above cannot tell; this one checks the choice itself.)"""
     import psutil
 
-    from distmlip.worker import _gloo_on_loopback
+    from distmlip.worker.main import _gloo_on_loopback
 
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     _gloo_on_loopback()
@@ -287,7 +287,7 @@ def test_a_local_worker_puts_gloo_on_loopback_before_it_joins_the_group(monkeypa
     import torch.distributed as dist
     from test_gpu_plumbing import config as worker_config
 
-    from distmlip.worker import run_worker
+    from distmlip.worker.main import run_worker
 
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))

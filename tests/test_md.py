@@ -19,7 +19,7 @@ from test_launch import assert_all_gone
 
 from distmlip import DistributedCalculator
 from distmlip.cli import main
-from distmlip.trajectory import THERMO_COLUMNS
+from distmlip.md.trajectory import THERMO_COLUMNS
 
 pytestmark = pytest.mark.slow  # every test runs the CLI with its own worker pool
 
@@ -159,7 +159,7 @@ def test_restart_after_a_torn_final_frame_cuts_the_log_back(tmp_path, name, caps
 
 def test_a_diverged_run_stops_with_one_line(tmp_path):
     from distmlip.cli.md import BlownUp, _check_sane
-    from distmlip.dynamics import MDSettings
+    from distmlip.md.dynamics import MDSettings
 
     atoms = bulk("Cu", "fcc", a=3.61, cubic=True)
     atoms.set_momenta(np.full((4, 3), np.nan))

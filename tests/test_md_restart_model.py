@@ -15,7 +15,7 @@ from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
 
-import distmlip.durable
+import distmlip.md.durable
 from distmlip import DistributedCalculator
 from distmlip.cli import main
 
@@ -175,7 +175,7 @@ def test_a_trajectory_that_records_nothing_needs_the_model_and_warns_of_the_ense
 
 
 class FullDisk:
-    """``os`` as ``distmlip.durable`` sees it, but the disk fills up during the ``fail_at``-th
+    """``os`` as ``distmlip.md.durable`` sees it, but the disk fills up during the ``fail_at``-th
     write to a file whose name ends in ``name``: half of it is written, then every write
     fails with ENOSPC."""
 
@@ -220,7 +220,7 @@ def test_a_full_disk_ends_the_run_with_one_line_and_no_partial_files(
     argv = md(trajectory, "--model", "reference", "--ensemble", "nvt", "--thermostat",
               "nose-hoover", steps=20)  # fmt: skip
     with monkeypatch.context() as patch:
-        patch.setattr(distmlip.durable, "os", FullDisk(name, fail_at))
+        patch.setattr(distmlip.md.durable, "os", FullDisk(name, fail_at))
         assert main(argv) == 1
     error = last_error(capsys)
     assert error.startswith("distmlip: error: writing ") and failed in error.split(":")[2]
@@ -273,15 +273,15 @@ def test_a_launched_restart_needs_the_runs_model_options_on_every_ranks_command_
     the run (not the defaults, not given) must be added to the command line."""
     from types import SimpleNamespace
 
-    import distmlip.cluster
+    import distmlip.cluster.launch
     from distmlip.cli.arguments import UsageError
     from distmlip.cli.md_restart import check_launched
 
     args = SimpleNamespace(model="reference", dtype="float64", skin=1.0)
-    monkeypatch.setattr(distmlip.cluster, "detect_launch", lambda: None)
+    monkeypatch.setattr(distmlip.cluster.launch, "detect_launch", lambda: None)
     check_launched(args, given=set())  # not launched: nothing to add
     monkeypatch.setattr(
-        distmlip.cluster, "detect_launch", lambda: SimpleNamespace(source="torchrun")
+        distmlip.cluster.launch, "detect_launch", lambda: SimpleNamespace(source="torchrun")
     )
     with pytest.raises(UsageError, match="under torchrun .*add --model reference --dtype float64$"):
         check_launched(args, given=set())

@@ -22,17 +22,12 @@ from ase.cluster import Icosahedron
 
 from distmlip import DistributedCalculator, OutOfMemoryError, WorkerError
 from distmlip.capacity import carve, repeat_counts
-from distmlip.graph import Structure, neighbor_list
-from distmlip.memory import (
-    KILLED_HINT,
-    PeakMemory,
-    check_memory_limit,
-    out_of_memory_kind,
-    out_of_memory_message,
-    requested_bytes,
-)
-from distmlip.options import WorkerOptions
-from distmlip.validate import validate_structure
+from distmlip.driver.failures import KILLED_HINT, out_of_memory_message
+from distmlip.graphs.neighbors import neighbor_list
+from distmlip.graphs.structure import Structure
+from distmlip.graphs.validate import validate_structure
+from distmlip.options import WorkerOptions, check_memory_limit
+from distmlip.worker.memory import PeakMemory, out_of_memory_kind, requested_bytes
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux")
 

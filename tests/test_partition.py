@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from conftest import SYSTEMS
 
-from distmlip.graph import Structure
-from distmlip.partition import partition, partition_coordinates
+from distmlip.graphs.partition import partition, partition_coordinates
+from distmlip.graphs.structure import Structure
 
 
 @pytest.mark.parametrize("method", ["slab", "rcb", "metis"])

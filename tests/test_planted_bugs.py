@@ -22,11 +22,12 @@ from ase import Atoms
 from locality import CUTOFF, LARGE
 
 from distmlip import ReferenceMPNN
-from distmlip.builders import graph_builder
-from distmlip.comm import Communicator
-from distmlip.ghost import build_ghost_graph
-from distmlip.graph import Structure, neighbor_list
-from distmlip.partition import partition
+from distmlip.exchange.comm import Communicator
+from distmlip.graphs.ghost import build_ghost_graph
+from distmlip.graphs.neighbors import neighbor_list
+from distmlip.graphs.partition import partition
+from distmlip.graphs.structure import Structure
+from distmlip.worker.main import graph_builder
 
 CPU = torch.device("cpu")
 

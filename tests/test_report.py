@@ -8,7 +8,13 @@ import re
 import numpy as np
 import pytest
 
-from distmlip.report import jsonable, machine_description, markdown_table, pyplot, write_report
+from distmlip.bench.report import (
+    jsonable,
+    machine_description,
+    markdown_table,
+    pyplot,
+    write_report,
+)
 
 
 def test_json_is_strict_rounded_and_plain(tmp_path):
@@ -87,7 +93,7 @@ def test_machine_description_names_architecture_cores_and_memory():
 
 
 def test_command_line_is_what_a_person_would_type_again():
-    from distmlip.report import command_line
+    from distmlip.bench.report import command_line
 
     assert command_line(["/env/bin/distmlip", "bench", "--atoms", "1 2"]) == (
         "distmlip bench --atoms '1 2'"

@@ -1,5 +1,5 @@
-"""The resident step (distmlip.resident) on CPU tensors equals the numpy path; positions-only
-requests (distmlip.delta) never use a stale structure.
+"""The resident step (distmlip.worker.resident) on CPU tensors equals the numpy path; positions-only
+requests (distmlip.driver.sender) never use a stale structure.
 
 The resident path is what device="cuda" runs by default; here it runs the same torch code on
 the CPU, compared with resident=False at the same P (float64, to round-off), over MD-like
@@ -16,16 +16,18 @@ import torch
 from conftest import SYSTEMS, cluster, evaluate, small_cell, surface_slab, trajectory
 
 from distmlip import DistributedCalculator
-from distmlip.builders import graph_builder
-from distmlip.comm import Communicator
-from distmlip.delta import Moved, StaleBase, StructureSender, StructureStore
-from distmlip.engine import evaluate as evaluate_graph
-from distmlip.graph import Structure, neighbor_list
-from distmlip.halo import build_local_graph
+from distmlip.driver.sender import StructureSender
+from distmlip.exchange.comm import Communicator
+from distmlip.graphs.halo import build_local_graph
+from distmlip.graphs.neighbors import neighbor_list
+from distmlip.graphs.partition import partition
+from distmlip.graphs.structure import Structure
+from distmlip.messages import EvaluationRequest, Moved, StaleBase
 from distmlip.options import GraphOptions
-from distmlip.partition import partition
-from distmlip.resident import device_pairs
-from distmlip.worker import EvaluationRequest
+from distmlip.worker.engine import evaluate as evaluate_graph
+from distmlip.worker.main import graph_builder
+from distmlip.worker.resident import device_pairs
+from distmlip.worker.store import StructureStore
 
 RTOL = 1e-12
 CPU = torch.device("cpu")

@@ -35,12 +35,12 @@ from ase.neighborlist import neighbor_list  # noqa: E402
 from conftest import relative_error  # noqa: E402
 
 from distmlip import DistributedCalculator  # noqa: E402
-from distmlip.builders import graph_builder  # noqa: E402
 from distmlip.calculator import assemble  # noqa: E402
-from distmlip.comm import Communicator  # noqa: E402
-from distmlip.engine import evaluate as evaluate_graph  # noqa: E402
-from distmlip.graph import Structure  # noqa: E402
+from distmlip.exchange.comm import Communicator  # noqa: E402
+from distmlip.graphs.structure import Structure  # noqa: E402
 from distmlip.models import resolve_model  # noqa: E402
+from distmlip.worker.engine import evaluate as evaluate_graph  # noqa: E402
+from distmlip.worker.main import graph_builder  # noqa: E402
 
 RTOL = 1e-11
 SKIN = 0.5
@@ -280,7 +280,7 @@ def run_frames(calc, frames, expected, label: str) -> None:
         assert decisions == {int(reused)}, f"{label} frame {step} ({what}): reused {decisions}"
         if reused:
             assert all(s["skin_edges"] > s["edges"] for s in calc.last_stats), what
-        # Only positions and cell changed: the driver sent them alone (distmlip.delta).
+        # Only positions and cell changed: the driver sent them alone (distmlip.driver.sender).
         previous = frames[step - 1][1] if step else None
         moved_only = previous is not None and same_rest(previous, atoms)
         sent = {s["positions_only"] for s in calc.last_stats}

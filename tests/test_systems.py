@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distmlip.systems import CRYSTALS, crystal, repeats_for
+from distmlip.bench.systems import CRYSTALS, crystal, repeats_for
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from ase.build import bulk
 from ase.io import read
 
 from distmlip.cli.structures import BulkSpec, structure_argument
-from distmlip.trajectory import (
+from distmlip.md.trajectory import (
     FrameWriter,
     ThermoLog,
     interrupts_deferred,
@@ -213,7 +213,7 @@ def test_bad_bulk_specs(text, message):
 
 
 class _DiskFills:
-    """``os`` as :mod:`distmlip.durable` sees it, but the disk fills during the first write:
+    """``os`` as :mod:`distmlip.md.durable` sees it, but the disk fills during the first write:
     half the data goes out (a short write), then every write fails with ENOSPC."""
 
     def __init__(self):
@@ -234,7 +234,7 @@ class _DiskFills:
 def test_a_failed_append_is_cut_back_and_names_the_file(tmp_path, monkeypatch):
     import errno
 
-    import distmlip.durable as durable
+    import distmlip.md.durable as durable
 
     path = tmp_path / "run.log"
     path.write_bytes(b"first record\n")
@@ -255,7 +255,7 @@ def test_a_failed_replace_keeps_the_old_file_names_it_and_leaves_no_temporary(
     """The error names the file the user knows (not the temporary one beside it)."""
     import errno
 
-    import distmlip.durable as durable
+    import distmlip.md.durable as durable
 
     target = tmp_path / "run.extxyz.state.json"
     target.write_text("old")

@@ -78,7 +78,7 @@ def test_atoms_spread_far_apart_are_a_clear_error(reference_model):
     from ase import Atoms
 
     from distmlip import Structure
-    from distmlip.validate import validate_structure
+    from distmlip.graphs.validate import validate_structure
 
     atoms = Atoms("Cu4", positions=[[0, 0, 0], [2.5, 0, 0], [1e6, 0, 0], [1e6 + 2.5, 0, 0]])
     with pytest.raises(ValueError, match="span 1e\\+06 Å along the non-periodic axis x"):

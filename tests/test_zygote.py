@@ -1,4 +1,4 @@
-"""CPU workers forked from a zygote (distmlip.zygote): the same numbers, environment and
+"""CPU workers forked from a zygote (distmlip.driver.zygote): the same numbers, environment and
 process handling as workers started as fresh interpreters."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from conftest import evaluate, small_cell
 from test_launch import assert_all_gone
 
 from distmlip import DistributedCalculator, WorkerError
+from distmlip.driver.zygote import START_ENVIRONMENT, close_zygotes, start_method
 from distmlip.exchange import Exchange
 from distmlip.models.base import GraphInputs
 from distmlip.models.reference import ReferenceMPNN
-from distmlip.zygote import START_ENVIRONMENT, close_zygotes, start_method
 
 pytestmark = pytest.mark.skipif(
     start_method("cpu", False) != "fork", reason="workers are forked only on Linux"
@@ -33,7 +33,7 @@ def _parent(pid: int) -> psutil.Process:
 
 
 def _is_zygote(process: psutil.Process) -> bool:
-    return "distmlip._zygote" in process.cmdline()
+    return "distmlip.worker.zygote" in process.cmdline()
 
 
 def _rattled():
@@ -164,7 +164,7 @@ def test_workers_write_where_the_drivers_output_goes_now_and_nothing_is_lost(
     """A worker's output goes where the driver's standard output and error point when the pool
     starts (the command line points stdout at stderr during a --json run), also when its
     zygote started before; what it wrote before it exited is all there."""
-    from distmlip.zygote import prestart
+    from distmlip.driver.zygote import prestart
 
     monkeypatch.setenv(START_ENVIRONMENT, method)
     monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the workers' streams buffer
@@ -230,7 +230,7 @@ def test_workers_outlive_a_zygote_that_dies(reference_model):
 
 
 def test_without_a_zygote_workers_start_as_fresh_interpreters(reference_model, monkeypatch):
-    from distmlip import zygote
+    from distmlip.driver import zygote
 
     def cannot_start(*args, **kwargs):
         raise OSError("no zygote today")
@@ -258,7 +258,8 @@ def test_a_new_zygote_gets_the_start_up_time_even_with_nothing_to_preload(
 ):
     """The first answer of a zygote waits for it to import torch (seconds), also when the
     model names no installed module to preload; later answers are quick (a fork)."""
-    from distmlip import launch, zygote
+    from distmlip.driver import pool as launch
+    from distmlip.driver import zygote
 
     monkeypatch.setattr(launch, "preload_modules", lambda model: ())
     monkeypatch.setattr(zygote, "_REPLY_TIMEOUT", 0.5)  # < importing torch, > forking
@@ -275,7 +276,7 @@ def _zygotes_of_this_process() -> set[int]:
 def test_a_prestarted_zygote_is_claimed_by_the_next_pool(reference_model, monkeypatch):
     """prestart's zygote imports torch while the caller goes on; the next pool with the same
     environment and working directory forks from it, and starts no other."""
-    from distmlip.zygote import prestart
+    from distmlip.driver.zygote import prestart
 
     monkeypatch.setenv("DISTMLIP_TEST_MARK", "prestarted")
     before = _zygotes_of_this_process()
@@ -295,7 +296,7 @@ def test_a_spare_that_imported_another_package_is_not_forked_for_this_model(
 ):
     """A spare that imported a package the model does not need (here ase) is stopped, and
     the pool gets a zygote that imported only what its model needs."""
-    from distmlip.zygote import prestart
+    from distmlip.driver.zygote import prestart
 
     monkeypatch.setenv("DISTMLIP_TEST_MARK", "another package")
     before = _zygotes_of_this_process()
@@ -308,7 +309,7 @@ def test_a_spare_that_imported_another_package_is_not_forked_for_this_model(
 
 
 def test_an_unclaimed_spare_is_stopped(monkeypatch):
-    from distmlip.zygote import discard_spares, prestart
+    from distmlip.driver.zygote import discard_spares, prestart
 
     monkeypatch.setenv("DISTMLIP_TEST_MARK", "unclaimed")
     before = _zygotes_of_this_process()
@@ -324,8 +325,8 @@ def test_the_command_line_forks_its_workers_from_the_zygote_it_prestarted(
 ):
     """`distmlip predict` starts the zygote before it loads the model; its pool claims it
     (one zygote started in all) and none is left unclaimed."""
-    from distmlip import zygote
     from distmlip.cli import main
+    from distmlip.driver import zygote
 
     started = []
     original = zygote._Zygote.__init__

@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from distmlip.bench.systems import CRYSTALS
 from distmlip.cli.arguments import (
     MODEL_HELP,
     Formatter,
@@ -26,7 +27,6 @@ from distmlip.cli.arguments import (
     timeout_seconds,
 )
 from distmlip.cli.structures import add_structure_arguments
-from distmlip.systems import CRYSTALS
 
 __all__ = ["main"]
 
@@ -39,7 +39,7 @@ memory per worker. "distmlip COMMAND --help" describes each command."""
 def bench(args) -> int:
     from pathlib import Path
 
-    from distmlip.bench import BenchConfig, BenchOptionError, run_bench
+    from distmlip.bench.run import BenchConfig, BenchOptionError, run_bench
 
     config = BenchConfig(
         model=args.model,
@@ -434,7 +434,7 @@ def _launched(args, launch) -> None:
         try:
             worker_calculator(args)  # serves rank 0, then ends with SystemExit
         except SystemExit as ending:
-            from distmlip.worker import exit_process
+            from distmlip.worker.main import exit_process
 
             # A serving rank writes no files: no seconds of interpreter shutdown.
             exit_process(ending.code if isinstance(ending.code, int) else 1 if ending.code else 0)
@@ -444,11 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     launch = None
     try:
-        from distmlip.cluster import detect_launch
+        from distmlip.cluster.launch import detect_launch
 
         launch = detect_launch()
         if launch is not None:
-            from distmlip.rendezvous import host_store
+            from distmlip.cluster.store import host_store
 
             host_store(launch)
             if launch.rank > 0:  # rank 0's output alone on stdout, whatever a model prints
@@ -473,8 +473,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _failed(launch, _one_line(error), 1)
     finally:
-        if "distmlip.zygote" in sys.modules:
-            sys.modules["distmlip.zygote"].discard_spares()
+        if "distmlip.driver.zygote" in sys.modules:
+            sys.modules["distmlip.driver.zygote"].discard_spares()
 
 
 POOL_COMMANDS = ("predict", "md", "relax", "demo", "estimate")
@@ -483,11 +483,11 @@ POOL_COMMANDS = ("predict", "md", "relax", "demo", "estimate")
 
 def _prestart_workers(args) -> None:
     """Have the workers' zygote import torch and the model's package on another core while
-    this process imports and loads the model (:func:`distmlip.zygote.prestart`)."""
+    this process imports and loads the model (:func:`distmlip.driver.zygote.prestart`)."""
     command = args.handler.split(":")[0].rsplit(".", 1)[-1]
     if command in POOL_COMMANDS and args.device == "cpu":
+        from distmlip.driver.zygote import prestart
         from distmlip.models.registry import worker_modules
-        from distmlip.zygote import prestart
 
         prestart(worker_modules(args.model) if args.model else ())
 
@@ -498,7 +498,7 @@ def _failed(launch, message: str, status: int) -> int:
     shown = f"rank {launch.rank}: {message}" if launch is not None and launch.rank else message
     _error(shown, status)
     if launch is not None:
-        from distmlip.rendezvous import report_failure
+        from distmlip.cluster.store import report_failure
 
         report_failure(launch, message)
     return status

@@ -131,7 +131,7 @@ def model_argument(text: str) -> str:
 def _serving_rank() -> bool:
     """A rank other than 0 of a torchrun/SLURM job: it reads no input (rank 0 does, and the
     file may exist on rank 0's machine only)."""
-    from distmlip.cluster import detect_launch
+    from distmlip.cluster.launch import detect_launch
 
     try:
         launch = detect_launch()

@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 
+from distmlip.bench.systems import crystal
 from distmlip.cli.arguments import worker_calculator
 from distmlip.cli.output import table
-from distmlip.systems import crystal
 
 __all__ = ["demo"]
 
@@ -21,7 +21,7 @@ def demo(args) -> int:
     from ase.md.verlet import VelocityVerlet
     from tqdm import tqdm
 
-    from distmlip.dynamics import maxwell_boltzmann
+    from distmlip.md.dynamics import maxwell_boltzmann
 
     # GaAs: four bonds per atom inside CHGNet's 3 Å bond cutoff keep the angle count (the
     # memory of three-body models) modest; dense oxides have ten times more angles per atom.

@@ -16,7 +16,7 @@ def _size(mb: float) -> str:
 
 
 def _print(result, args, source: str, seconds: float) -> None:
-    from distmlip.memory import _machine_mb
+    from distmlip.environment import machine_mb
 
     calibration = result.calibration
     print(f"  {source}: {result.n_atoms:,} atoms; model {args.model} ({args.dtype})")
@@ -33,7 +33,7 @@ def _print(result, args, source: str, seconds: float) -> None:
         )
         print(row + (f"  {_size(gpu[rank]):>9}" if gpu else ""))
     total = sum(result.per_worker_mb)
-    machine = _machine_mb()
+    machine = machine_mb()
     print(
         f"\n  largest worker {_size(result.peak_mb)}; all {result.nprocs} workers {_size(total)}"
         + (f"; this machine has {_size(machine)}" if machine else "")

@@ -42,7 +42,7 @@ def _check_options(args, settings) -> None:
 
 
 def _paths(args) -> tuple[Path, Path]:
-    from distmlip.trajectory import state_path, trajectory_format
+    from distmlip.md.trajectory import state_path, trajectory_format
 
     if args.restart is None and args.structure is None:
         raise UsageError("give STRUCTURE (a file or bulk:SYMBOL:CRYSTAL:A), or --restart FILE")
@@ -66,7 +66,7 @@ def _paths(args) -> tuple[Path, Path]:
 
 
 def _refuse_existing(args, trajectory: Path, log: Path) -> None:
-    from distmlip.trajectory import is_thermo_log
+    from distmlip.md.trajectory import is_thermo_log
 
     for path, what in ((trajectory, "--trajectory"), (log, "--log")):
         if path.exists() and not args.overwrite:
@@ -143,8 +143,8 @@ def _restart_point(args, trajectory: Path, log: Path) -> tuple[RestartPoint, boo
 
 def _fresh_start(args, trajectory: Path, log: Path, settings) -> _Start:
     from distmlip.cli.structures import load_structures
-    from distmlip.dynamics import initial_velocities
-    from distmlip.trajectory import state_path
+    from distmlip.md.dynamics import initial_velocities
+    from distmlip.md.trajectory import state_path
 
     _refuse_existing(args, trajectory, log)
     state_path(trajectory).unlink(missing_ok=True)  # --overwrite: the old run's state goes too
@@ -184,7 +184,7 @@ def md(args) -> int:
     if point is not None:
         warn_lost_state(args, point, settings)
         if appending:
-            from distmlip.trajectory import truncate_log
+            from distmlip.md.trajectory import truncate_log
 
             truncate_log(log_path, point.step)  # rows after the frame continued from: no frame
         description = f"{point.path} (frame {point.frames}, step {point.step})"
@@ -254,8 +254,8 @@ def _run(args, settings, start: _Start, trajectory: Path, log_path: Path, model_
     from distmlip import WorkerError
     from distmlip.cli.md_restart import check_weights, frame_record, run_record
     from distmlip.cli.md_summary import progress_line, thermo_row
-    from distmlip.dynamics import dynamics_state, make_dynamics, restore_dynamics_state
-    from distmlip.trajectory import (
+    from distmlip.md.dynamics import dynamics_state, make_dynamics, restore_dynamics_state
+    from distmlip.md.trajectory import (
         FrameWriter,
         OutputError,
         ThermoLog,

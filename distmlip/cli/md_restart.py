@@ -96,7 +96,7 @@ class RestartPoint:
 def read_restart(path: Path, appending: bool) -> RestartPoint:
     """The last complete frame of ``path`` and the run it records (``appending``: cut a torn
     final frame off the file, which is then appended to)."""
-    from distmlip.trajectory import last_frame, load_state, state_at
+    from distmlip.md.trajectory import last_frame, load_state, state_at
 
     size = path.stat().st_size
     frame, frames = last_frame(path, repair=appending)
@@ -153,7 +153,7 @@ def _plain(value):
 
 
 def _fields(info: dict) -> dict:
-    from distmlip.dynamics import MDSettings
+    from distmlip.md.dynamics import MDSettings
 
     names = {field.name for field in fields(MDSettings)}
     return {key: value for key, value in info.items() if key in names}
@@ -165,7 +165,7 @@ def md_settings(args, saved: dict | None):
     Raises:
         UsageError: a bad value, or another ensemble or thermostat than the run continued.
     """
-    from distmlip.dynamics import MDSettings
+    from distmlip.md.dynamics import MDSettings
 
     values, changed = {}, []
     for option, field in SETTING_FIELDS.items():
@@ -317,7 +317,7 @@ def check_weights(args, calc, point: RestartPoint | None, given: bool) -> str:
     Raises:
         UsageError: the weights differ from the run's and ``--model`` was not given.
     """
-    from distmlip.cluster import identity
+    from distmlip.cluster.launch import identity
 
     own = model_hash(args.model)
     if own is not None:
@@ -358,7 +358,7 @@ def check_launched(args, given: set[str]) -> None:
     Raises:
         UsageError: naming the options to add.
     """
-    from distmlip.cluster import detect_launch
+    from distmlip.cluster.launch import detect_launch
 
     try:
         launch = detect_launch()

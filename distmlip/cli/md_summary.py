@@ -13,7 +13,7 @@ __all__ = ["thermo_row", "step_breakdown", "summary", "summary_table", "progress
 
 
 def thermo_row(atoms, results: dict, step: int, time_fs: float, seconds: float, calc) -> dict:
-    """The thermo log's columns (``distmlip.trajectory.THERMO_COLUMNS``) for the current state.
+    """The thermo log's columns (``distmlip.md.trajectory.THERMO_COLUMNS``) for the current state.
 
     The pressure is ASE's ``-trace(stress)/3`` including the kinetic (ideal-gas) part,
     ``Σ p pᵀ / m / V``, in GPa; nan without a periodic cell or without a stress."""

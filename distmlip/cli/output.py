@@ -102,7 +102,7 @@ class FramesDocument:
             self._write(("\n  " if self.count else "") + "],\n" + fields + "\n")
 
     def _write(self, text: str, frames: int = 0) -> None:
-        from distmlip.trajectory import interrupts_deferred
+        from distmlip.md.trajectory import interrupts_deferred
 
         with interrupts_deferred():  # counted with the write: a held signal is raised after
             self.stream.write(text)

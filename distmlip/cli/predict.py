@@ -19,7 +19,7 @@ GPA_PER_EV_PER_A3 = 160.21766208
 
 
 def _generated(size: int):
-    from distmlip.systems import crystal
+    from distmlip.bench.systems import crystal
 
     return crystal("cu", repeat=size, rattle=0.05, seed=0)
 

@@ -164,7 +164,7 @@ def _saved(atoms, output: Path, kind: str, lost: str) -> bool:
     on failure (a full disk) one error line ending in ``lost``, and False."""
     from ase.io import write
 
-    from distmlip.durable import OutputError, written_atomically
+    from distmlip.md.durable import OutputError, written_atomically
 
     try:
         with written_atomically(output) as temporary:

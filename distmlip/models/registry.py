@@ -72,8 +72,8 @@ def model_names() -> list[str]:
 def worker_modules(model) -> tuple[str, ...]:
     """The upstream package a built-in model's workers import, known from its name alone
     (e.g. ``("chgnet.model",)`` for ``"chgnet-0.2.0"``), for a zygote to import ahead
-    (:func:`distmlip.zygote.prestart`); ``()`` for other models (their packages are found once
-    the model is loaded)."""
+    (:func:`distmlip.driver.zygote.prestart`); ``()`` for other models (their packages are found
+    once the model is loaded)."""
     name = str(model).lower()
     return ("chgnet.model",) if name == "chgnet" or name.startswith("chgnet-") else ()
 
