@@ -25,6 +25,8 @@ ALLOCATORS = ("keep", "system")
 DTYPES = ("float32", "float64")
 DEVICES = ("cpu", "cuda")
 BACKENDS = ("auto", "nccl", "gloo")
+PARTITIONER_NAMES = ("slab", "rcb", "metis")
+"""The partitioners of :mod:`distmlip.graphs.partition`, for choices (the command line's)."""
 MAX_TIMEOUT = 1e6
 """Seconds (11.6 days): beyond this the operating system's waits overflow."""
 MAX_WORKERS_PER_CORE = 16

@@ -72,3 +72,20 @@ def test_few_modules_at_the_top_and_every_job_in_a_package():
     packages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
     jobs = {"graphs", "exchange", "models", "worker", "driver", "cluster", "md", "bench", "cli"}
     assert packages == jobs
+
+
+def test_no_source_file_over_400_lines():
+    long = {
+        str(path.relative_to(PACKAGE.parent)): length
+        for folder in (PACKAGE, PACKAGE.parent / "benchmarks")
+        for path in folder.rglob("*.py")
+        if (length := len(path.read_text().splitlines())) > 400
+    }
+    assert long == {}
+
+
+def test_the_options_partitioner_names_are_the_partitioners():
+    from distmlip.graphs.partition import PARTITIONERS
+    from distmlip.options import PARTITIONER_NAMES
+
+    assert PARTITIONER_NAMES == tuple(PARTITIONERS)

@@ -275,7 +275,7 @@ def test_a_launched_restart_needs_the_runs_model_options_on_every_ranks_command_
 
     import distmlip.cluster.launch
     from distmlip.cli.arguments import UsageError
-    from distmlip.cli.md_restart import check_launched
+    from distmlip.cli.md_start import check_launched
 
     args = SimpleNamespace(model="reference", dtype="float64", skin=1.0)
     monkeypatch.setattr(distmlip.cluster.launch, "detect_launch", lambda: None)

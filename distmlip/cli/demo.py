@@ -10,7 +10,18 @@ import time
 import numpy as np
 
 from distmlip.bench.systems import crystal
-from distmlip.cli.arguments import worker_calculator
+from distmlip.cli.arguments import (
+    Formatter,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    worker_calculator,
+)
+from distmlip.cli.common import (
+    add_model_option,
+    add_skin_option,
+    add_worker_options,
+)
 from distmlip.cli.output import table
 
 __all__ = ["demo"]
@@ -119,3 +130,36 @@ def demo(args) -> int:
     else:
         print(table(rows))
     return 0
+
+
+def add_parser(commands) -> None:
+    """``distmlip demo``'s arguments."""
+    d = commands.add_parser(
+        "demo",
+        help="short MD of a 5,832-atom GaAs crystal with the pretrained CHGNet",
+        description="Velocity-Verlet MD of a rattled GaAs zincblende crystal on P workers,\n"
+        "then a single-process evaluation of the first structure for comparison.",
+        formatter_class=Formatter,
+    )
+    add_model_option(d, "chgnet")
+    d.add_argument(
+        "--size",
+        type=positive_int,
+        default=9,
+        help="n: n×n×n GaAs conventional cells of 8 atoms (9 = 5,832 atoms)",
+    )
+    d.add_argument("--steps", type=positive_int, default=5, help="MD steps")
+    d.add_argument("--timestep", type=positive_float, default=1.0, help="fs")
+    d.add_argument(
+        "--temperature", type=non_negative_float, default=300.0, help="initial temperature, K"
+    )
+    add_skin_option(d)
+    add_worker_options(d, dtype="float32", timeout=1800.0)
+    d.add_argument(
+        "--no-compare",
+        dest="compare",
+        action="store_false",
+        help="skip the single-process comparison",
+    )
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.set_defaults(handler=demo)

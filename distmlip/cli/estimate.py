@@ -6,7 +6,18 @@ import json
 import sys
 import time
 
-from distmlip.cli.arguments import UsageError, worker_calculator
+from distmlip.cli.arguments import (
+    Formatter,
+    UsageError,
+    positive_float,
+    positive_int,
+    worker_calculator,
+)
+from distmlip.cli.common import (
+    add_model_option,
+    add_worker_options,
+)
+from distmlip.cli.structures import add_structure_arguments
 
 __all__ = ["estimate"]
 
@@ -89,3 +100,38 @@ def estimate(args) -> int:
     else:
         _print(result, args, source, seconds)
     return 0
+
+
+def add_parser(commands) -> None:
+    """``distmlip estimate``'s arguments."""
+    e = commands.add_parser(
+        "estimate",
+        help="predicted peak memory per worker for a structure on P workers",
+        description="Predict each worker's peak memory (RSS; GPU memory on cuda) for a structure\n"
+        "on --nprocs workers, from a short calibration on smaller structures cut from it\n"
+        "(run on --calibration-nprocs workers here). See docs/performance.md, Capacity.",
+        formatter_class=Formatter,
+    )
+    add_structure_arguments(e, index_default="-1")
+    add_model_option(e, "chgnet")
+    add_worker_options(e, dtype="float64", timeout=600.0)
+    e.add_argument(
+        "--calibration-nprocs",
+        type=positive_int,
+        default=2,
+        help="workers that run the calibration calls",
+    )
+    e.add_argument(
+        "--calibration-atoms",
+        type=positive_int,
+        help="most atoms of a calibration structure (default: half the structure's)",
+    )
+    e.add_argument(
+        "--memory-limit",
+        type=positive_float,
+        metavar="GB",
+        help="memory each worker may use: the calibration runs within it (pieces no larger "
+        "per worker than the structure's), and the prediction is compared with it",
+    )
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(handler=estimate)

@@ -16,66 +16,40 @@ import contextlib
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from distmlip.cli.arguments import UsageError, worker_calculator, writable_path
-from distmlip.cli.md_restart import RECORD_KEYS, SETTING_DEFAULTS, RestartPoint
+from distmlip.cli.arguments import (
+    Formatter,
+    UsageError,
+    finite_float,
+    non_negative_float,
+    positive_float,
+    positive_int,
+    worker_calculator,
+)
+from distmlip.cli.common import (
+    add_model_option,
+    add_skin_option,
+    add_worker_options,
+)
+from distmlip.cli.md_restart import SETTING_DEFAULTS
+from distmlip.cli.md_start import (
+    Start,
+    check_launched,
+    check_options,
+    fresh_start,
+    restart_point,
+    run_paths,
+    warn_lost_state,
+)
 from distmlip.cli.output import json_only_stdout, print_json
 from distmlip.cli.stopping import sigterm_as_interrupt, stopped
+from distmlip.cli.structures import add_structure_arguments
 
 __all__ = ["md", "SETTING_DEFAULTS"]
-
-
-def _check_options(args, settings) -> None:
-    npt, langevin = settings.ensemble == "npt", settings.thermostat == "langevin"
-    if not npt and (args.pressure is not None or args.pdamp is not None):
-        raise UsageError("--pressure and --pdamp apply to --ensemble npt")
-    if settings.ensemble != "nvt" and args.thermostat is not None:
-        raise UsageError("--thermostat applies to --ensemble nvt (npt uses MTK's Nosé–Hoover)")
-    if args.friction is not None and not (settings.ensemble == "nvt" and langevin):
-        raise UsageError("--friction applies to the Langevin thermostat (--ensemble nvt)")
-    if args.tdamp is not None and (settings.ensemble == "nve" or (not npt and langevin)):
-        raise UsageError("--tdamp applies to --thermostat nose-hoover and --ensemble npt")
-
-
-def _paths(args) -> tuple[Path, Path]:
-    from distmlip.md.trajectory import state_path, trajectory_format
-
-    if args.restart is None and args.structure is None:
-        raise UsageError("give STRUCTURE (a file or bulk:SYMBOL:CRYSTAL:A), or --restart FILE")
-    default = args.restart if args.restart is not None else "md.extxyz"
-    trajectory = Path(args.trajectory if args.trajectory is not None else default)
-    for path in (trajectory, args.restart):
-        if path is not None:
-            try:
-                trajectory_format(path)
-            except ValueError as error:
-                raise UsageError(str(error)) from None
-    log = Path(args.log) if args.log else trajectory.with_suffix(".log")
-    taken = {trajectory.resolve(): "--trajectory", state_path(trajectory).resolve(): "its state"}
-    if args.restart is not None:
-        taken.setdefault(Path(args.restart).resolve(), "--restart")
-    if log.resolve() in taken:
-        raise UsageError(f"--log {str(log)!r} is the same file as {taken[log.resolve()]}")
-    for path, option in ((trajectory, "--trajectory"), (log, "--log")):
-        writable_path(path, option)
-    return trajectory, log
-
-
-def _refuse_existing(args, trajectory: Path, log: Path) -> None:
-    from distmlip.md.trajectory import is_thermo_log
-
-    for path, what in ((trajectory, "--trajectory"), (log, "--log")):
-        if path.exists() and not args.overwrite:
-            raise UsageError(
-                f"{str(path)!r} exists; give --overwrite, another {what}, or --restart "
-                f"{str(trajectory)!r} to continue it"
-            )
-    if log.exists() and log.stat().st_size and not is_thermo_log(log):
-        raise UsageError(f"--log {str(log)!r} exists and is not a thermo log; name another")
 
 
 class BlownUp(ValueError):
@@ -100,85 +74,22 @@ def _check_sane(atoms, results: dict, step: int, settings, warned: list) -> None
         )
 
 
-@dataclass
-class _Start:
-    """Where the run starts: atoms with momenta, step, time (fs), the restart point or None,
-    whether the trajectory is appended to, and a description for the start-up line."""
-
-    atoms: object
-    step: int
-    time_fs: float
-    point: RestartPoint | None
-    appending: bool
-    description: str
-
-
-def _restart_point(args, trajectory: Path, log: Path) -> tuple[RestartPoint, bool]:
-    """The restarted run's last frame and record; whether ``trajectory`` is its file."""
-    from distmlip.cli.md_restart import read_restart
-
-    restart = Path(args.restart)
-    if not restart.is_file():
-        raise UsageError(f"no such file {str(restart)!r} to restart from")
-    appending = trajectory.exists() and trajectory.resolve() == restart.resolve()
-    if not appending:
-        _refuse_existing(args, trajectory, log)
-    point = read_restart(restart, appending)
-    ignored = [
-        name
-        for name, given in (
-            ("STRUCTURE", args.structure is not None),
-            ("--repeat", bool(args.repeat)),
-            ("--rattle", bool(args.rattle)),
-            ("--index", args.index is not None),
-        )
-        if given
-    ]
-    if ignored:
-        print(
-            f"distmlip: note: continuing {restart}; {', '.join(ignored)} not used", file=sys.stderr
-        )
-    return point, appending
-
-
-def _fresh_start(args, trajectory: Path, log: Path, settings) -> _Start:
-    from distmlip.cli.structures import load_structures
-    from distmlip.md.dynamics import initial_velocities
-    from distmlip.md.trajectory import state_path
-
-    _refuse_existing(args, trajectory, log)
-    state_path(trajectory).unlink(missing_ok=True)  # --overwrite: the old run's state goes too
-    frames, description = load_structures(args, default_index=-1)
-    if len(frames) != 1:
-        raise UsageError("--index must select one frame to start MD from")
-    atoms = frames[0]
-    for key in RECORD_KEYS:
-        atoms.info.pop(key, None)  # another run's record, if STRUCTURE is one of its frames
-    if not args.keep_velocities:
-        initial_velocities(atoms, settings.temperature_K, args.seed)
-    elif not atoms.has("momenta"):
-        raise UsageError("--keep-velocities: STRUCTURE has no velocities (momenta)")
-    return _Start(atoms, 0, 0.0, None, False, description)
-
-
 def md(args) -> int:
     from distmlip.cli.md_restart import (
-        check_launched,
         choose_model,
         md_settings,
         note_changes,
-        warn_lost_state,
     )
     from distmlip.cli.md_summary import summary, summary_table
 
-    trajectory, log_path = _paths(args)
+    trajectory, log_path = run_paths(args)
     given = {option for option in ("model", "dtype", "skin") if getattr(args, option) is not None}
     point, appending = None, False
     if args.restart is not None:
-        point, appending = _restart_point(args, trajectory, log_path)
+        point, appending = restart_point(args, trajectory, log_path)
     settings, changed = md_settings(args, point.settings if point else None)
     changed += choose_model(args, point)
-    _check_options(args, settings)
+    check_options(args, settings)
     check_launched(args, given)
     note_changes(changed)
     if point is not None:
@@ -189,9 +100,9 @@ def md(args) -> int:
             truncate_log(log_path, point.step)  # rows after the frame continued from: no frame
         description = f"{point.path} (frame {point.frames}, step {point.step})"
         time_fs = point.time_fs if np.isfinite(point.time_fs) else point.step * settings.timestep_fs
-        start = _Start(point.frame.copy(), point.step, time_fs, point, appending, description)
+        start = Start(point.frame.copy(), point.step, time_fs, point, appending, description)
     else:
-        start = _fresh_start(args, trajectory, log_path, settings)
+        start = fresh_start(args, trajectory, log_path, settings)
     if start.step >= args.steps:
         message = (
             f"{start.description} is at step {start.step} >= --steps {args.steps}: nothing to run"
@@ -230,7 +141,7 @@ def md(args) -> int:
     return 0
 
 
-def _continuation(args, trajectory: Path, start: _Start, last_written: int | None) -> str:
+def _continuation(args, trajectory: Path, start: Start, last_written: int | None) -> str:
     """What the trajectory holds and the command line that continues the run."""
     where = f"--restart {shlex.quote(str(trajectory))}"
     if last_written is None and start.point is not None:  # a new file: nothing in it yet
@@ -247,7 +158,7 @@ def _continuation(args, trajectory: Path, start: _Start, last_written: int | Non
     return f"{held}; continue with: distmlip md {where} --steps {args.steps}{log}"
 
 
-def _run(args, settings, start: _Start, trajectory: Path, log_path: Path, model_given: bool):
+def _run(args, settings, start: Start, trajectory: Path, log_path: Path, model_given: bool):
     """The MD loop; returns the records, or an exit status after an interruption or failure."""
     from tqdm import tqdm
 
@@ -370,3 +281,84 @@ def _run(args, settings, start: _Start, trajectory: Path, log_path: Path, model_
             return 1
         progress.close()
         return rows, step_seconds, worker_timings, calc.graph_builds, calc.graph_reuses
+
+
+def add_parser(commands) -> None:
+    """``distmlip md``'s arguments."""
+    m = commands.add_parser(
+        "md",
+        help="molecular dynamics (NVE, NVT, NPT), restartable, with a trajectory and a log",
+        description="Molecular dynamics of STRUCTURE on P workers with ASE's integrators: NVE\n"
+        "(velocity Verlet), NVT (Langevin or Nosé–Hoover chain), NPT (MTK, full cell).\n"
+        "Every --log-every steps a frame goes to --trajectory, a row to the log and the\n"
+        "integrator state beside the trajectory; --restart FILE continues FILE's last frame\n"
+        "(--steps is the step to end at) with the run's model, --dtype and --skin unless\n"
+        "given (a new run: --model chgnet, --dtype float32, --skin 1). See docs/md.md.",
+        formatter_class=Formatter,
+    )
+    add_structure_arguments(m, optional=True, index_default="-1")
+    add_model_option(m, "chgnet")
+    restarted = "; with --restart: the run's"
+    m.add_argument(
+        "--ensemble", choices=["nve", "nvt", "npt"], help=f"ensemble (default: nve{restarted})"
+    )
+    m.add_argument(
+        "--thermostat",
+        choices=["langevin", "nose-hoover"],
+        help=f"NVT thermostat (default: langevin{restarted})",
+    )
+    m.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        help="K: initial velocities (Maxwell–Boltzmann from --seed) and thermostat target "
+        f"(default: 300{restarted})",
+    )
+    m.add_argument("--timestep", type=positive_float, help=f"fs (default: 1{restarted})")
+    m.add_argument("--steps", type=positive_int, default=1000, help="the step to end at")
+    m.add_argument(
+        "--friction",
+        type=positive_float,
+        help=f"Langevin friction, 1/fs (default: 0.01{restarted})",
+    )
+    m.add_argument(
+        "--tdamp",
+        type=positive_float,
+        help=f"Nosé–Hoover thermostat time, fs (default: 100 steps{restarted})",
+    )
+    m.add_argument(
+        "--pressure", type=finite_float, help=f"NPT external pressure, GPa (default: 0{restarted})"
+    )
+    m.add_argument(
+        "--pdamp",
+        type=positive_float,
+        help=f"NPT barostat time, fs (default: 1000 steps{restarted})",
+    )
+    m.add_argument(
+        "--trajectory",
+        metavar="FILE",
+        help=".extxyz/.xyz (extended XYZ) or .traj (ASE) (default: md.extxyz, or the --restart "
+        "FILE, appended)",
+    )
+    m.add_argument("--log", metavar="FILE", help="thermo log (default: the trajectory's .log)")
+    m.add_argument(
+        "--log-every", type=positive_int, default=10, help="steps between frames and log rows"
+    )
+    m.add_argument(
+        "--extras",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="per-atom outputs to store in every frame, e.g. magmoms (CHGNet)",
+    )
+    m.add_argument("--restart", metavar="FILE", help="continue from FILE's last complete frame")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing trajectory")
+    m.add_argument(
+        "--keep-velocities",
+        action="store_true",
+        help="start from STRUCTURE's momenta instead of drawing them",
+    )
+    add_skin_option(m)
+    add_worker_options(m, dtype="float32", timeout=1800.0)
+    m.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    # None: not given, so a restart takes the run's own (distmlip.cli.md_restart).
+    m.set_defaults(handler=md, model=None, dtype=None, skin=None)

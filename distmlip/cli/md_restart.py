@@ -31,10 +31,8 @@ __all__ = [
     "fill_model_defaults",
     "model_hash",
     "check_weights",
-    "check_launched",
     "run_record",
     "frame_record",
-    "warn_lost_state",
     "note_changes",
 ]
 
@@ -350,63 +348,7 @@ def frame_record(settings, run: dict) -> dict:
     return {**{k: v for k, v in record.items() if v is not None}, **run}
 
 
-def check_launched(args, given: set[str]) -> None:
-    """Under torchrun/SLURM the other ranks read no input: they take ``--model``, ``--dtype``
-    and ``--skin`` from their command line (or the defaults), so a restart that takes others
-    from its trajectory needs them on the command line.
-
-    Raises:
-        UsageError: naming the options to add.
-    """
-    from distmlip.cluster.launch import detect_launch
-
-    try:
-        launch = detect_launch()
-    except ValueError:
-        return  # a bad launch environment is reported where the workers start
-    if launch is None:
-        return
-    missing = [
-        f"--{option} {getattr(args, option)}"
-        for option, default in MODEL_DEFAULTS.items()
-        if option not in given and getattr(args, option) != default
-    ]
-    if missing:
-        raise UsageError(
-            f"under {launch.source} every rank needs the run's settings on its command line: "
-            f"add {' '.join(missing)}"
-        )
-
-
 def note_changes(changed: list[str]) -> None:
     """One line naming what a restart changed."""
     if changed:
         print("distmlip: note: changed on restart: " + ", ".join(changed), file=sys.stderr)
-
-
-def warn_lost_state(args, point: RestartPoint, settings) -> None:
-    """One line when a restart cannot restore what a thermostat or barostat carries: what is
-    lost, and the ensemble that continues (never silently another one)."""
-    if point.state is not None:
-        return
-    where = f"no integrator state for step {point.step} beside {point.path}"
-    if not (point.settings and "ensemble" in point.settings) and args.ensemble is None:
-        print(
-            f"distmlip: warning: {point.path} records no ensemble, and there is {where}: "
-            f"continuing as {settings.describe()}; give --ensemble (and its options) as the "
-            "run had",
-            file=sys.stderr,
-        )
-        return
-    if settings.ensemble == "nve":
-        return  # velocity Verlet carries nothing beyond positions and momenta
-    if settings.ensemble == "npt":
-        lost = "the MTK thermostat and barostat variables (the cell velocity too) restart at zero"
-    elif settings.thermostat == "nose-hoover":
-        lost = "the Nosé–Hoover chain variables restart at zero"
-    else:
-        lost = f"Langevin's random stream restarts from --seed {settings.seed}"
-    print(
-        f"distmlip: warning: {where}: {lost}; the ensemble continues ({settings.describe()})",
-        file=sys.stderr,
-    )

@@ -8,10 +8,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distmlip.cli.arguments import UsageError, worker_calculator
+from distmlip.cli.arguments import (
+    Formatter,
+    UsageError,
+    positive_int,
+    structure_file,
+    worker_calculator,
+)
+from distmlip.cli.common import (
+    add_model_option,
+    add_worker_options,
+)
 from distmlip.cli.output import FramesDocument, json_only_stdout, print_json, table
 from distmlip.cli.stopping import Terminated, sigterm_as_interrupt, stopped
-from distmlip.cli.structures import ReadError, read_frames  # noqa: F401  (re-exported)
+from distmlip.cli.structures import ReadError, add_structure_arguments, read_frames  # noqa: F401  (re-exported)
 
 __all__ = ["predict", "read_frames", "ReadError", "GPA_PER_EV_PER_A3"]
 
@@ -224,3 +234,33 @@ def _frame_row(result: dict) -> str:
         f"  {result['energy_per_atom_eV']:>11.6f}  {result['max_force_eV_per_A']:>14.6f}"
         f"  {result['evaluation_s']:>7.3f}"
     )
+
+
+def add_parser(commands) -> None:
+    """``distmlip predict``'s arguments."""
+    p = commands.add_parser(
+        "predict",
+        help="energy, forces and stress of a structure, or of every frame of a file",
+        description="Evaluate STRUCTURE (every selected frame of a file ASE reads, or a\n"
+        "generated crystal, bulk:SYMBOL:CRYSTAL[:A]), or without it a rattled fcc Cu crystal.\n"
+        "--json prints one JSON object (energy eV, forces eV/Å, stress eV/Å³ Voigt) and\n"
+        "nothing else on standard output.",
+        formatter_class=Formatter,
+    )
+    add_structure_arguments(p, optional=True)
+    add_model_option(p, "chgnet")
+    p.add_argument(
+        "--structure",
+        dest="structure_option",
+        type=structure_file,
+        metavar="FILE",
+        help="the same as STRUCTURE, for a file",
+    )
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        help="without STRUCTURE: n×n×n Cu conventional cells of 4 atoms (default 6: 864 atoms)",
+    )
+    add_worker_options(p, dtype="float64", timeout=600.0)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(handler=predict)

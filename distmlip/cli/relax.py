@@ -14,10 +14,23 @@ from pathlib import Path
 
 import numpy as np
 
-from distmlip.cli.arguments import UsageError, worker_calculator, writable_path
+from distmlip.cli.arguments import (
+    Formatter,
+    UsageError,
+    finite_float,
+    positive_float,
+    positive_int,
+    worker_calculator,
+    writable_path,
+)
+from distmlip.cli.common import (
+    add_model_option,
+    add_worker_options,
+)
 from distmlip.cli.output import json_only_stdout, print_json, table
 from distmlip.cli.predict import GPA_PER_EV_PER_A3
 from distmlip.cli.stopping import sigterm_as_interrupt, stopped
+from distmlip.cli.structures import add_structure_arguments
 
 __all__ = ["relax", "residuals"]
 
@@ -205,3 +218,37 @@ def _optimizer(atoms, args):
         target = FrechetCellFilter(atoms, scalar_pressure=args.pressure * GPa)
     kind = FIRE if args.optimizer == "fire" else BFGS
     return kind(target, logfile=None, trajectory=args.trajectory)
+
+
+def add_parser(commands) -> None:
+    """``distmlip relax``'s arguments."""
+    r = commands.add_parser(
+        "relax",
+        help="relax atoms (and optionally the cell) to a force threshold",
+        description="Minimise the energy of STRUCTURE with FIRE or BFGS until every force is\n"
+        "below --fmax (and, with --cell, every stress component below --smax, through ASE's\n"
+        "FrechetCellFilter); writes the relaxed structure to --output.",
+        formatter_class=Formatter,
+    )
+    add_structure_arguments(r, index_default="-1")
+    add_model_option(r, "chgnet")
+    r.add_argument("--optimizer", default="fire", choices=["fire", "bfgs"], help="optimizer")
+    r.add_argument("--fmax", type=positive_float, default=0.05, help="force threshold, eV/Å")
+    r.add_argument("--cell", action="store_true", help="relax the cell too")
+    r.add_argument(
+        "--smax", type=positive_float, help="with --cell: stress threshold, GPa (default: 0.1)"
+    )
+    r.add_argument(
+        "--pressure", type=finite_float, default=0.0, help="with --cell: external pressure, GPa"
+    )
+    r.add_argument("--steps", type=positive_int, default=500, help="most optimizer steps")
+    r.add_argument(
+        "--output",
+        metavar="FILE",
+        help="relaxed structure, any format ASE writes (default: relaxed.extxyz)",
+    )
+    r.add_argument("--trajectory", metavar="FILE", help="every optimizer step (ASE .traj)")
+    r.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    add_worker_options(r, dtype="float64", timeout=600.0)
+    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    r.set_defaults(handler=relax)
