@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["WorkerError", "OutOfMemoryError", "StructureRejected", "error_summary"]
+__all__ = [
+    "WorkerError",
+    "OutOfMemoryError",
+    "StructureRejected",
+    "error_summary",
+    "first_line",
+    "stdout_to_stderr",
+]
 
 
 class WorkerError(RuntimeError):
@@ -27,10 +34,29 @@ class OutOfMemoryError(WorkerError, MemoryError):
         self.report = dict(report or {})
 
 
+def first_line(error: BaseException, default: str | None = None) -> str:
+    """The first line of ``error``'s message; ``default`` (else the error's type name) for an
+    empty one. Every one-line report of an error starts from this."""
+    lines = str(error).strip().splitlines()
+    if lines:
+        return lines[0]
+    return type(error).__name__ if default is None else default
+
+
 def error_summary(error: BaseException) -> str:
     """``Type: first line of the message``: what a one-line error report shows."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    line = first_line(error, "")
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def stdout_to_stderr() -> None:
+    """Point this process's standard output (descriptor 1) at its standard error, after
+    flushing: a rank other than 0, or a --json run, keeps whatever a model prints off stdout."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    os.dup2(2, 1)
 
 
 class StructureRejected(ValueError):

@@ -11,6 +11,7 @@ import os
 import sys
 
 from distmlip.cli.arguments import Formatter, Parser, UsageError
+from distmlip.errors import first_line, stdout_to_stderr
 
 __all__ = ["main"]
 
@@ -42,10 +43,10 @@ def _one_line(error: BaseException) -> str:
     from distmlip import WorkerError
     from distmlip.cli.structures import ReadError
 
-    lines = str(error).strip().splitlines() or [""]
+    line = first_line(error, "")
     if isinstance(error, ValueError | WorkerError | ReadError | OSError):
-        return lines[0]
-    return f"{type(error).__name__}: {lines[0]} (DISTMLIP_TRACEBACK=1 shows the traceback)"
+        return line
+    return f"{type(error).__name__}: {line} (DISTMLIP_TRACEBACK=1 shows the traceback)"
 
 
 LAUNCHED_COMMANDS = ("predict", "md", "relax")
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
             host_store(launch)
             if launch.rank > 0:  # rank 0's output alone on stdout, whatever a model prints
-                sys.stdout.flush()
-                os.dup2(2, 1)
+                stdout_to_stderr()
         args = _parser().parse_args(argv)  # imports no torch: a usage error is quick
         if launch is not None:
             _launched(args, launch)

@@ -48,6 +48,7 @@ from distmlip.cli.md_start import (
 from distmlip.cli.output import json_only_stdout, print_json
 from distmlip.cli.stopping import sigterm_as_interrupt, stopped
 from distmlip.cli.structures import add_structure_arguments
+from distmlip.errors import first_line
 
 __all__ = ["md", "SETTING_DEFAULTS"]
 
@@ -276,7 +277,7 @@ def _run(args, settings, start: Start, trajectory: Path, log_path: Path, model_g
             if isinstance(error, OutputError):
                 reason = f"writing {error.filename}: {error.strerror}"
             else:
-                reason = (str(error).strip().splitlines() or [""])[0]
+                reason = first_line(error, "")
             print(f"distmlip: error: {reason}; {kept}", file=sys.stderr)
             return 1
         progress.close()

@@ -22,6 +22,7 @@ from distmlip.cli.common import (
 from distmlip.cli.output import FramesDocument, json_only_stdout, print_json, table
 from distmlip.cli.stopping import Terminated, sigterm_as_interrupt, stopped
 from distmlip.cli.structures import ReadError, add_structure_arguments, read_frames  # noqa: F401  (re-exported)
+from distmlip.errors import first_line
 
 __all__ = ["predict", "read_frames", "ReadError", "GPA_PER_EV_PER_A3"]
 
@@ -125,8 +126,7 @@ def _reason(error: BaseException) -> str:
         return "terminated (SIGTERM)"
     if isinstance(error, KeyboardInterrupt):
         return "interrupted (Ctrl-C)"
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    return f"{type(error).__name__}: {first_line(error, '')}"
 
 
 def predict(args) -> int:

@@ -14,7 +14,6 @@ connects posts its error to the store, so the others stop at once. Then each ran
 from __future__ import annotations
 
 import contextlib
-import os
 import select
 import socket
 import sys
@@ -36,7 +35,7 @@ from distmlip.cluster.store import (
     job_store,
     report_failure,
 )
-from distmlip.errors import WorkerError
+from distmlip.errors import WorkerError, first_line, stdout_to_stderr
 from distmlip.messages import STARTUP_TIMEOUT
 
 __all__ = ["DriverRendezvous", "launched", "abort_on_uncaught", "job_keys", "HANDSHAKE_TIMEOUT"]
@@ -52,12 +51,11 @@ def launched(launch: Launch | None):
         return
     host_store(launch)
     if launch.rank > 0:
-        sys.stdout.flush()
-        os.dup2(2, 1)
+        stdout_to_stderr()
     try:
         yield
     except Exception as error:
-        report_failure(launch, (str(error).strip().splitlines() or [type(error).__name__])[0])
+        report_failure(launch, first_line(error))
         raise
 
 
@@ -203,7 +201,7 @@ class DriverRendezvous:
             self.dropped += 1
             if self.dropped <= DROPPED_SHOWN:
                 more = " (further ones are not shown)" if self.dropped == DROPPED_SHOWN else ""
-                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                reason = first_line(error)
                 sys.stderr.write(
                     f"distmlip: warning: dropped a connection to rank 0 from "
                     f"{peer[0]}:{peer[1]}: {step} failed ({reason[:200]}){more}\n"

@@ -25,6 +25,7 @@ from distmlip.cluster.store import (
     present,
     report_failure,
 )
+from distmlip.errors import first_line, stdout_to_stderr
 from distmlip.messages import STARTUP_TIMEOUT
 from distmlip.worker.main import run_worker
 
@@ -123,12 +124,11 @@ def _until_closed(connection: Connection, seconds: float) -> None:
 def serve(model, launch: Launch, options, graph_options) -> None:
     """Be worker ``launch.rank`` of the job until the driver closes it, then exit the process
     (``SystemExit``: 0 after a clean end, 1 after an error, with one line on stderr)."""
-    sys.stdout.flush()
-    os.dup2(2, 1)  # nothing but rank 0's output on standard output (model banners included)
+    stdout_to_stderr()  # nothing but rank 0's output on standard output (model banners included)
     try:
         status, message = ENDINGS[_serve(model, launch, options, graph_options)]
     except Exception as error:
-        status, message = 1, (str(error).strip().splitlines() or [type(error).__name__])[0]
+        status, message = 1, first_line(error)
         if not isinstance(error, JobEnded):
             report_failure(launch, message)
     # Ending already: a launcher's SIGTERM now would only add a second line for this rank.

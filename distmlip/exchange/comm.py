@@ -13,9 +13,9 @@ The exchange is an autograd ``Function``:
 
 from __future__ import annotations
 
-import datetime
 import time
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from distmlip import trace
 from distmlip.exchange.overlap import ExchangeStart, PendingExchange
 from distmlip.exchange.transport import (
     CommunicationError,
+    collective,
     point_to_point,
     post,
     stages_transfers,
@@ -236,11 +237,8 @@ class Communicator:
             return int(value)
         total = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
         reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
-        try:
-            work = dist.all_reduce(total, op=reduce_op, async_op=True)
-            work.wait(datetime.timedelta(seconds=self.timeout))
-        except Exception as error:
-            raise CommunicationError(f"all-reduce of an integer failed: {error}") from error
+        start = partial(dist.all_reduce, total, op=reduce_op, async_op=True)
+        collective(start, self.timeout, "all-reduce of an integer")
         return int(total.item())
 
     def broadcast_int64(self, values: np.ndarray | None, length: int, root: int = 0) -> np.ndarray:
@@ -251,11 +249,8 @@ class Communicator:
             buffer = torch.as_tensor(np.asarray(values, dtype=np.int64)).to(self.device)
         else:
             buffer = torch.empty(length, dtype=torch.int64, device=self.device)
-        try:
-            work = dist.broadcast(buffer, src=root, async_op=True)
-            work.wait(datetime.timedelta(seconds=self.timeout))
-        except Exception as error:
-            raise CommunicationError(f"broadcast from rank {root} failed: {error}") from error
+        start = partial(dist.broadcast, buffer, src=root, async_op=True)
+        collective(start, self.timeout, f"broadcast from rank {root}")
         return buffer.cpu().numpy()
 
     def exchange_requests(self, requests: list[np.ndarray]) -> list[np.ndarray]:
@@ -269,11 +264,8 @@ class Communicator:
             return [np.zeros(0, dtype=np.int64)]
         counts = torch.tensor([len(r) for r in requests], dtype=torch.int64, device=self.device)
         gathered = [torch.empty_like(counts) for _ in range(world)]
-        try:
-            work = dist.all_gather(gathered, counts, async_op=True)
-            work.wait(datetime.timedelta(seconds=self.timeout))
-        except Exception as error:
-            raise CommunicationError(f"gathering halo request counts failed: {error}") from error
+        start = partial(dist.all_gather, gathered, counts, async_op=True)
+        collective(start, self.timeout, "gathering halo request counts")
         incoming = [int(gathered[q][rank]) for q in range(world)]
         sends = [
             (q, torch.as_tensor(np.asarray(requests[q], dtype=np.int64), device=self.device))

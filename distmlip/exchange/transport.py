@@ -9,11 +9,32 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["CommunicationError", "post", "wait_all", "point_to_point", "unstage"]
+from distmlip.errors import first_line
+
+__all__ = [
+    "CommunicationError",
+    "collective",
+    "post",
+    "wait_all",
+    "point_to_point",
+    "unstage",
+    "stages_transfers",
+]
 
 
 class CommunicationError(RuntimeError):
     """A halo exchange failed or timed out (a peer died, hung, or the network broke)."""
+
+
+def collective(start, timeout: float, what: str) -> None:
+    """Run a collective: ``start()`` posts it (``async_op=True``) and returns its work, which
+    is waited for at most ``timeout`` s; a failure or timeout is a :class:`CommunicationError`
+    naming ``what``."""
+    try:
+        work = start()
+    except Exception as error:
+        raise CommunicationError(f"{what} failed ({first_line(error)})") from error
+    wait_all([work], timeout, what)
 
 
 def wait_all(works, timeout: float, what: str) -> None:
@@ -21,7 +42,7 @@ def wait_all(works, timeout: float, what: str) -> None:
         try:
             completed = work.wait(datetime.timedelta(seconds=timeout))
         except Exception as error:  # gloo raises on timeout and on closed connections
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            reason = first_line(error)
             raise CommunicationError(
                 f"{what} failed ({reason}): a peer worker may have died or be stuck; "
                 "increase `timeout` if the system is just slow"

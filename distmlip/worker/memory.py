@@ -25,6 +25,7 @@ import re
 import sys
 
 from distmlip.environment import cgroup_limit_mb, machine_mb
+from distmlip.errors import first_line
 
 __all__ = [
     "CPU_ALLOCATOR_MESSAGE",
@@ -223,11 +224,11 @@ def memory_report(
     ``sizes``: :func:`graph_sizes` of the call's graph (None or partial while it was built);
     ``phase``: ``"starting"`` (loading the model) or ``"evaluating"``.
     """
-    lines = str(error).strip().splitlines()
+    line = first_line(error, "")
     report = {
         "kind": kind,
         "phase": phase,
-        "error": type(error).__name__ + (f": {lines[0][:300]}" if lines else ""),
+        "error": type(error).__name__ + (f": {line[:300]}" if line else ""),
         "requested_bytes": requested_bytes(str(error)),
         **(sizes or {}),
         "peak_rss_mb": _status_mb("VmHWM") or _max_rss_mb(),

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from distmlip import trace
+from distmlip.errors import first_line
 from distmlip.graphs.halo import HaloPlan, LocalGraph
 from distmlip.graphs.neighbors import search_box
 from distmlip.graphs.structure import Structure
@@ -65,7 +66,7 @@ def device_pairs(
             )
             return i.cpu().numpy(), j.cpu().numpy(), shifts.cpu().numpy()
     except RuntimeError as error:
-        trace.event("host_search", reason=str(error).splitlines()[0] if str(error) else "")
+        trace.event("host_search", reason=first_line(error, ""))
         return None
 
 
