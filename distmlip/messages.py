@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distmlip.options import GraphOptions, WorkerOptions
+
 STARTUP_ID = 0
 """Request id of the ``ready`` message; evaluation requests count from 1."""
 
@@ -35,25 +37,28 @@ class EvaluationRequest:
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """What a worker is told once, at start: who it is, where the workers meet, and the
+    calculator's settings whole, as the driver validated them.
+
+    Attributes:
+        rank, world_size: this worker's rank among ``world_size``.
+        init_method: where the process group meets (a private file store), unless ``store``.
+        parent_pid: the driver's pid (a worker that finds another parent exits).
+        options: the workers' :class:`~distmlip.options.WorkerOptions` (device, dtype,
+            timeout, backend, checkpoint, memory_limit, ...).
+        graph: the :class:`~distmlip.options.GraphOptions` (partitioner, halo, skin), with
+            ``resident`` resolved to a bool for the device.
+        threads: torch threads of this worker; ``cores``: the cores it is pinned to, if any.
+    """
+
     rank: int
     world_size: int
     init_method: str
-    device: str
-    dtype: str
-    timeout: float
-    threads: int
     parent_pid: int
+    options: WorkerOptions
+    graph: GraphOptions
+    threads: int
     cores: tuple[int, ...] = ()
-    partitioner: str = "slab"
-    halo: str = "exchange"
-    skin: float = 0.0
-    checkpoint: bool | int = False
-    backend: str = "auto"
-    """``"auto"``, ``"nccl"`` or ``"gloo"`` (:func:`distmlip.options.resolve_backend`)."""
-    memory_limit: float | None = None
-    """GB, or None (:func:`distmlip.worker.memory.apply_memory_limit`)."""
-    resident: bool = False
-    """Per-call graph work in torch on the device (:mod:`distmlip.worker.resident`)."""
     store: tuple[str, int, str] | None = None
     """``(host, port, prefix)``: form the process group through the TCP store of a
     torchrun/SLURM job (:mod:`distmlip.cluster.launch`) instead of ``init_method``."""

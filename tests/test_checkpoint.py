@@ -23,7 +23,9 @@ from distmlip.exchange import Exchange
 from distmlip.exchange.checkpoint import chunks
 from distmlip.exchange.comm import Communicator
 from distmlip.graphs.structure import Structure
+from distmlip.options import GraphOptions
 from distmlip.worker.builders import SkinGraphs
+from distmlip.worker.engine import call_exchange
 from distmlip.worker.engine import evaluate as evaluate_worker
 
 pytestmark = pytest.mark.slow  # pools of model-family workers or long runs
@@ -74,7 +76,9 @@ def saved_for_backward(model, atoms, checkpoint: bool | int) -> tuple[int, float
     model = model.double()
     structure = Structure.from_ase(atoms)
     comm = Communicator(0, 1, torch.device("cpu"))
-    call = SkinGraphs(model, "slab", 0.0).get(structure, comm)
+    call = SkinGraphs(model, GraphOptions(), torch.device("cpu"), torch.float64).get(
+        structure, comm
+    )
     storages: dict[int, int] = {}
     pieces = [0]
 
@@ -95,17 +99,7 @@ def saved_for_backward(model, atoms, checkpoint: bool | int) -> tuple[int, float
         torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
     ):
         patch.setattr(Exchange, "chunks", counted)
-        result = evaluate_worker(
-            model,
-            call.graph,
-            structure,
-            comm,
-            torch.float64,
-            torch.device("cpu"),
-            vectors=call.vectors,
-            prepared=call.prepared,
-            checkpoint=checkpoint,
-        )
+        result = evaluate_worker(model, call, call_exchange(call, comm, checkpoint), comm)
     return sum(storages.values()), result.energy, result.forces, pieces[0]
 
 

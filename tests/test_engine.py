@@ -14,7 +14,7 @@ from distmlip.exchange.comm import Communicator
 from distmlip.graphs.halo import build_local_graph, resolve_send_index
 from distmlip.graphs.structure import Structure
 from distmlip.models import ReferenceMPNN
-from distmlip.worker.engine import evaluate
+from distmlip.worker.engine import call_exchange, call_graph, evaluate
 
 
 class Recording(ReferenceMPNN):
@@ -65,9 +65,8 @@ def test_exchanged_tensors_are_freed_after_the_call(overlap, checkpoint):
     graph = build_local_graph(structure, owner, 0, 1, model.cutoff)
     comm = Communicator(0, 1, torch.device("cpu"))
     resolve_send_index(graph, comm.exchange_requests(graph.requests()))
-    result = evaluate(
-        model, graph, structure, comm, torch.float64, torch.device("cpu"), checkpoint=checkpoint
-    )
+    call = call_graph(model, graph, structure, comm, torch.float64, torch.device("cpu"))
+    result = evaluate(model, call, call_exchange(call, comm, checkpoint), comm)
     per_exchange = 3 if overlap else 1
     assert np.isfinite(result.energy)
     # A checkpointed layer runs twice (forward, then recomputed in the backward, its exchanges

@@ -35,7 +35,8 @@ from distmlip.driver.processes import Workers
 from distmlip.exchange.comm import CommunicationError, Communicator
 from distmlip.graphs.structure import Structure
 from distmlip.messages import WorkerConfig
-from distmlip.options import WorkerOptions
+from distmlip.options import GraphOptions, WorkerOptions
+from distmlip.worker.engine import call_exchange
 from distmlip.worker.engine import evaluate as evaluate_graph
 from distmlip.worker.main import _failure, _worker_device, graph_builder, run_worker
 from distmlip.worker.memory import PeakMemory, out_of_memory_kind
@@ -88,16 +89,20 @@ def gpus(monkeypatch):
     return fake
 
 
-def config(rank: int = 0, world_size: int = 2, **fields) -> WorkerConfig:
-    settings = dict(
+def config(rank: int = 0, world_size: int = 2, device: str = "cuda", **fields) -> WorkerConfig:
+    """A worker's configuration (``local_workers=1``: as on a node of a launched job, so
+    seven workers need not fit the fake GPUs)."""
+    options = WorkerOptions(world_size, device, "float64", timeout=10.0, local_workers=1)
+    return WorkerConfig(
+        rank=rank,
+        world_size=world_size,
         init_method="file:///nonexistent/store",
-        device="cuda",
-        dtype="float64",
-        timeout=10.0,
-        threads=torch.get_num_threads(),
         parent_pid=os.getpid(),
+        options=options,
+        graph=GraphOptions(),
+        threads=torch.get_num_threads(),
+        **fields,
     )
-    return WorkerConfig(rank=rank, world_size=world_size, **{**settings, **fields})
 
 
 # --- the backend and the staging of transfers, driver to worker ------------------------------
@@ -137,7 +142,7 @@ def test_cuda_workers_join_with_the_resolved_backend_and_stage_only_over_gloo(
     assert pool.resident  # the default on CUDA
     rank = nprocs - 1
     worker = pool._config(rank, {"init_method": "file:///nonexistent/store"}, ())
-    assert (worker.device, worker.backend, worker.resident) == ("cuda", backend, True)
+    assert worker.options == options and worker.graph.resident is True
 
     joined = {}
 
@@ -242,17 +247,16 @@ def test_a_launched_rank_takes_the_gpu_of_its_local_rank(gpus, monkeypatch):
 
 def _walk(model, frames, resident: bool) -> list:
     """P=1 in this process (the worker's builder and engine), a trace recorded per call."""
-    graphs = graph_builder(model, "exchange", "rcb", 0.4, resident, CPU)
+    graphs = graph_builder(
+        model, GraphOptions("rcb", skin=0.4, resident=resident), CPU, torch.float64
+    )
     calls = []
     for atoms in frames:
         structure = Structure.from_ase(atoms)
         comm = Communicator(0, 1, CPU)
         with trace.recording() as record:
             call = graphs.get(structure, comm)
-            result = evaluate_graph(
-                model, call.graph, structure, comm, torch.float64, CPU, True, call.vectors,
-                call.prepared, call.kept_edges, inputs=call.inputs,
-            )  # fmt: skip
+            result = evaluate_graph(model, call, call_exchange(call, comm), comm, True)
         calls.append((result, call, record))
     return calls
 
@@ -283,7 +287,7 @@ def test_resident_step_falls_back_to_the_host_search_where_vesin_torch_refuses(m
         assert [e["reason"] for e in events] == (
             ["the cell is too small for this cutoff"] if call.built else []
         ), step
-        assert call.inputs is not None  # still the resident path
+        assert call.on_device  # still the resident path
         for field in ("receivers", "senders"):  # the host's neighbour list, in its order
             got = getattr(call.inputs, field).numpy()
             assert np.array_equal(got, getattr(expected.graph.edges, field)), (step, field)

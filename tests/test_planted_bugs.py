@@ -27,6 +27,7 @@ from distmlip.graphs.ghost import build_ghost_graph
 from distmlip.graphs.neighbors import neighbor_list
 from distmlip.graphs.partition import partition
 from distmlip.graphs.structure import Structure
+from distmlip.options import GraphOptions
 from distmlip.worker.main import graph_builder
 
 CPU = torch.device("cpu")
@@ -84,7 +85,9 @@ def test_reused_graph_keeps_only_edges_strictly_inside_the_cutoff(resident):
     structure = Structure.from_ase(_pair_at_exactly(model.cutoff))
     fresh = neighbor_list(structure.positions, structure.cell, structure.pbc, model.cutoff)
     assert len(fresh) == 2  # the inner pair, both directions
-    graphs = graph_builder(model, "exchange", "rcb", 0.5, resident, CPU)
+    graphs = graph_builder(
+        model, GraphOptions("rcb", skin=0.5, resident=resident), CPU, torch.float64
+    )
     comm = Communicator(0, 1, CPU)
     for step in range(2):  # the build, then a reuse
         call = graphs.get(structure, comm)

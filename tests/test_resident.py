@@ -24,6 +24,7 @@ from distmlip.graphs.partition import partition
 from distmlip.graphs.structure import Structure
 from distmlip.messages import EvaluationRequest, Moved, StaleBase
 from distmlip.options import GraphOptions
+from distmlip.worker.engine import call_exchange
 from distmlip.worker.engine import evaluate as evaluate_graph
 from distmlip.worker.main import graph_builder
 from distmlip.worker.resident import device_pairs
@@ -91,16 +92,15 @@ def _walks(builders: dict, steps: int, step: float) -> dict:
 
 def _in_process(model, frames, skin: float, resident: bool) -> list:
     """One rank (P=1), in this process: the worker's builder and engine, per frame."""
-    graphs = graph_builder(model, "exchange", "rcb", skin, resident, CPU)
+    graphs = graph_builder(
+        model, GraphOptions("rcb", skin=skin, resident=resident), CPU, torch.float64
+    )
     calls = []
     for atoms in frames:
         structure = Structure.from_ase(atoms)
         comm = Communicator(0, 1, CPU)
         call = graphs.get(structure, comm)
-        result = evaluate_graph(
-            model, call.graph, structure, comm, torch.float64, CPU, True, call.vectors,
-            call.prepared, call.kept_edges, inputs=call.inputs,
-        )  # fmt: skip
+        result = evaluate_graph(model, call, call_exchange(call, comm), comm, True)
         calls.append((result, call))
     return calls
 
@@ -144,7 +144,7 @@ def test_in_process_resident_equals_host_path(which, reference_model, request, o
         assert [call.built for _, call in device] == built, name
         assert built[0] and any(built[1:]) and not all(built), (name, built)
         for step, ((a, _), (b, call)) in enumerate(zip(host, device, strict=True)):
-            assert call.inputs is not None and call.inputs.vectors.device == CPU
+            assert call.on_device and call.inputs.vectors.device == CPU
             plans = [call.graph.plan, *call.prepared.row_plans.values()]  # uploaded per build
             assert all(isinstance(rows, torch.Tensor) for p in plans for rows in p.send_index)
             expected = {"energy": a.energy, "forces": a.forces, "virial": a.virial}
@@ -158,7 +158,7 @@ def test_in_process_resident_equals_host_path(which, reference_model, request, o
                 _in_process(model, frames[:2], 0.0, resident=True),
                 strict=True,
             ):
-                assert call.built and call.kept_edges is None
+                assert call.built and call.inputs.kept_edges is None
                 got = {"energy": b.energy, "forces": b.forces, "virial": b.virial}
                 expected = {"energy": a.energy, "forces": a.forces, "virial": a.virial}
                 _assert_close(got, expected, f"{name} skin 0")
@@ -237,8 +237,9 @@ def test_positions_only_requests_are_never_stale():
     assert sent is structure and rest is not None
     assert store.resolve(5, EvaluationRequest(sent)).structure is structure
     sender.delivered(workers, 5, rest)
-    moved = Structure(structure.positions + 0.1, structure.numbers, structure.cell * 1.01,
-                      structure.pbc)  # fmt: skip
+    moved = Structure(
+        structure.positions + 0.1, structure.numbers, structure.cell * 1.01, structure.pbc
+    )
     sent, rest = sender.message(moved, workers)
     assert isinstance(sent, Moved) and sent.base == 5 and rest is None
     complete = store.resolve(6, EvaluationRequest(sent)).structure
@@ -251,8 +252,9 @@ def test_positions_only_requests_are_never_stale():
     assert sender.message(moved, object())[0] is moved
     moved.numbers[0] = 29 if moved.numbers[0] != 29 else 28
     assert sender.message(moved, workers)[0] is moved
-    charged = Structure(structure.positions, structure.numbers, structure.cell, structure.pbc,
-                        {"charge": 1})  # fmt: skip
+    charged = Structure(
+        structure.positions, structure.numbers, structure.cell, structure.pbc, {"charge": 1}
+    )
     assert sender.message(charged, workers)[0] is charged
     # A worker that holds another base, or none, refuses before computing.
     with pytest.raises(StaleBase, match="request 4"):

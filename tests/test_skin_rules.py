@@ -39,6 +39,8 @@ from distmlip.calculator import assemble  # noqa: E402
 from distmlip.exchange.comm import Communicator  # noqa: E402
 from distmlip.graphs.structure import Structure  # noqa: E402
 from distmlip.models import resolve_model  # noqa: E402
+from distmlip.options import GraphOptions
+from distmlip.worker.engine import call_exchange
 from distmlip.worker.engine import evaluate as evaluate_graph  # noqa: E402
 from distmlip.worker.main import graph_builder  # noqa: E402
 
@@ -127,11 +129,10 @@ def in_process(model, atoms: Atoms, skin: float = 0.0) -> dict:
     process, a new graph (``skin=0``): what a one-worker calculator computes, without a pool."""
     structure = Structure.from_ase(atoms, model.system_inputs(atoms))
     comm = Communicator(0, 1, CPU)
-    call = graph_builder(model, "exchange", "slab", skin).get(structure, comm)
-    result = evaluate_graph(
-        model, call.graph, structure, comm, torch.float64, CPU, True, call.vectors,
-        call.prepared, call.kept_edges, inputs=call.inputs,
-    )  # fmt: skip
+    call = graph_builder(model, GraphOptions("slab", skin=skin), CPU, torch.float64).get(
+        structure, comm
+    )
+    result = evaluate_graph(model, call, call_exchange(call, comm), comm, True)
     results = assemble([result], structure.n_atoms, structure.volume)
     return {name: np.asarray(results[name]) for name in properties_of(model, atoms)}
 
@@ -193,12 +194,21 @@ def rule_frames(cutoff: float) -> list[tuple[str, Atoms, bool]]:
     def substitute(atoms):
         atoms.numbers[5] = 79
 
-    add("one atom moved just under skin/2 (an edge crosses the cutoff)", True,
-        move(atom, under, direction))  # fmt: skip
-    add("just over skin/2 since the build (4 mÅ since the last frame)", False,
-        move(atom, over - under, direction))  # fmt: skip
-    add("another atom just under skin/2 since the new build", True,
-        move((atom + 7) % len(base), under, [0.6, 0.0, 0.8]))  # fmt: skip
+    add(
+        "one atom moved just under skin/2 (an edge crosses the cutoff)",
+        True,
+        move(atom, under, direction),
+    )
+    add(
+        "just over skin/2 since the build (4 mÅ since the last frame)",
+        False,
+        move(atom, over - under, direction),
+    )
+    add(
+        "another atom just under skin/2 since the new build",
+        True,
+        move((atom + 7) % len(base), under, [0.6, 0.0, 0.8]),
+    )
     add("nothing changed", True, lambda atoms: None)
     approach = 0.45  # > skin/2 each (< skin), 0.9 > skin together
     first, second, towards = approaching_pair(frames[-1][1], cutoff, approach)
@@ -207,8 +217,12 @@ def rule_frames(cutoff: float) -> list[tuple[str, Atoms, bool]]:
         move(first, approach, towards)(atoms)
         move(second, approach, -towards)(atoms)
 
-    add("two atoms approach each other by more than the skin (an edge beyond cutoff + skin "
-        "comes within the cutoff)", False, close_in)  # fmt: skip
+    add(
+        "two atoms approach each other by more than the skin (an edge beyond cutoff + skin "
+        "comes within the cutoff)",
+        False,
+        close_in,
+    )
     add("pbc only: (T, T, T) -> (T, T, F)", False, lambda atoms: atoms.set_pbc((1, 1, 0)))
     add("cell only, positions fixed", False, shear)
     assert np.array_equal(frames[-1][1].positions, frames[-2][1].positions)

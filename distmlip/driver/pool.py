@@ -199,23 +199,14 @@ class WorkerPool:
         ).start()
 
     def _config(self, rank: int, init: dict, cores: tuple) -> WorkerConfig:
-        options = self.options
         return WorkerConfig(
             rank=rank,
             world_size=self.nprocs,
-            device=options.device,
-            dtype=options.dtype,
-            timeout=self.timeout,
-            threads=self.threads,
             parent_pid=os.getpid(),
+            options=self.options,
+            graph=replace(self.graph_options, resident=self.resident),
+            threads=self.threads,
             cores=tuple(cores),
-            partitioner=self.graph_options.partitioner,
-            halo=self.graph_options.halo,
-            skin=self.graph_options.skin,
-            checkpoint=options.checkpoint,
-            backend=options.backend,
-            memory_limit=options.memory_limit,
-            resident=self.resident,
             **init,
         )
 

@@ -36,36 +36,10 @@ from distmlip.graphs.halo import (
 )
 from distmlip.graphs.partition import partition
 from distmlip.graphs.structure import Structure
-from distmlip.models.base import GraphInputs
-from distmlip.worker.engine import Prepared, prepare, timed
+from distmlip.options import GraphOptions
+from distmlip.worker.engine import CallGraph, Prepared, call_graph, prepare, timed
 
-__all__ = ["CallGraph", "SkinGraphs", "GhostGraphs", "owners"]
-
-
-@dataclass
-class CallGraph:
-    """The graph of one call and what was done to get it.
-
-    Attributes:
-        graph: edges shorter than the cutoff (selected from the skin graph when reused); with
-            ``inputs``, the built graph (rows and plan; the edges are in ``inputs``).
-        vectors: (E, 3) float64 edge vectors at this call's positions, Å (None with ``inputs``).
-        prepared: the model's ``prepare`` of the graph built last.
-        kept_edges: (E,) index of each edge in the built graph, or None if built for this call.
-        built: True if this call partitioned and built (False: reused).
-        timings: seconds of ``partition``, ``graph`` (build, plan, prepare) and ``prepare``.
-        skin_edges: edges of the kept skin graph (0 without skin).
-        inputs: the model inputs, already on the device (:mod:`distmlip.worker.resident`), or None.
-    """
-
-    graph: LocalGraph
-    vectors: np.ndarray | None
-    prepared: Prepared
-    kept_edges: np.ndarray | torch.Tensor | None
-    built: bool
-    timings: dict[str, float]
-    skin_edges: int = 0
-    inputs: GraphInputs | None = None
+__all__ = ["SkinGraphs", "GhostGraphs", "owners"]
 
 
 def owners(structure: Structure, comm, partitioner: str, cutoff: float) -> np.ndarray:
@@ -119,11 +93,30 @@ class _Built:
 
 
 class SkinGraphs:
-    """Halo-exchange graphs, kept and re-selected under a Verlet skin (``skin > 0``)."""
+    """Halo-exchange graphs, kept and re-selected under a Verlet skin (``options.skin > 0``),
+    as :class:`~distmlip.worker.engine.CallGraph` s with their inputs on ``device`` in
+    ``dtype``."""
 
-    def __init__(self, model, partitioner: str, skin: float):
-        self.model, self.partitioner, self.skin = model, partitioner, float(skin)
+    def __init__(self, model, options: GraphOptions, device: torch.device, dtype: torch.dtype):
+        self.model, self.partitioner, self.skin = model, options.partitioner, options.skin
+        self.device, self.dtype = torch.device(device), dtype
         self._kept: tuple[_Built, LocalGraph, Prepared, np.ndarray] | None = None
+
+    def _call(self, graph, structure, comm, vectors, prepared, kept_edges, built, timings, edges):
+        return call_graph(
+            self.model,
+            graph,
+            structure,
+            comm,
+            self.dtype,
+            self.device,
+            vectors=vectors,
+            prepared=prepared,
+            kept_edges=kept_edges,
+            built=built,
+            timings=timings,
+            skin_edges=edges,
+        )
 
     def get(self, structure: Structure, comm) -> CallGraph:
         """This call's graph (collective when it rebuilds; every rank decides alike)."""
@@ -133,7 +126,10 @@ class SkinGraphs:
             _, skin_graph, prepared, shift_vectors = kept
             with timed(timings, "graph"):
                 graph, vectors, index = within_cutoff(skin_graph, structure, cutoff, shift_vectors)
-            return CallGraph(graph, vectors, prepared, index, False, timings, len(skin_graph.edges))
+            edges = len(skin_graph.edges)
+            return self._call(
+                graph, structure, comm, vectors, prepared, index, False, timings, edges
+            )
         self._kept = None  # a failure below must not leave the previous graph to be reused
         with timed(timings, "partition"):
             owner = owners(structure, comm, self.partitioner, cutoff)
@@ -153,8 +149,10 @@ class SkinGraphs:
                     graph, structure, cutoff, shift_vectors, vectors
                 )
         if self.skin == 0:
-            return CallGraph(graph, vectors, prepared, None, True, timings)
-        return CallGraph(graph, vectors, prepared, index, True, timings, skin_edges)
+            return self._call(graph, structure, comm, vectors, prepared, None, True, timings, 0)
+        return self._call(
+            graph, structure, comm, vectors, prepared, index, True, timings, skin_edges
+        )
 
     def _build(self, structure: Structure, comm, owner: np.ndarray, timings, pair_search=None):
         """The local graph with ``cutoff + skin``, its halo plan (the handshake with the peers),
@@ -172,8 +170,9 @@ class SkinGraphs:
 class GhostGraphs:
     """The ghost baseline's graphs: owned atoms plus ``num_layers`` hops, every call."""
 
-    def __init__(self, model, partitioner: str):
-        self.model, self.partitioner = model, partitioner
+    def __init__(self, model, options: GraphOptions, device: torch.device, dtype: torch.dtype):
+        self.model, self.partitioner = model, options.partitioner
+        self.device, self.dtype = torch.device(device), dtype
 
     def get(self, structure: Structure, comm) -> CallGraph:
         model, timings = self.model, {}
@@ -186,4 +185,14 @@ class GhostGraphs:
             vectors = edge_vectors(graph, structure)
             with timed(timings, "prepare"):
                 prepared = prepare(model, graph, structure, comm, vectors, owner)
-        return CallGraph(graph, vectors, prepared, None, True, timings)
+        return call_graph(
+            model,
+            graph,
+            structure,
+            comm,
+            self.dtype,
+            self.device,
+            vectors=vectors,
+            prepared=prepared,
+            timings=timings,
+        )

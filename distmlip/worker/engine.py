@@ -30,7 +30,17 @@ from distmlip.graphs.structure import Structure
 from distmlip.models.base import DistributedModel, GraphInputs
 from distmlip.trace import Trace
 
-__all__ = ["WorkerResult", "Prepared", "prepare", "evaluate", "graph_inputs", "timed"]
+__all__ = [
+    "WorkerResult",
+    "Prepared",
+    "CallGraph",
+    "prepare",
+    "call_graph",
+    "call_exchange",
+    "evaluate",
+    "graph_inputs",
+    "timed",
+]
 
 
 @dataclass
@@ -118,6 +128,75 @@ def prepare(
     return Prepared(value, declarer.plans)
 
 
+@dataclass
+class CallGraph:
+    """One call's graph, ready for :func:`evaluate`, and what it took to get it.
+
+    Attributes:
+        graph: the local graph: rows, halo plan and (on the host) the call's edges; built for
+            this call, or the kept one the edges were selected from (``inputs.kept_edges``).
+        inputs: the model inputs on the worker's device, in its dtype, with the model's
+            ``prepare`` value (``inputs.prepared``) and the kept edges' index.
+        prepared: what ``model.prepare`` gave for the graph built last, and its row plans.
+        built: True if this call partitioned and built (False: reused under the skin).
+        timings: seconds of ``partition``, ``graph`` (build, plan, prepare), ``prepare`` and
+            ``inputs``.
+        skin_edges: edges of the kept skin graph (0 without skin).
+        on_device: the inputs were made on the device (:mod:`distmlip.worker.resident`), not
+            copied from the host.
+    """
+
+    graph: LocalGraph
+    inputs: GraphInputs
+    prepared: Prepared
+    built: bool
+    timings: dict[str, float]
+    skin_edges: int = 0
+    on_device: bool = False
+
+
+def call_graph(
+    model: DistributedModel,
+    graph: LocalGraph,
+    structure: Structure,
+    comm: Communicator,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    vectors: np.ndarray | None = None,
+    prepared: Prepared | None = None,
+    kept_edges: np.ndarray | None = None,
+    built: bool = True,
+    timings: dict[str, float] | None = None,
+    skin_edges: int = 0,
+) -> CallGraph:
+    """A host-built ``graph`` (its (E, 3) float64 edge ``vectors`` computed if not given) as a
+    :class:`CallGraph`: ``prepare`` run if no ``prepared`` (collective), inputs on ``device``."""
+    timings = {} if timings is None else timings
+    if vectors is None:
+        vectors = edge_vectors(graph, structure)
+    if prepared is None:
+        with timed(timings, "prepare"):
+            prepared = prepare(model, graph, structure, comm, vectors)
+    with timed(timings, "inputs"):
+        inputs = graph_inputs(graph, structure, dtype, device, vectors)
+        if kept_edges is not None:
+            inputs.kept_edges = torch.as_tensor(kept_edges, dtype=torch.int64, device=device)
+        inputs.prepared = prepared.value
+    return CallGraph(graph, inputs, prepared, built, timings, skin_edges)
+
+
+def call_exchange(
+    call: CallGraph, comm: Communicator, checkpoint: bool | int = False
+) -> Exchange | GhostExchange:
+    """The ``exchange`` the model gets for ``call``: halo exchange through ``comm``, or the
+    ghost baseline's (nothing exchanged). ``checkpoint``: :mod:`distmlip.exchange.checkpoint`."""
+    graph = call.graph
+    if graph.ghost:
+        return GhostExchange(graph.n_computed, graph.n_local, checkpoint)
+    return Exchange(comm, graph.plan, call.prepared.row_plans, checkpoint)
+
+
 def graph_inputs(
     graph: LocalGraph,
     structure: Structure,
@@ -172,50 +251,22 @@ def _edge_gradients(energy: torch.Tensor, vectors: torch.Tensor, outputs: list) 
 
 def evaluate(
     model: DistributedModel,
-    graph: LocalGraph,
-    structure: Structure,
+    call: CallGraph,
+    exchange: Exchange | GhostExchange,
     comm: Communicator,
-    dtype: torch.dtype,
-    device: torch.device,
     compute_forces: bool = True,
-    vectors: np.ndarray | None = None,
-    prepared: Prepared | None = None,
-    kept_edges: np.ndarray | torch.Tensor | None = None,
-    checkpoint: bool | int = False,
-    inputs: GraphInputs | None = None,
 ) -> WorkerResult:
-    """Run the model on this worker's local graph; see the module docstring.
+    """Run the model on this worker's call graph; see the module docstring.
 
-    ``vectors``: the graph's (E, 3) float64 edge vectors if the caller has them already.
-    ``prepared``: what :func:`prepare` gave for the graph this one was selected from
-    (``kept_edges``: the index of each edge there); prepared here if not given.
-    ``checkpoint``: the adapter's ``exchange.checkpoint`` regions recompute their activations
-    in the backward instead of keeping them, edges in chunks of ``exchange.chunks``
-    (``True``: the default chunk; an integer: edges per chunk; :mod:`distmlip.exchange.checkpoint`).
-    ``inputs``: the model inputs already on ``device`` (:mod:`distmlip.worker.resident`: float64
-    vectors, which are cast here; ``kept_edges`` a device tensor); ``graph`` then gives only the
-    rows and the halo plan, and ``vectors``/``kept_edges`` are not used.
+    ``exchange``: :func:`call_exchange` of ``call`` (through ``comm``, whose counters and
+    outputs this call starts afresh). ``compute_forces``: also forces and virial (the backward).
+    Collective: every worker evaluates its call graph of the same structure at the same time.
     """
+    graph, inputs = call.graph, call.inputs
     timings: dict[str, float] = {}
     phase = partial(timed, timings)
-    if prepared is None:
-        if vectors is None:  # computed once, for prepare and for the inputs
-            vectors = edge_vectors(graph, structure)
-        prepared = prepare(model, graph, structure, comm, vectors)
-    with phase("inputs"):
-        if inputs is None:
-            inputs = graph_inputs(graph, structure, dtype, device, vectors)
-            if kept_edges is not None:
-                inputs.kept_edges = torch.as_tensor(kept_edges, dtype=torch.int64, device=device)
-        else:  # on the device already: a cast there, no host copy
-            inputs.vectors = inputs.vectors.detach().to(dtype)
-        inputs.prepared = prepared.value
-        inputs.vectors.requires_grad_(compute_forces)
-        comm.reset()
-        if graph.ghost:
-            exchange = GhostExchange(graph.n_computed, graph.n_local, checkpoint)
-        else:
-            exchange = Exchange(comm, graph.plan, prepared.row_plans, checkpoint)
+    inputs.vectors.requires_grad_(compute_forces)
+    comm.reset()
 
     direct = bool(getattr(model, "direct_forces", False))
     with phase("forward"), torch.set_grad_enabled(compute_forces and not direct):

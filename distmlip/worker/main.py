@@ -25,15 +25,25 @@ import threading
 import time
 import traceback
 from contextlib import nullcontext
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import NoReturn
 
 import torch
 
 from distmlip import trace
-from distmlip.errors import error_summary
-from distmlip.messages import STARTUP_ID, STARTUP_TIMEOUT, EvaluationRequest, WorkerConfig
+from distmlip.errors import StructureRejected, error_summary
+from distmlip.exchange.comm import Communicator
+from distmlip.messages import (
+    STARTUP_ID,
+    STARTUP_TIMEOUT,
+    EvaluationRequest,
+    Moved,
+    WorkerConfig,
+)
+from distmlip.options import GraphOptions
 from distmlip.worker.builders import GhostGraphs, SkinGraphs
+from distmlip.worker.engine import call_exchange, evaluate
 from distmlip.worker.memory import (
     PeakMemory,
     apply_memory_limit,
@@ -42,6 +52,7 @@ from distmlip.worker.memory import (
     out_of_memory_kind,
 )
 from distmlip.worker.resident import ResidentSkinGraphs
+from distmlip.worker.store import StructureStore
 
 __all__ = [
     "worker_main",
@@ -94,13 +105,24 @@ def die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
 
 
 def _worker_device(config: WorkerConfig):
-
-    if config.device == "cuda":
+    if config.options.device == "cuda":
         index = config.rank if config.local_rank is None else config.local_rank
         local = index % max(torch.cuda.device_count(), 1)
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
-    return torch.device(config.device)
+    return torch.device(config.options.device)
+
+
+@dataclass
+class WorkerContext:
+    """What one worker holds from start to end: its settings, device and dtype, its
+    communicator (one per worker; each call starts its counters afresh) and graph builder."""
+
+    config: WorkerConfig
+    device: torch.device
+    dtype: torch.dtype
+    comm: Communicator
+    graphs: SkinGraphs | GhostGraphs
 
 
 def die_with_driver(driver_pid: int) -> None:
@@ -152,7 +174,7 @@ def run_worker(connection: Connection, config: WorkerConfig, load_model) -> str:
     if config.silence is not None:  # a rank of a launched job, not started by the driver
         from distmlip.environment import adopt_in_process
 
-        adopt_in_process(config.keep_memory, config.device)
+        adopt_in_process(config.keep_memory, config.options.device)
     import torch.distributed as dist
 
     from distmlip.options import resolve_backend
@@ -162,14 +184,15 @@ def run_worker(connection: Connection, config: WorkerConfig, load_model) -> str:
         # One disjoint set of cores per worker: no two workers' threads fight over a core.
         os.sched_setaffinity(0, config.cores)
     try:
-        apply_memory_limit(config.memory_limit)  # before the model loads
+        options = config.options
+        apply_memory_limit(options.memory_limit)  # before the model loads
         device = _worker_device(config)
-        dtype = getattr(torch, config.dtype)
+        dtype = getattr(torch, options.dtype)
         model = load_model()
         model = model.to(device=device, dtype=dtype).eval()
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        if config.checkpoint:
+        if options.checkpoint:
             # torch's checkpoint imports ~70 MB of modules (dynamo, fsdp) at its first use: at
             # start-up, not in the middle of the first call, under the memory limit.
             from distmlip.exchange.checkpoint import warm_up
@@ -177,8 +200,8 @@ def run_worker(connection: Connection, config: WorkerConfig, load_model) -> str:
             warm_up()
         if config.world_size > 1:
             # Start-up (importing torch, rendezvous) can be slow on a loaded machine; each
-            # exchange still waits at most `config.timeout` (see distmlip.exchange.comm).
-            timeout = datetime.timedelta(seconds=max(config.timeout, STARTUP_TIMEOUT))
+            # exchange still waits at most `options.timeout` (see distmlip.exchange.comm).
+            timeout = datetime.timedelta(seconds=max(options.timeout, STARTUP_TIMEOUT))
             if config.store is None:
                 meeting = {"init_method": config.init_method}
                 _gloo_on_loopback()
@@ -187,18 +210,21 @@ def run_worker(connection: Connection, config: WorkerConfig, load_model) -> str:
                 job = dist.TCPStore(host, port, is_master=False, timeout=timeout)
                 meeting = {"store": dist.PrefixStore(prefix, job)}
             dist.init_process_group(
-                backend=resolve_backend(device.type, config.backend),
+                backend=resolve_backend(device.type, options.backend),
                 rank=config.rank,
                 world_size=config.world_size,
                 timeout=timeout,
                 **meeting,
             )
+        comm = Communicator(config.rank, config.world_size, device, options.timeout)
+        graphs = graph_builder(model, config.graph, device, dtype)
+        context = WorkerContext(config, device, dtype, comm, graphs)
         connection.send(("ready", STARTUP_ID, os.getpid()))
     except Exception as error:
         connection.send(("error", STARTUP_ID, _failure(error, config, None, "starting")))
         return "failed"
     try:
-        return _serve(config, model, device, dtype, connection)
+        return _serve(context, model, connection)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -218,16 +244,10 @@ def _gloo_on_loopback() -> None:
             return
 
 
-def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -> str:
-    from distmlip.exchange.protocol import StructureRejected
-    from distmlip.messages import Moved
-    from distmlip.worker.store import StructureStore
-
-    graphs = graph_builder(
-        model, config.halo, config.partitioner, config.skin, config.resident, device
-    )
+def _serve(context: WorkerContext, model, connection: Connection) -> str:
+    config = context.config
     structures = StructureStore()  # the last complete structure (positions-only requests)
-    peaks = PeakMemory(device)
+    peaks = PeakMemory(context.device)
     sizes: dict = {}  # what this call's graph holds, for an out-of-memory report
     while True:
         try:
@@ -248,7 +268,7 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
             request = structures.resolve(request_id, request)  # before any collective
             sizes["n_atoms"] = request.structure.n_atoms
             with trace.recording() if request.trace else nullcontext() as record:
-                result = _evaluate(request, config, model, graphs, device, dtype, sizes)
+                result = _evaluate(request, context, model, sizes)
             result.trace = record
             result.stats.update(peaks.stats())  # peak RSS (and GPU) of the call, and since start
             result.stats["positions_only"] = int(moved)
@@ -258,7 +278,7 @@ def _serve(config: WorkerConfig, model, device, dtype, connection: Connection) -
         except StructureRejected as error:  # refused by every worker together: stay in step
             connection.send(("rejected", request_id, str(error)))
         except Exception as error:
-            report = _failure(error, config, device, "evaluating", sizes)
+            report = _failure(error, config, context.device, "evaluating", sizes)
             connection.send(("error", request_id, report))
 
 
@@ -271,35 +291,20 @@ def _failure(error: Exception, config: WorkerConfig, device, phase: str, sizes=N
         return report
     # The traceback's frames hold the failed call's tensors: free them before reporting.
     traceback.clear_frames(error.__traceback__)
-    details = memory_report(error, kind, sizes, config.memory_limit, device, phase)
-    details["checkpoint"] = bool(config.checkpoint)
+    details = memory_report(error, kind, sizes, config.options.memory_limit, device, phase)
+    details["checkpoint"] = bool(config.options.checkpoint)
     return (*report, details)
 
 
-def _evaluate(
-    request: EvaluationRequest, config: WorkerConfig, model, graphs, device, dtype, sizes=None
-):
-    from distmlip.exchange.comm import Communicator
-    from distmlip.worker.engine import evaluate
-
-    comm = Communicator(config.rank, config.world_size, device, config.timeout)
-    call = graphs.get(request.structure, comm)
+def _evaluate(request: EvaluationRequest, context: WorkerContext, model, sizes=None):
+    """One request: this call's graph (kept or built), then the evaluation on it."""
+    comm = context.comm
+    comm.reset()  # nothing of the previous call (its caches are keyed by plan objects)
+    call = context.graphs.get(request.structure, comm)
     if sizes is not None:
         sizes.update(graph_sizes(call.graph, request.structure.n_atoms, call.inputs))
-    result = evaluate(
-        model,
-        call.graph,
-        request.structure,
-        comm,
-        dtype,
-        device,
-        request.compute_forces,
-        call.vectors,
-        call.prepared,
-        call.kept_edges,
-        checkpoint=config.checkpoint,
-        inputs=call.inputs,
-    )
+    exchange = call_exchange(call, comm, context.config.options.checkpoint)
+    result = evaluate(model, call, exchange, comm, request.compute_forces)
     # "graph" includes "prepare" (the model's per-graph structure, e.g. CHGNet's bonds).
     result.timings = {**call.timings, **result.timings}
     result.stats["graph_reused"] = int(not call.built)
@@ -309,12 +314,13 @@ def _evaluate(
 
 
 def graph_builder(
-    model, halo: str, partitioner: str, skin: float, resident: bool = False, device=None
+    model, options: GraphOptions, device: torch.device, dtype: torch.dtype
 ) -> SkinGraphs | GhostGraphs:
-    """The builder for ``halo`` (``"exchange"`` or ``"ghost"``); ``resident``: the per-call
-    work in torch on ``device`` (:mod:`distmlip.worker.resident`; exchange mode only)."""
-    if halo == "ghost":
-        return GhostGraphs(model, partitioner)
-    if resident:
-        return ResidentSkinGraphs(model, partitioner, skin, device)
-    return SkinGraphs(model, partitioner, skin)
+    """The worker's graph builder for ``options``: the ghost baseline's (``halo="ghost"``),
+    the resident one (``options.resident``: the per-call work in torch on ``device``,
+    :mod:`distmlip.worker.resident`) or the host one; call graphs' inputs in ``dtype``."""
+    if options.halo == "ghost":
+        return GhostGraphs(model, options, device, dtype)
+    if options.resident:
+        return ResidentSkinGraphs(model, options, device, dtype)
+    return SkinGraphs(model, options, device, dtype)

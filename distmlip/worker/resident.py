@@ -35,8 +35,9 @@ from distmlip.graphs.halo import HaloPlan, LocalGraph
 from distmlip.graphs.neighbors import search_box
 from distmlip.graphs.structure import Structure
 from distmlip.models.base import GraphInputs
-from distmlip.worker.builders import CallGraph, SkinGraphs, owners
-from distmlip.worker.engine import Prepared, timed
+from distmlip.options import GraphOptions
+from distmlip.worker.builders import SkinGraphs, owners
+from distmlip.worker.engine import CallGraph, Prepared, timed
 
 __all__ = ["DeviceGraph", "ResidentSkinGraphs", "device_pairs", "largest_displacement"]
 
@@ -170,9 +171,8 @@ class ResidentSkinGraphs(SkinGraphs):
     rebuild never leaves the previous one to be reused.
     """
 
-    def __init__(self, model, partitioner: str, skin: float, device: torch.device):
-        super().__init__(model, partitioner, skin)
-        self.device = torch.device(device)
+    def __init__(self, model, options: GraphOptions, device: torch.device, dtype: torch.dtype):
+        super().__init__(model, options, device, dtype)
         self._kept: DeviceGraph | None = None
 
     def get(self, structure: Structure, comm) -> CallGraph:
@@ -185,7 +185,7 @@ class ResidentSkinGraphs(SkinGraphs):
         if kept is not None and kept.holds(structure, positions, skin):
             with timed(timings, "graph"):
                 inputs = kept.inputs(structure, positions, cutoff, select=True)
-            return self._call(kept, inputs, False, timings, kept.n_edges)
+            return self._on_device(kept, inputs, False, timings, kept.n_edges)
         self._kept = None
         with timed(timings, "partition"):
             owner = owners(structure, comm, self.partitioner, cutoff)
@@ -196,9 +196,13 @@ class ResidentSkinGraphs(SkinGraphs):
             if skin > 0:
                 self._kept = built
             inputs = built.inputs(structure, positions, cutoff, select=skin > 0)
-        return self._call(built, inputs, True, timings, built.n_edges if skin > 0 else 0)
+        return self._on_device(built, inputs, True, timings, built.n_edges if skin > 0 else 0)
 
-    @staticmethod
-    def _call(device_graph: DeviceGraph, inputs: GraphInputs, built: bool, timings, edges: int):
+    def _on_device(
+        self, device_graph: DeviceGraph, inputs: GraphInputs, built: bool, timings, edges
+    ):
+        with timed(timings, "inputs"):  # on the device already: a cast there, no host copy
+            inputs.vectors = inputs.vectors.detach().to(self.dtype)
+            inputs.prepared = device_graph.prepared.value
         graph, prepared = device_graph.graph, device_graph.prepared
-        return CallGraph(graph, None, prepared, inputs.kept_edges, built, timings, edges, inputs)
+        return CallGraph(graph, inputs, prepared, built, timings, edges, on_device=True)
