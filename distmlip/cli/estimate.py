@@ -17,6 +17,7 @@ from distmlip.cli.common import (
     add_model_option,
     add_worker_options,
 )
+from distmlip.cli.output import run_header
 from distmlip.cli.structures import add_structure_arguments
 
 __all__ = ["estimate"]
@@ -87,10 +88,7 @@ def estimate(args) -> int:
     seconds = time.perf_counter() - start
     if args.json:
         payload = {
-            "source": source,
-            "model": str(args.model),
-            "partitioner": args.partitioner,
-            "dtype": args.dtype,
+            **run_header(args, source),
             "calibration_nprocs": args.calibration_nprocs,
             "seconds": seconds,
             **result.to_dict(),

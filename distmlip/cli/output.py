@@ -13,6 +13,7 @@ __all__ = [
     "print_json",
     "table",
     "FramesDocument",
+    "run_header",
 ]
 
 
@@ -120,3 +121,13 @@ def table(rows: list[tuple[str, str]]) -> str:
     """Two aligned columns, name and value."""
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def run_header(args, source: str) -> dict:
+    """The JSON fields every command's output starts with: what was run, on what."""
+    return {
+        "source": source,
+        "model": str(args.model),
+        "partitioner": args.partitioner,
+        "dtype": args.dtype,
+    }

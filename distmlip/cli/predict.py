@@ -19,7 +19,7 @@ from distmlip.cli.common import (
     add_model_option,
     add_worker_options,
 )
-from distmlip.cli.output import FramesDocument, json_only_stdout, print_json, table
+from distmlip.cli.output import FramesDocument, json_only_stdout, print_json, run_header, table
 from distmlip.cli.stopping import Terminated, sigterm_as_interrupt, stopped
 from distmlip.cli.structures import ReadError, add_structure_arguments, read_frames  # noqa: F401  (re-exported)
 from distmlip.errors import first_line
@@ -214,11 +214,8 @@ def _frames_run(args, frames, numbers, source, run: _Run, stdout, calc, start: f
 def _common(args, source: str, startup: float | None) -> dict:
     """The JSON fields that describe the run rather than a frame."""
     return {
-        "source": source,
-        "model": str(args.model),
+        **run_header(args, source),
         "nprocs": args.nprocs,
-        "partitioner": args.partitioner,
-        "dtype": args.dtype,
         "units": {
             "energy": "eV",
             "forces": "eV/Å",
