@@ -6,13 +6,30 @@ communicator's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from distmlip.exchange.comm import Communicator
-    from distmlip.graphs.halo import HaloPlan
+from distmlip.graphs.halo import HaloPlan
+
+
+class Communicator(Protocol):
+    """What a pending exchange uses of :class:`distmlip.exchange.comm.Communicator` (which
+    imports this module: the protocol keeps the imports one-way)."""
+
+    world_size: int
+    outputs: list
+
+    def halo_indices(self, plan: HaloPlan) -> tuple: ...
+
+    def peers_of(self, counts) -> list[int]: ...
+
+    def post(self, sends, receives, tag: int, what: str) -> tuple: ...
+
+    def wait_posted(self, posted: tuple) -> None: ...
+
+    def replayed(self, compute): ...
+
 
 __all__ = ["PendingExchange", "ExchangeStart"]
 
