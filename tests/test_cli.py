@@ -219,3 +219,24 @@ def test_errors_as_a_process_print_one_line(argv, status, tmp_path):
     assert run.stdout == ""
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distmlip: error: "), run.stderr
+
+
+def test_every_partitioner_and_device_option_of_the_calculator_is_offered():
+    """The commands' choices come from distmlip.options: none is left out or added."""
+    from distmlip.cli import _parser
+    from distmlip.cli.arguments import UsageError
+    from distmlip.options import BACKENDS, DEVICES, DTYPES, PARTITIONER_NAMES
+
+    for command in ("predict", "md", "relax", "estimate", "demo"):
+        for option, values in (
+            ("--partitioner", PARTITIONER_NAMES),
+            ("--device", DEVICES),
+            ("--backend", BACKENDS),
+            ("--dtype", DTYPES),
+        ):
+            for value in values:
+                structure = [] if command == "demo" else ["bulk:Cu:fcc:3.61"]
+                args = _parser().parse_args([command, *structure, option, value])
+                assert getattr(args, option[2:]) == value
+            with pytest.raises(UsageError, match="invalid choice: 'nonsense'"):
+                _parser().parse_args([command, *structure, option, "nonsense"])

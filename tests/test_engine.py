@@ -67,12 +67,17 @@ def test_exchanged_tensors_are_freed_after_the_call(overlap, checkpoint):
     resolve_send_index(graph, comm.exchange_requests(graph.requests()))
     call = call_graph(model, graph, structure, comm, torch.float64, torch.device("cpu"))
     result = evaluate(model, call, call_exchange(call, comm, checkpoint), comm)
+    again = evaluate(model, call, call_exchange(call, comm, checkpoint), comm)
+    # One communicator serves call after call: each starts its counters afresh.
+    assert again.stats["exchanges"] == result.stats["exchanges"] > 0
+    assert again.stats["bytes_sent"] == result.stats["bytes_sent"]
+    assert again.energy == result.energy
     per_exchange = 3 if overlap else 1
     assert np.isfinite(result.energy)
     # A checkpointed layer runs twice (forward, then recomputed in the backward, its exchanges
     # replayed: the same tensors again).
     runs = 2 if checkpoint else 1
-    assert len(model.seen) == per_exchange * (model.num_layers - 1) * runs
+    assert len(model.seen) == per_exchange * (model.num_layers - 1) * runs * 2  # two calls
     gc.collect()
     # The autograd node of an exchange references the communicator, which held its output:
     # a cycle through C++ that leaked one call's tensors per call until the engine broke it.

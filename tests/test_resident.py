@@ -300,3 +300,28 @@ def test_resident_on_cuda_equals_host_path_on_cpu(reference_model):
                     error = np.abs(got[key] - value).max() / max(np.abs(value).max(), 1e-300)
                     assert error <= 1e-10, (name, step, key, error)  # GPU edge order
         assert (calc.graph_builds, calc.graph_reuses) == counts
+
+
+def test_resident_inputs_are_in_the_workers_dtype(reference_model):
+    """The resident builder works in float64 and hands the model float32 inputs when the
+    worker runs in float32, after a build and on a reuse, as the host builder does."""
+    model = copy.deepcopy(reference_model).float()
+    frames = trajectory(small_cell().repeat((2, 1, 1)), 2, 0.02, seed=3)
+    results = {}
+    for resident in (False, True):
+        options = GraphOptions("rcb", skin=0.5, resident=resident)
+        graphs = graph_builder(model, options, CPU, torch.float32)
+        results[resident] = []
+        for atoms in frames:
+            comm = Communicator(0, 1, CPU)
+            call = graphs.get(Structure.from_ase(atoms), comm)
+            assert call.on_device == resident
+            assert call.inputs.vectors.dtype == torch.float32
+            result = evaluate_graph(model, call, call_exchange(call, comm), comm, True)
+            results[resident].append((call.built, result.energy, result.forces))
+    assert [built for built, *_ in results[True]] == [True, False]
+    for (_, energy, forces), (_, host_energy, host_forces) in zip(
+        results[True], results[False], strict=True
+    ):
+        assert abs(energy - host_energy) <= 1e-5 * abs(host_energy)
+        assert np.abs(forces - host_forces).max() <= 1e-4 * np.abs(host_forces).max()

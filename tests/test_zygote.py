@@ -320,8 +320,9 @@ def test_an_unclaimed_spare_is_stopped(monkeypatch):
     assert_all_gone(sorted(spares))
 
 
+@pytest.mark.parametrize("model", ["reference", "chgnet"])
 def test_the_command_line_forks_its_workers_from_the_zygote_it_prestarted(
-    monkeypatch, tmp_path, capsys
+    model, monkeypatch, tmp_path, capsys
 ):
     """`distmlip predict` starts the zygote before it loads the model; its pool claims it
     (one zygote started in all) and none is left unclaimed."""
@@ -337,7 +338,8 @@ def test_the_command_line_forks_its_workers_from_the_zygote_it_prestarted(
 
     monkeypatch.setattr(zygote._Zygote, "__init__", counting)
     monkeypatch.chdir(tmp_path)  # a directory no zygote serves yet
-    assert main(["predict", "--model", "reference", "--nprocs", "2", "--json"]) == 0
+    argv = ["predict", "--model", model, "--size", "2", "--nprocs", "2", "--json"]
+    assert main(argv) == 0
     assert '"energy"' in capsys.readouterr().out
     assert len(started) == 1 and started[0].alive()
     started[0].discard()  # it serves tmp_path, which no other test uses
