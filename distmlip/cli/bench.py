@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
 from distmlip.bench.systems import CRYSTALS
 from distmlip.cli.arguments import (
     Formatter,
@@ -17,6 +14,7 @@ from distmlip.cli.common import (
     add_device_options,
     add_model_option,
 )
+from distmlip.cli.output import print_json
 
 
 def bench(args) -> int:
@@ -44,8 +42,7 @@ def bench(args) -> int:
     except BenchOptionError as error:
         raise UsageError(str(error)) from None
     if args.json:
-        json.dump(rows, sys.stdout, indent=2)
-        print()
+        print_json(rows)
     elif args.out:
         print(f"results written to {args.out}")
     return 0

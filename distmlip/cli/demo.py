@@ -3,8 +3,6 @@ workers, then a comparison of its first structure with a single-process evaluati
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 import numpy as np
@@ -22,7 +20,7 @@ from distmlip.cli.common import (
     add_skin_option,
     add_worker_options,
 )
-from distmlip.cli.output import table
+from distmlip.cli.output import print_json, table
 
 __all__ = ["demo"]
 
@@ -125,8 +123,7 @@ def demo(args) -> int:
             max_force_diff_eV_per_A=delta_f,
         )
     if args.json:
-        json.dump(report, sys.stdout, indent=2)
-        print()
+        print_json(report)
     else:
         print(table(rows))
     return 0

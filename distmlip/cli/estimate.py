@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 from distmlip.cli.arguments import (
@@ -17,7 +15,7 @@ from distmlip.cli.common import (
     add_model_option,
     add_worker_options,
 )
-from distmlip.cli.output import run_header
+from distmlip.cli.output import print_json, run_header
 from distmlip.cli.structures import add_structure_arguments
 
 __all__ = ["estimate"]
@@ -93,8 +91,7 @@ def estimate(args) -> int:
             "seconds": seconds,
             **result.to_dict(),
         }
-        json.dump(payload, sys.stdout, indent=2)
-        print()
+        print_json(payload)
     else:
         _print(result, args, source, seconds)
     return 0

@@ -301,10 +301,11 @@ def prestart(modules: tuple[str, ...] = ()) -> None:
     for these packages is already running."""
     if start_method("cpu", launched=False) != "fork":
         return
-    from distmlip.environment import LAUNCHER_VARIABLES
+    from distmlip.environment import worker_environment
+    from distmlip.options import WorkerOptions
 
-    environment = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    place, packages = _place(environment, modules)
+    # The environment a default CPU pool's workers get (its per-worker variables aside).
+    place, packages = _place(worker_environment(WorkerOptions()), modules)
     with _ZYGOTES_LOCK:
         _owned()
         running = _ZYGOTES.get((*place, packages))

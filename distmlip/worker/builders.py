@@ -92,17 +92,16 @@ class _Built:
         return bool(2.0 * largest < skin)
 
 
-class SkinGraphs:
-    """Halo-exchange graphs, kept and re-selected under a Verlet skin (``options.skin > 0``),
-    as :class:`~distmlip.worker.engine.CallGraph` s with their inputs on ``device`` in
-    ``dtype``."""
+class _Graphs:
+    """What every builder holds: the model, the partitioner, and the device and dtype its
+    call graphs' inputs are made in."""
 
     def __init__(self, model, options: GraphOptions, device: torch.device, dtype: torch.dtype):
-        self.model, self.partitioner, self.skin = model, options.partitioner, options.skin
+        self.model, self.partitioner = model, options.partitioner
         self.device, self.dtype = torch.device(device), dtype
-        self._kept: tuple[_Built, LocalGraph, Prepared, np.ndarray] | None = None
 
-    def _call(self, graph, structure, comm, vectors, prepared, kept_edges, built, timings, edges):
+    def _call(self, graph, structure, comm, vectors, prepared, timings, **selection) -> CallGraph:
+        """``graph`` as a call graph (``selection``: ``kept_edges``, ``built``, ``skin_edges``)."""
         return call_graph(
             self.model,
             graph,
@@ -112,11 +111,20 @@ class SkinGraphs:
             self.device,
             vectors=vectors,
             prepared=prepared,
-            kept_edges=kept_edges,
-            built=built,
             timings=timings,
-            skin_edges=edges,
+            **selection,
         )
+
+
+class SkinGraphs(_Graphs):
+    """Halo-exchange graphs, kept and re-selected under a Verlet skin (``options.skin > 0``),
+    as :class:`~distmlip.worker.engine.CallGraph` s with their inputs on ``device`` in
+    ``dtype``."""
+
+    def __init__(self, model, options: GraphOptions, device: torch.device, dtype: torch.dtype):
+        super().__init__(model, options, device, dtype)
+        self.skin = options.skin
+        self._kept: tuple[_Built, LocalGraph, Prepared, np.ndarray] | None = None
 
     def get(self, structure: Structure, comm) -> CallGraph:
         """This call's graph (collective when it rebuilds; every rank decides alike)."""
@@ -126,13 +134,21 @@ class SkinGraphs:
             _, skin_graph, prepared, shift_vectors = kept
             with timed(timings, "graph"):
                 graph, vectors, index = within_cutoff(skin_graph, structure, cutoff, shift_vectors)
-            edges = len(skin_graph.edges)
             return self._call(
-                graph, structure, comm, vectors, prepared, index, False, timings, edges
+                graph,
+                structure,
+                comm,
+                vectors,
+                prepared,
+                timings,
+                kept_edges=index,
+                built=False,
+                skin_edges=len(skin_graph.edges),
             )
         self._kept = None  # a failure below must not leave the previous graph to be reused
         with timed(timings, "partition"):
             owner = owners(structure, comm, self.partitioner, cutoff)
+        index, skin_edges = None, 0  # without a skin: the graph built, every edge of it
         with timed(timings, "graph"):  # includes "prepare"
             graph, vectors, prepared = self._build(structure, comm, owner, timings)
             if self.skin > 0:
@@ -148,10 +164,15 @@ class SkinGraphs:
                 graph, vectors, index = within_cutoff(
                     graph, structure, cutoff, shift_vectors, vectors
                 )
-        if self.skin == 0:
-            return self._call(graph, structure, comm, vectors, prepared, None, True, timings, 0)
         return self._call(
-            graph, structure, comm, vectors, prepared, index, True, timings, skin_edges
+            graph,
+            structure,
+            comm,
+            vectors,
+            prepared,
+            timings,
+            kept_edges=index,
+            skin_edges=skin_edges,
         )
 
     def _build(self, structure: Structure, comm, owner: np.ndarray, timings, pair_search=None):
@@ -167,12 +188,8 @@ class SkinGraphs:
         return graph, vectors, prepared
 
 
-class GhostGraphs:
+class GhostGraphs(_Graphs):
     """The ghost baseline's graphs: owned atoms plus ``num_layers`` hops, every call."""
-
-    def __init__(self, model, options: GraphOptions, device: torch.device, dtype: torch.dtype):
-        self.model, self.partitioner = model, options.partitioner
-        self.device, self.dtype = torch.device(device), dtype
 
     def get(self, structure: Structure, comm) -> CallGraph:
         model, timings = self.model, {}
@@ -185,14 +202,4 @@ class GhostGraphs:
             vectors = edge_vectors(graph, structure)
             with timed(timings, "prepare"):
                 prepared = prepare(model, graph, structure, comm, vectors, owner)
-        return call_graph(
-            model,
-            graph,
-            structure,
-            comm,
-            self.dtype,
-            self.device,
-            vectors=vectors,
-            prepared=prepared,
-            timings=timings,
-        )
+        return self._call(graph, structure, comm, vectors, prepared, timings)

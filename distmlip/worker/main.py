@@ -298,8 +298,7 @@ def _failure(error: Exception, config: WorkerConfig, device, phase: str, sizes=N
 
 def _evaluate(request: EvaluationRequest, context: WorkerContext, model, sizes=None):
     """One request: this call's graph (kept or built), then the evaluation on it."""
-    comm = context.comm
-    comm.reset()  # nothing of the previous call (its caches are keyed by plan objects)
+    comm = context.comm  # evaluate starts its counters and outputs afresh
     call = context.graphs.get(request.structure, comm)
     if sizes is not None:
         sizes.update(graph_sizes(call.graph, request.structure.n_atoms, call.inputs))
